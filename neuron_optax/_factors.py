@@ -1,0 +1,70 @@
+"""Amortised, debiased moving averages of Kronecker factors (shared by FOOF and KFAC).
+
+Schedule (Benzing 2022, App. D.6/K): with ``inverse_every=T`` the factors are
+re-factorised at steps ``0, T, 2T, …``; with ``stats_window=S`` the moving
+averages are updated only in the ``S`` steps that end with a re-factorisation
+step (steps ``kT-S+1 … kT``; step 0 is its own window), ``None`` meaning every
+step. Moving averages are debiased: after ``k`` updates with decay ``β`` the
+factor is ``Σ_j β^(k−j) X_j / Σ_j β^(k−j)``.
+
+A batch whose statistics are not finite is skipped: the average keeps its last
+finite value and its update count does not advance.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from neuron_optax.capture import layer_name
+
+
+def validate_amortisation(transform: str, damping: float, ema_decay: float, inverse_every: int,
+                          stats_window: int | None) -> None:
+  if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0:
+    raise ValueError(f"{transform}: damping must be a positive number, got {damping!r}.")
+  if not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
+    raise ValueError(f"{transform}: ema_decay must be in [0, 1), got {ema_decay!r}.")
+  if not isinstance(inverse_every, int) or isinstance(inverse_every, bool) or inverse_every < 1:
+    raise ValueError(f"{transform}: inverse_every must be an integer >= 1, got {inverse_every!r}.")
+  if stats_window is not None:
+    if not isinstance(stats_window, int) or isinstance(stats_window, bool) or stats_window < 1:
+      raise ValueError(f"{transform}: stats_window must be None or an integer >= 1, got {stats_window!r}.")
+    if stats_window > inverse_every:
+      raise ValueError(
+          f"{transform}: stats_window={stats_window} > inverse_every={inverse_every}: the statistics "
+          "window must fit in one amortisation period. Use stats_window <= inverse_every (or None "
+          "to update the averages every step).")
+
+
+def schedule(count: jax.Array, inverse_every: int, stats_window: int | None):
+  """``(update_statistics, refactorise)`` booleans for step ``count`` (0-based)."""
+  phase = count % inverse_every
+  refactorise = phase == 0
+  if stats_window is None or stats_window >= inverse_every:
+    return jnp.asarray(True), refactorise
+  return refactorise | (phase >= inverse_every - stats_window + 1), refactorise
+
+
+def ema_update(ema: jax.Array, updates: jax.Array, batch_value: jax.Array, decay: float):
+  """One debiasing-ready EMA step that skips non-finite batch values."""
+  finite = jnp.all(jnp.isfinite(batch_value))
+  new = decay * ema + (1 - decay) * jnp.where(finite, batch_value, 0).astype(ema.dtype)
+  return jnp.where(finite, new, ema), updates + finite.astype(updates.dtype)
+
+
+def debiased(ema: jax.Array, updates: jax.Array, decay: float) -> jax.Array:
+  """``ema / (1 − β^k)``; zero while no finite batch has been seen."""
+  correction = 1 - jnp.asarray(decay, ema.dtype) ** updates.astype(ema.dtype)
+  return jnp.where(updates > 0, ema / jnp.where(updates > 0, correction, 1), 0)
+
+
+def state_name(key) -> str:
+  return layer_name(key)
+
+
+def maybe(predicate: jax.Array, fn: Callable[[], Any], current: Any) -> Any:
+  """``fn()`` if ``predicate`` else ``current``, without running ``fn`` when false."""
+  return jax.lax.cond(predicate, lambda _: fn(), lambda _: current, None)

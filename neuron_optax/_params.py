@@ -1,0 +1,142 @@
+"""Matrix views of layer parameters: where a captured layer's gradient lives.
+
+A captured layer's parameters ``kernel`` (and ``bias``) are viewed as one matrix
+``W`` of shape ``(d_in (+1), d_out)``: the kernel reshaped to
+``(prod(shape[:k]), prod(shape[k:]))`` with ``k`` its number of input axes, and
+the bias as the last row. The transforms read gradients through this view and
+write their directions back through it; leaves of layers that were not captured
+are left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from neuron_optax.capture import LayerKey, LayerStats, Stats, layer_name
+
+KernelInputNdim = Mapping[str, int] | None
+
+
+class LayerShape(NamedTuple):
+  """Static shape of one candidate layer's gradient matrix."""
+
+  d_in: int  # including the bias row
+  d_out: int
+  has_bias: bool
+  kernel_shape: tuple[int, ...]
+  kernel_input_ndim: int
+
+
+def _flat(tree) -> dict[tuple[str, ...], Any]:
+  if isinstance(tree, flax.core.FrozenDict):
+    tree = flax.core.unfreeze(tree)
+  if not isinstance(tree, dict):
+    raise TypeError(
+        "neuron_optax expects the parameters as a (nested) dict, the 'params' collection of a "
+        f"Flax model; got {type(tree).__name__}.")
+  return traverse_util.flatten_dict(tree)
+
+
+def _unflat(flat, like):
+  tree = traverse_util.unflatten_dict(flat)
+  return flax.core.freeze(tree) if isinstance(like, flax.core.FrozenDict) else tree
+
+
+def candidate_layers(params, kernel_input_ndim: KernelInputNdim = None) -> dict[LayerKey, LayerShape]:
+  """Every ``kernel`` leaf of rank >= 2: the layers a transform allocates state for.
+
+  The parameters alone do not say how a kernel splits into input and output
+  axes; the default is "all but the last axis are inputs" (``nn.Dense``,
+  ``nn.Conv``, ``nn.DenseGeneral`` with one output axis). ``kernel_input_ndim``
+  maps a layer path (``"Block_0/Dense_1"``) to its number of input axes for the
+  others (e.g. an ``nn.DenseGeneral(features=(heads, head_dim))`` has 1).
+  """
+  overrides = dict(kernel_input_ndim or {})
+  layers = {}
+  flat = _flat(params)
+  for path, leaf in flat.items():
+    if path[-1] != "kernel" or jnp.ndim(leaf) < 2:
+      continue
+    key = tuple(path[:-1])
+    shape = tuple(jnp.shape(leaf))
+    k = overrides.pop(layer_name(key), len(shape) - 1)
+    if not 1 <= k < len(shape):
+      raise ValueError(f"kernel_input_ndim[{layer_name(key)!r}]={k} is not in [1, {len(shape) - 1}] "
+                       f"for a kernel of shape {shape}.")
+    has_bias = key + ("bias",) in flat
+    layers[key] = LayerShape(math.prod(shape[:k]) + int(has_bias), math.prod(shape[k:]), has_bias,
+                             shape, k)
+  if overrides:
+    raise ValueError(f"kernel_input_ndim names layers without a kernel in params: {sorted(overrides)}.")
+  return layers
+
+
+def check_stats(stats: Stats | None, layers: Mapping[LayerKey, LayerShape], transform: str) -> Stats:
+  """Trace-time validation of ``stats`` against the state's layers."""
+  if stats is None:
+    raise ValueError(
+        f"{transform}.update needs the layer statistics: compute them with "
+        "`loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params, ...)` and call "
+        "`tx.update(grads, opt_state, params, stats=stats)`.")
+  if not isinstance(stats, Mapping) or not all(isinstance(v, LayerStats) for v in stats.values()):
+    raise TypeError(f"{transform}: `stats` must be the dict returned by nox.value_grad_and_stats, "
+                    f"got {type(stats).__name__}.")
+  for key, s in stats.items():
+    if key not in layers:
+      raise ValueError(
+          f"{transform}: stats hold layer {layer_name(key)!r} but the parameters have no kernel at "
+          f"that path (layers with kernels: {sorted(layer_name(k) for k in layers)}). Pass the "
+          "model's 'params' collection (not the whole variables dict) to init and update.")
+    shape = layers[key]
+    if shape.kernel_shape != s.kernel_shape:
+      raise ValueError(f"{transform}: layer {layer_name(key)!r} has kernel {shape.kernel_shape} in "
+                       f"params but {s.kernel_shape} in stats.")
+    if shape.kernel_input_ndim != s.kernel_input_ndim:
+      raise ValueError(
+          f"{transform}: layer {layer_name(key)!r} has {s.kernel_input_ndim} kernel input axes "
+          f"(kernel {s.kernel_shape}), but the state was built assuming {shape.kernel_input_ndim}. "
+          f"Pass kernel_input_ndim={{{layer_name(key)!r}: {s.kernel_input_ndim}}} to the transform.")
+    if shape.d_in != s.d_in or shape.d_out != s.d_out or shape.has_bias != s.has_bias:
+      raise ValueError(
+          f"{transform}: layer {layer_name(key)!r}: stats give a {s.d_in}x{s.d_out} gradient matrix "
+          f"(bias={s.has_bias}) but its parameters give {shape.d_in}x{shape.d_out} "
+          f"(bias={shape.has_bias}).")
+  return stats
+
+
+def gradient_matrix(flat, key: LayerKey, shape: LayerShape) -> jax.Array:
+  """``(d_in(+1), d_out)`` matrix of the layer's kernel (and bias) leaves."""
+  kernel = flat[key + ("kernel",)].reshape(shape.d_in - int(shape.has_bias), shape.d_out)
+  if not shape.has_bias:
+    return kernel
+  return jnp.concatenate([kernel, flat[key + ("bias",)].reshape(1, shape.d_out)], axis=0)
+
+
+def split_matrix(flat, key: LayerKey, shape: LayerShape, matrix: jax.Array) -> None:
+  """Writes a gradient-matrix-shaped update back into ``flat`` (in place)."""
+  kernel_leaf = flat[key + ("kernel",)]
+  rows = shape.d_in - int(shape.has_bias)
+  flat[key + ("kernel",)] = matrix[:rows].reshape(kernel_leaf.shape).astype(kernel_leaf.dtype)
+  if shape.has_bias:
+    bias_leaf = flat[key + ("bias",)]
+    flat[key + ("bias",)] = matrix[rows].reshape(bias_leaf.shape).astype(bias_leaf.dtype)
+
+
+def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys,
+               fn: Callable[[LayerKey, jax.Array], jax.Array]):
+  """Replaces the gradient matrix of every layer in ``keys`` by ``fn(key, matrix)``."""
+  flat = _flat(updates)
+  for key in keys:
+    split_matrix(flat, key, layers[key], fn(key, gradient_matrix(flat, key, layers[key])))
+  return _unflat(flat, updates)
+
+
+def statistics_dtype(dtype) -> jnp.dtype:
+  """At least float32: bf16/fp16 statistics are accumulated in float32."""
+  return jnp.promote_types(dtype, jnp.float32)

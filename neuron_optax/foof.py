@@ -1,0 +1,153 @@
+"""FOOF: first-order optimisation on neurons ("gradient descent on neurons").
+
+For every captured layer with gradient matrix ``∇W`` (kernel rows, then the bias
+row) and inputs ``ā_r = [a_r, 1]``::
+
+    A_batch = mean_r ā_r ā_rᵀ
+    A       = debiased EMA of A_batch (decay β)
+    D       = (A + λI)⁻¹ ∇W
+
+``D`` is the weight change that moves each layer's outputs (its neurons) along
+their gradient ``∂L/∂z`` in the least-squares sense, with the proximity term
+``λ``. Other leaves pass through unchanged. Chain with a first-order optimiser
+for step size and momentum::
+
+    tx = optax.chain(nox.foof(damping=1.0), optax.sgd(0.1, momentum=0.9))
+
+Reference: F. Benzing, "Gradient Descent on Neurons and its Link to
+Approximate Second-Order Optimization", ICML 2022, eqs. 5-6 and Algorithm 1.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from neuron_optax import _factors, _params, linalg
+from neuron_optax.capture import LayerStats, Stats
+
+Contraction = Literal["auto", "gradient", "rows"]
+
+
+class FoofLayerState(NamedTuple):
+  a_ema: jax.Array  # biased EMA of A (debias with a_updates)
+  a_updates: jax.Array  # number of finite batches in the EMA
+  a_inverse: jax.Array  # (A + λI)⁻¹ from the last re-factorisation
+
+
+class FoofState(NamedTuple):
+  count: jax.Array  # steps taken
+  layers: dict[str, FoofLayerState]
+
+
+def validate_contraction(transform: str, contraction: str) -> None:
+  if contraction not in ("auto", "gradient", "rows"):
+    raise ValueError(f"{transform}: contraction must be 'auto', 'gradient' or 'rows', got {contraction!r}.")
+
+
+def use_rows(stats: LayerStats, contraction: Contraction) -> bool:
+  """Whether ``(M āᵀ) cot`` is cheaper than ``M ∇W`` for a ``d_in × d_in`` matrix ``M``.
+
+  ``(M Āᵀ) Cot`` costs ``rows · d_in · (d_in + d_out)`` multiply-adds and
+  recomputes the gradient from the recorded rows; ``M ∇W`` costs
+  ``d_in² · d_out`` and uses the incoming gradient.
+  """
+  if contraction != "auto":
+    return contraction == "rows"
+  rows = stats.inputs.shape[0] * stats.inputs.shape[1]
+  return rows * (stats.d_in + stats.d_out) < stats.d_in * stats.d_out
+
+
+def left_precondition(matrix: jax.Array, gradient: jax.Array, stats: LayerStats,
+                      contraction: Contraction) -> jax.Array:
+  """``matrix @ ∇W`` in the cheaper contraction order."""
+  if use_rows(stats, contraction):
+    a = stats.augmented_inputs(matrix.dtype).reshape(-1, stats.d_in)
+    cot = stats.cotangents.astype(matrix.dtype).reshape(-1, stats.d_out)
+    return (matrix @ a.T) @ cot
+  return matrix @ gradient.astype(matrix.dtype)
+
+
+def foof(
+    damping: float,
+    *,
+    ema_decay: float = 0.95,
+    inverse_every: int = 1,
+    stats_window: int | None = None,
+    contraction: Contraction = "auto",
+    kernel_input_ndim: _params.KernelInputNdim = None,
+) -> optax.GradientTransformationExtraArgs:
+  """FOOF preconditioner ``D = (A + λI)⁻¹ ∇W`` per captured layer (Benzing 2022).
+
+  Args:
+    damping: ``λ > 0`` added to the input second moment before inversion.
+    ema_decay: decay ``β`` of the debiased moving average of ``A``.
+    inverse_every: ``T``: re-factorise ``A + λI`` (Cholesky) at steps
+      ``0, T, 2T, …``; in between the last inverse is reused.
+    stats_window: ``S``: update the moving average only in the ``S`` steps
+      that end with a re-factorisation (paper: ``T=100, S=50``); ``None``
+      updates it every step.
+    contraction: ``"auto"`` picks per layer the cheaper of ``(A⁻¹Āᵀ)Cot``
+      (recomputes ``∇W`` from the recorded rows) and ``A⁻¹∇W`` (uses the
+      incoming gradient); ``"gradient"`` / ``"rows"`` force one. With rows,
+      changes that earlier transforms in a chain made to the gradient of a
+      captured layer are not seen: put gradient clipping after ``foof``.
+    kernel_input_ndim: per-layer number of kernel input axes where it is not
+      "all but the last" (multi-axis ``nn.DenseGeneral`` outputs), keyed by
+      layer path such as ``"attention/query"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; call
+    ``update(grads, state, params, stats=stats)`` with ``stats`` from
+    :func:`neuron_optax.value_grad_and_stats`.
+  """
+  _factors.validate_amortisation("foof", damping, ema_decay, inverse_every, stats_window)
+  validate_contraction("foof", contraction)
+
+  def init_fn(params) -> FoofState:
+    layers = {}
+    for key, shape in _params.candidate_layers(params, kernel_input_ndim).items():
+      dtype = _params.statistics_dtype(_params._flat(params)[key + ("kernel",)].dtype)
+      layers[_factors.state_name(key)] = FoofLayerState(
+          a_ema=jnp.zeros((shape.d_in, shape.d_in), dtype),
+          a_updates=jnp.zeros([], jnp.int32),
+          a_inverse=jnp.eye(shape.d_in, dtype=dtype) / damping)
+    return FoofState(count=jnp.zeros([], jnp.int32), layers=layers)
+
+  def update_fn(updates, state: FoofState, params=None, *, stats: Stats | None = None, **extra_args):
+    del params, extra_args
+    shapes = _params.candidate_layers(updates, kernel_input_ndim)
+    stats = _params.check_stats(stats, shapes, "foof")
+    names = {key: _factors.state_name(key) for key in stats}
+    update_statistics, refactorise = _factors.schedule(state.count, inverse_every, stats_window)
+
+    def accumulate():
+      new = {}
+      for key, name in names.items():
+        layer = state.layers[name]
+        a_batch = linalg.second_moment(stats[key].augmented_inputs(layer.a_ema.dtype))
+        new[name] = _factors.ema_update(layer.a_ema, layer.a_updates, a_batch, ema_decay)
+      return new
+
+    current = {name: (state.layers[name].a_ema, state.layers[name].a_updates) for name in names.values()}
+    averages = _factors.maybe(update_statistics, accumulate, current)
+
+    def refactor():
+      return {name: linalg.damped_inverse(_factors.debiased(ema, k, ema_decay), damping)
+              for name, (ema, k) in averages.items()}
+
+    inverses = _factors.maybe(refactorise, refactor,
+                              {name: state.layers[name].a_inverse for name in names.values()})
+
+    directions = _params.map_layers(
+        updates, shapes, stats.keys(),
+        lambda key, grad: left_precondition(inverses[names[key]], grad, stats[key], contraction))
+    layers = dict(state.layers)
+    for name in names.values():
+      layers[name] = FoofLayerState(averages[name][0], averages[name][1], inverses[name])
+    return directions, FoofState(count=optax.safe_int32_increment(state.count), layers=layers)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,103 @@
+"""Shared linear algebra for the neuron-statistics transforms.
+
+Everything here works on one layer's recorded rows: inputs ``a`` of shape
+``(n, P, d_in)`` (bias column already appended) and Fisher cotangents ``g`` of
+shape ``(S, n, P, d_out)`` (``S`` label sets, ``P`` positions per example). The
+per-example gradient of column ``(s, i)`` is ``ψ_si = Σ_p a_ip g_sipᵀ``; these
+functions compute products with the ``ψ`` without materialising them where a
+cheaper contraction exists (Benzing 2022, App. I, eqs. 21-23).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy import linalg as jsl
+
+
+def second_moment(rows: jax.Array) -> jax.Array:
+  """``mean_r x_r x_rᵀ`` over all leading axes of ``rows`` (``(..., d)``)."""
+  x = rows.reshape(-1, rows.shape[-1])
+  return (x.T @ x) / x.shape[0]
+
+
+def sym_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eigendecomposition of a symmetric matrix (symmetrised first)."""
+  return jnp.linalg.eigh((matrix + matrix.T) / 2)
+
+
+def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
+  """``(M + λI)⁻¹`` of a symmetric PSD ``M`` by Cholesky.
+
+  If the Cholesky factorisation fails (a matrix that is numerically not
+  positive definite, e.g. a tiny damping in low precision), falls back to an
+  eigendecomposition with the eigenvalues clamped at ``λ``, which never
+  returns NaN for finite input.
+  """
+  d = matrix.shape[-1]
+  eye = jnp.eye(d, dtype=matrix.dtype)
+  damped = (matrix + matrix.T) / 2 + damping * eye
+  factor = jnp.linalg.cholesky(damped)
+  inverse = jsl.cho_solve((factor, True), eye)
+
+  def eigh_inverse(_):
+    evals, evecs = sym_eigh(matrix)
+    evals = jnp.maximum(evals + damping, jnp.maximum(damping, jnp.finfo(matrix.dtype).tiny))
+    return (evecs / evals) @ evecs.T
+
+  return jax.lax.cond(jnp.all(jnp.isfinite(inverse)), lambda _: inverse, eigh_inverse, None)
+
+
+def as_columns(a: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Broadcasts inputs ``(n,P,di)`` against cotangents ``(S,n,P,do)`` into ``m = S·n`` columns."""
+  s = g.shape[0]
+  a_cols = jnp.broadcast_to(a[None], (s,) + a.shape).reshape((-1,) + a.shape[1:])
+  return a_cols, g.reshape((-1,) + g.shape[2:])
+
+
+def per_example_gradients(a: jax.Array, g: jax.Array) -> jax.Array:
+  """``ψ`` of every column: ``(S·n, d_in, d_out)``. Costs ``S·n·P·d_in·d_out``."""
+  a_cols, g_cols = as_columns(a, g)
+  return jnp.einsum("mpi,mpo->mio", a_cols, g_cols)
+
+
+def gradient_gram(a: jax.Array, g: jax.Array) -> jax.Array:
+  """``K[(s,i),(t,j)] = <ψ_si, ψ_tj>`` of shape ``(S·n, S·n)``.
+
+  One position (``P = 1``): ``(ĀĀᵀ) ⊙ (ĜĜᵀ)`` (Khatri-Rao identity; cost
+  ``m²(d_in + d_out)``). Several positions (convolutions, tokens): the exact
+  sum over position pairs, by whichever is cheaper of materialising the
+  per-example gradients (``m·P·d_in·d_out + m²·d_in·d_out``) or the position
+  Gram matrices (``m²P²(d_in + d_out)``).
+  """
+  a_cols, g_cols = as_columns(a, g)
+  m, p, d_in = a_cols.shape
+  d_out = g_cols.shape[-1]
+  if p == 1:
+    a2, g2 = a_cols[:, 0], g_cols[:, 0]
+    return (a2 @ a2.T) * (g2 @ g2.T)
+  cost_psi = m * p * d_in * d_out + m * m * d_in * d_out
+  cost_pairs = m * m * p * p * (d_in + d_out)
+  if cost_psi <= cost_pairs:
+    psi = jnp.einsum("mpi,mpo->mio", a_cols, g_cols).reshape(m, -1)
+    return psi @ psi.T
+  aa = jnp.einsum("mpi,nqi->mnpq", a_cols, a_cols)
+  gg = jnp.einsum("mpo,nqo->mnpq", g_cols, g_cols)
+  return jnp.sum(aa * gg, axis=(2, 3))
+
+
+def gradient_dots(a: jax.Array, g: jax.Array, matrix: jax.Array) -> jax.Array:
+  """``Jᵀ v``: ``<ψ_si, V>`` for every column, ``(S·n,)``, for ``V`` of shape ``(d_in, d_out)``."""
+  av = jnp.einsum("npi,io->npo", a, matrix)
+  return jnp.einsum("npo,snpo->sn", av, g).reshape(-1)
+
+
+def weighted_gradient_sum(a: jax.Array, g: jax.Array, weights: jax.Array) -> jax.Array:
+  """``J w = Σ_si w_si ψ_si`` of shape ``(d_in, d_out)`` for ``weights`` of shape ``(S·n,)``.
+
+  The weighted-input trick: weight the cotangents, then one ``aᵀ g`` product;
+  the per-example gradients are never formed.
+  """
+  s, n = g.shape[:2]
+  weighted = jnp.einsum("sn,snpo->npo", weights.reshape(s, n), g)
+  return jnp.einsum("npi,npo->io", a, weighted)
