@@ -68,3 +68,17 @@ def state_name(key) -> str:
 def maybe(predicate: jax.Array, fn: Callable[[], Any], current: Any) -> Any:
   """``fn()`` if ``predicate`` else ``current``, without running ``fn`` when false."""
   return jax.lax.cond(predicate, lambda _: fn(), lambda _: current, None)
+
+
+def check_state_layer(transform: str, layers: dict, key, expected_shape: tuple[int, ...],
+                      field: str) -> None:
+  """Trace-time check that the state was initialised for these parameters."""
+  name = state_name(key)
+  if name not in layers:
+    raise ValueError(f"{transform}: the optimizer state has no entry for layer {name!r}: it was "
+                     "initialised with other parameters. Call tx.init(params) with this model's params.")
+  actual = getattr(layers[name], field).shape
+  if tuple(actual) != tuple(expected_shape):
+    raise ValueError(f"{transform}: layer {name!r} has a {field} of shape {tuple(actual)} in the "
+                     f"optimizer state but the gradients need {tuple(expected_shape)}: the state was "
+                     "initialised for different parameters. Call tx.init(params) with this model's params.")

@@ -122,6 +122,8 @@ def foof(
     shapes = _params.candidate_layers(updates, kernel_input_ndim)
     stats = _params.check_stats(stats, shapes, "foof")
     names = {key: _factors.state_name(key) for key in stats}
+    for key in stats:
+      _factors.check_state_layer("foof", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
     update_statistics, refactorise = _factors.schedule(state.count, inverse_every, stats_window)
 
     def accumulate():
