@@ -10,6 +10,7 @@ are left untouched.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -20,7 +21,29 @@ from flax import traverse_util
 
 from neuron_optax.capture import LayerKey, LayerStats, Stats, layer_name
 
-KernelInputNdim = Mapping[str, int] | None
+KernelInputNdim = Mapping[str, int] | Callable[[str, tuple[int, ...]], int | None] | None
+
+# Attention projections of flax.linen.MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention
+# map d_model to (heads, head_dim): their 3-D kernels have one input axis.
+_ATTENTION_PROJECTIONS = ("query", "key", "value")
+
+
+def default_kernel_input_ndim(path: str, shape: tuple[int, ...]) -> int:
+  """All but the last kernel axis are inputs, except attention query/key/value projections."""
+  if len(shape) == 3 and path.rsplit("/", 1)[-1] in _ATTENTION_PROJECTIONS:
+    return 1
+  return len(shape) - 1
+
+
+def _resolve_input_ndim(kernel_input_ndim: KernelInputNdim, path: str, shape, used: set) -> int:
+  if callable(kernel_input_ndim):
+    k = kernel_input_ndim(path, shape)
+    return default_kernel_input_ndim(path, shape) if k is None else k
+  for pattern, k in (kernel_input_ndim or {}).items():
+    if pattern == path or fnmatch.fnmatchcase(path, pattern):
+      used.add(pattern)
+      return k
+  return default_kernel_input_ndim(path, shape)
 
 
 class LayerShape(NamedTuple):
@@ -53,11 +76,14 @@ def candidate_layers(params, kernel_input_ndim: KernelInputNdim = None) -> dict[
 
   The parameters alone do not say how a kernel splits into input and output
   axes; the default is "all but the last axis are inputs" (``nn.Dense``,
-  ``nn.Conv``, ``nn.DenseGeneral`` with one output axis). ``kernel_input_ndim``
-  maps a layer path (``"Block_0/Dense_1"``) to its number of input axes for the
-  others (e.g. an ``nn.DenseGeneral(features=(heads, head_dim))`` has 1).
+  ``nn.Conv``, ``nn.DenseGeneral`` with one output axis), except that 3-D
+  kernels of layers named ``query``/``key``/``value`` (Flax attention) have one
+  input axis. ``kernel_input_ndim`` overrides this: a mapping from a layer path
+  or glob pattern (``"Block_0/Dense_1"``, ``"*/proj"``) to its number of input
+  axes, or a callable ``(path, kernel_shape) -> int | None`` (``None`` keeps
+  the default).
   """
-  overrides = dict(kernel_input_ndim or {})
+  used: set = set()
   layers = {}
   flat = _flat(params)
   for path, leaf in flat.items():
@@ -65,15 +91,16 @@ def candidate_layers(params, kernel_input_ndim: KernelInputNdim = None) -> dict[
       continue
     key = tuple(path[:-1])
     shape = tuple(jnp.shape(leaf))
-    k = overrides.pop(layer_name(key), len(shape) - 1)
+    k = _resolve_input_ndim(kernel_input_ndim, layer_name(key), shape, used)
     if not 1 <= k < len(shape):
       raise ValueError(f"kernel_input_ndim[{layer_name(key)!r}]={k} is not in [1, {len(shape) - 1}] "
                        f"for a kernel of shape {shape}.")
     has_bias = key + ("bias",) in flat
     layers[key] = LayerShape(math.prod(shape[:k]) + int(has_bias), math.prod(shape[k:]), has_bias,
                              shape, k)
-  if overrides:
-    raise ValueError(f"kernel_input_ndim names layers without a kernel in params: {sorted(overrides)}.")
+  if isinstance(kernel_input_ndim, Mapping) and set(kernel_input_ndim) - used:
+    raise ValueError("kernel_input_ndim names layers without a kernel in params: "
+                     f"{sorted(set(kernel_input_ndim) - used)}.")
   return layers
 
 

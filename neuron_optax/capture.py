@@ -104,7 +104,7 @@ Stats = dict[LayerKey, LayerStats]
 
 def layer_name(key: LayerKey) -> str:
   """Human-readable layer path used in error messages (``'<top-level>'`` for ``()``)."""
-  return "/".join(key) if key else "<top-level>"
+  return "/".join(map(str, key)) if key else "<top-level>"
 
 
 # --------------------------------------------------------------------------- #
