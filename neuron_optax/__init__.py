@@ -2,11 +2,16 @@
 
 Public API:
   value_grad_and_stats  capture layer inputs and output cotangents in one forward/backward pass
-  foof                  (A + λI)⁻¹ ∇W  (Benzing 2022)
+  foof                  (A + λI)⁻¹ ∇W                                  (Benzing 2022)
+  kfac                  KFAC with heuristic (π) or standard damping   (Martens & Grosse 2015)
+  kfac_foof_similarity  per-layer cosine similarity of KFAC and FOOF  (Benzing 2022, Fig. 3B)
+  natural_gradient      exact (F + λI)⁻¹ g via the Woodbury identity  (Benzing 2022 App. I)
 """
 
 from neuron_optax.capture import LayerStats, value_grad_and_stats
 from neuron_optax.foof import FoofState, foof
+from neuron_optax.kfac import KfacState, kfac, kfac_foof_similarity
+from neuron_optax.natural_gradient import natural_gradient
 
 __version__ = "0.1.0"
 
@@ -15,4 +20,8 @@ __all__ = [
     "value_grad_and_stats",
     "foof",
     "FoofState",
+    "kfac",
+    "KfacState",
+    "kfac_foof_similarity",
+    "natural_gradient",
 ]

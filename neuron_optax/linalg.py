@@ -101,3 +101,37 @@ def weighted_gradient_sum(a: jax.Array, g: jax.Array, weights: jax.Array) -> jax
   s, n = g.shape[:2]
   weighted = jnp.einsum("sn,snpo->npo", weights.reshape(s, n), g)
   return jnp.einsum("npi,npo->io", a, weighted)
+
+
+def cotangent_second_moment(g: jax.Array) -> jax.Array:
+  """``Σ_s mean_r g_sr g_srᵀ`` for cotangent sets ``g`` of shape ``(S, n, P, d)``.
+
+  Summed over the ``S`` label sets (the full Fisher's sets carry ``√p`` already,
+  so the sum is the expectation over labels) and averaged over the ``n·P`` rows.
+  """
+  x = g.reshape(g.shape[0], -1, g.shape[-1])
+  return jnp.einsum("sri,srj->ij", x, x) / x.shape[1]
+
+
+def kronecker_eigen_solve(a_eigh: tuple[jax.Array, jax.Array], g_eigh: tuple[jax.Array, jax.Array],
+                          matrix: jax.Array, damping: jax.Array | float, *,
+                          a_rotated: bool = False) -> jax.Array:
+  """``D`` with ``vec D = (A⊗G + λI)⁻¹ vec V`` (row-major ``vec``), i.e. ``A D G + λD = V``.
+
+  With ``A = U_A diag(a) U_Aᵀ`` and ``G = U_G diag(g) U_Gᵀ`` (``a_eigh = (a, U_A)``,
+  ``g_eigh = (g, U_G)``, as ``jnp.linalg.eigh`` returns them)::
+
+      D = U_A [(U_Aᵀ V U_G) / (a gᵀ + λ)] U_Gᵀ
+
+  The Kronecker product is never formed: cost ``2(d_a² d_g + d_a d_g²)``.
+  Eigenvalues are clamped at 0 (round-off can make those of a PSD matrix
+  slightly negative), so every divisor is at least ``λ``. With
+  ``a_rotated=True``, ``matrix`` is ``U_Aᵀ V`` already (callers that can form it
+  in a cheaper order).
+  """
+  a_values, a_vectors = a_eigh
+  g_values, g_vectors = g_eigh
+  rotated = matrix if a_rotated else a_vectors.T @ matrix
+  rotated = rotated @ g_vectors
+  scale = jnp.outer(jnp.maximum(a_values, 0), jnp.maximum(g_values, 0)) + damping
+  return a_vectors @ (rotated / scale) @ g_vectors.T

@@ -1,0 +1,326 @@
+"""KFAC: Kronecker-factored approximate curvature, with heuristic or standard damping.
+
+For every captured layer with gradient matrix ``∇W`` (kernel rows, then the bias
+row; shape ``(d_in, d_out)``), inputs ``ā_r = [a_r, 1]`` and per-example output
+cotangents ``g_sr`` (``S`` label sets, see below) over the rows ``r`` (examples,
+or examples × positions for convolutions and tokens)::
+
+    A_batch = mean_r ā_r ā_rᵀ                 G_batch = mean_r Σ_s g_sr g_srᵀ
+    A, G    = debiased EMAs of A_batch, G_batch (decay β)
+
+    heuristic damping:  π = sqrt((tr A / dim A) / (tr G / dim G))
+                        D = (A + π√λ I)⁻¹ ∇W (G + √λ/π I)⁻¹
+    standard damping:   vec D = (A⊗G + λI)⁻¹ vec ∇W
+                        D = U_A [(U_Aᵀ ∇W U_G) / (a gᵀ + λ)] U_Gᵀ
+
+with ``A = U_A diag(a) U_Aᵀ``, ``G = U_G diag(g) U_Gᵀ`` and the row-major
+``vec`` (``(A⊗G) vec W = vec(A W G)``). The Kronecker product is never formed.
+
+Which Fisher ``G`` describes is chosen when the statistics are captured:
+``nox.value_grad_and_stats(loss_fn, fisher=...)`` with ``"empirical"`` (true
+labels, ``g = n·cot``; no extra cost), ``"mc"`` (one sampled label per input,
+Martens & Grosse's default) or ``"full"`` (all labels, ``√p`` folded into the
+cotangents so that ``Σ_s`` is the expectation over labels).
+
+Design decisions:
+  * Amortisation and averaging are FOOF's (``neuron_optax._factors``):
+    ``inverse_every=T`` re-factorises at steps ``0, T, 2T, …`` and
+    ``stats_window=S`` updates both moving averages only in the ``S`` steps
+    that end with a re-factorisation; batches with non-finite statistics are
+    skipped. ``A`` and ``G`` share one schedule but keep separate update counts.
+  * ``π`` is computed from the debiased averages at re-factorisation time; it
+    is 1 where a trace is zero (e.g. before the first finite batch, or a layer
+    whose cotangents vanish), so a degenerate factor falls back to ``√λ I``.
+  * Heuristic damping stores the two damped inverses (Cholesky, eigh fallback);
+    standard damping stores both eigendecompositions. Per step, two (heuristic)
+    or four (standard) matrix products; the ``A``-side product may be taken
+    from the recorded rows (``contraction``), as in FOOF.
+  * Statistics and factors are kept in at least float32; the direction is cast
+    back to each parameter's dtype.
+  * Conv layers and tokens: both factors are means over all rows
+    (examples × positions), the convention of the whole library; the scale of
+    ``G`` (and so the meaning of ``λ`` under standard damping) therefore
+    differs from KFC's (Grosse & Martens 2016) sum over positions by ``P``.
+
+Other leaves pass through unchanged. Chain with a first-order optimiser for the
+step size and momentum::
+
+    tx = optax.chain(nox.kfac(damping=1e-3), optax.sgd(0.1, momentum=0.9))
+
+References: J. Martens and R. Grosse, "Optimizing Neural Networks with
+Kronecker-factored Approximate Curvature", ICML 2015 (heuristic damping:
+section 6.3); F. Benzing, "Gradient Descent on Neurons and its Link to
+Approximate Second-Order Optimization", ICML 2022, eqs. 2-4 and section 4.2
+(heuristic damping makes KFAC approximate FOOF; Fig. 3B, App. D.9).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from neuron_optax import _factors, _params, linalg
+from neuron_optax.capture import LayerStats, Stats, layer_name
+from neuron_optax.foof import Contraction, left_precondition, validate_contraction
+
+DampingMode = Literal["heuristic", "standard"]
+_DAMPING_MODES = ("heuristic", "standard")
+
+
+class HeuristicFactors(NamedTuple):
+  """Products of a heuristic-damping re-factorisation."""
+
+  a_inverse: jax.Array  # (A + π√λ I)⁻¹, (d_in, d_in)
+  g_inverse: jax.Array  # (G + √λ/π I)⁻¹, (d_out, d_out)
+
+
+class EigenFactors(NamedTuple):
+  """Products of a standard-damping re-factorisation: ``A = U_A diag(a) U_Aᵀ``, same for ``G``."""
+
+  a_eigenvalues: jax.Array  # (d_in,)
+  a_eigenvectors: jax.Array  # (d_in, d_in), columns
+  g_eigenvalues: jax.Array  # (d_out,)
+  g_eigenvectors: jax.Array  # (d_out, d_out), columns
+
+
+class KfacLayerState(NamedTuple):
+  a_ema: jax.Array  # biased EMA of A (debias with a_updates)
+  a_updates: jax.Array  # number of finite batches in the EMA of A
+  g_ema: jax.Array  # biased EMA of G (debias with g_updates)
+  g_updates: jax.Array  # number of finite batches in the EMA of G
+  factors: HeuristicFactors | EigenFactors  # from the last re-factorisation
+
+
+class KfacState(NamedTuple):
+  count: jax.Array  # steps taken
+  layers: dict[str, KfacLayerState]
+
+
+def heuristic_pi(a: jax.Array, g: jax.Array) -> jax.Array:
+  """``π = sqrt((tr A / dim A) / (tr G / dim G))``; 1 where either trace is not positive."""
+  mean_a = jnp.trace(a) / a.shape[0]
+  mean_g = jnp.trace(g) / g.shape[0]
+  valid = (mean_a > 0) & (mean_g > 0)
+  ratio = jnp.where(valid, mean_a, 1) / jnp.where(valid, mean_g, 1)
+  valid &= jnp.isfinite(ratio) & (ratio > 0)
+  return jnp.sqrt(jnp.where(valid, ratio, 1))
+
+
+def heuristic_factors(a: jax.Array, g: jax.Array, damping: float) -> HeuristicFactors:
+  """``(A + π√λ I)⁻¹`` and ``(G + √λ/π I)⁻¹`` (Martens & Grosse 2015, section 6.3)."""
+  pi = heuristic_pi(a, g)
+  root = math.sqrt(damping)
+  return HeuristicFactors(linalg.damped_inverse(a, pi * root), linalg.damped_inverse(g, root / pi))
+
+
+def eigen_factors(a: jax.Array, g: jax.Array) -> EigenFactors:
+  a_values, a_vectors = linalg.sym_eigh(a)
+  g_values, g_vectors = linalg.sym_eigh(g)
+  return EigenFactors(a_values, a_vectors, g_values, g_vectors)
+
+
+def batch_factors(stats: LayerStats, dtype) -> tuple[jax.Array, jax.Array]:
+  """``(A_batch, G_batch)`` of one layer's recorded rows."""
+  a = linalg.second_moment(stats.augmented_inputs(dtype))
+  g = linalg.cotangent_second_moment(stats.per_example_cotangents(dtype))
+  return a, g
+
+
+def precondition(factors: HeuristicFactors | EigenFactors, gradient: jax.Array, stats: LayerStats,
+                 damping: float, contraction: Contraction) -> jax.Array:
+  """The KFAC direction ``D`` of one layer from its stored factorisation."""
+  if isinstance(factors, HeuristicFactors):
+    return left_precondition(factors.a_inverse, gradient, stats, contraction) @ factors.g_inverse
+  rotated = left_precondition(factors.a_eigenvectors.T, gradient, stats, contraction)
+  return linalg.kronecker_eigen_solve(
+      (factors.a_eigenvalues, factors.a_eigenvectors), (factors.g_eigenvalues, factors.g_eigenvectors),
+      rotated, damping, a_rotated=True)
+
+
+def _validate_damping_mode(damping_mode: str) -> None:
+  if damping_mode not in _DAMPING_MODES:
+    raise ValueError(f"kfac: damping_mode must be 'heuristic' or 'standard', got {damping_mode!r}.")
+
+
+def kfac(
+    damping: float,
+    *,
+    ema_decay: float = 0.95,
+    inverse_every: int = 1,
+    stats_window: int | None = None,
+    damping_mode: DampingMode = "heuristic",
+    contraction: Contraction = "auto",
+    kernel_input_ndim: _params.KernelInputNdim = None,
+) -> optax.GradientTransformationExtraArgs:
+  """KFAC preconditioner per captured layer (Martens & Grosse 2015; Benzing 2022 eqs. 2-4).
+
+  ``heuristic``: ``D = (A + π√λ I)⁻¹ ∇W (G + √λ/π I)⁻¹`` with
+  ``π = sqrt((tr A / dim A) / (tr G / dim G))``; ``standard``:
+  ``vec D = (A⊗G + λI)⁻¹ vec ∇W`` by eigendecompositions of ``A`` and ``G``.
+  ``A`` and ``G`` are debiased moving averages of ``mean_r ā_r ā_rᵀ`` and
+  ``mean_r Σ_s g_sr g_srᵀ`` (see the module docstring).
+
+  Args:
+    damping: ``λ > 0``.
+    ema_decay: decay ``β`` of the debiased moving averages of ``A`` and ``G``.
+    inverse_every: ``T``: re-factorise at steps ``0, T, 2T, …`` (damped
+      inverses for heuristic damping, eigendecompositions for standard); in
+      between the last factorisation is reused.
+    stats_window: ``S``: update the moving averages only in the ``S`` steps
+      that end with a re-factorisation (paper: ``T=100, S=50``); ``None``
+      updates them every step.
+    damping_mode: ``"heuristic"`` (factor-wise damping, KFAC's default and
+      the one that makes it approximate FOOF) or ``"standard"`` (``λI`` added
+      to the Kronecker product).
+    contraction: how the ``A``-side product is taken, as in
+      :func:`neuron_optax.foof`: ``"auto"`` picks per layer the cheaper of
+      recomputing ``∇W`` from the recorded rows and using the incoming
+      gradient; ``"gradient"`` / ``"rows"`` force one. With rows, changes that
+      earlier transforms in a chain made to a captured layer's gradient are
+      not seen.
+    kernel_input_ndim: per-layer number of kernel input axes where it is not
+      "all but the last", keyed by layer path such as ``"attention/query"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; call
+    ``update(grads, state, params, stats=stats)`` with ``stats`` from
+    :func:`neuron_optax.value_grad_and_stats` (its ``fisher=`` argument picks
+    the empirical, Monte-Carlo or full Fisher for ``G``).
+  """
+  _factors.validate_amortisation("kfac", damping, ema_decay, inverse_every, stats_window)
+  validate_contraction("kfac", contraction)
+  _validate_damping_mode(damping_mode)
+  heuristic = damping_mode == "heuristic"
+
+  def refactorise(a: jax.Array, g: jax.Array) -> HeuristicFactors | EigenFactors:
+    return heuristic_factors(a, g, damping) if heuristic else eigen_factors(a, g)
+
+  def initial_factors(d_in: int, d_out: int, dtype) -> HeuristicFactors | EigenFactors:
+    # What refactorise gives for A = G = 0 (π = 1), without running the factorisations.
+    if heuristic:
+      return HeuristicFactors(jnp.eye(d_in, dtype=dtype) / math.sqrt(damping),
+                              jnp.eye(d_out, dtype=dtype) / math.sqrt(damping))
+    return EigenFactors(jnp.zeros([d_in], dtype), jnp.eye(d_in, dtype=dtype),
+                        jnp.zeros([d_out], dtype), jnp.eye(d_out, dtype=dtype))
+
+  def init_fn(params) -> KfacState:
+    layers = {}
+    flat = _params._flat(params)
+    for key, shape in _params.candidate_layers(params, kernel_input_ndim).items():
+      dtype = _params.statistics_dtype(flat[key + ("kernel",)].dtype)
+      layers[_factors.state_name(key)] = KfacLayerState(
+          a_ema=jnp.zeros((shape.d_in, shape.d_in), dtype), a_updates=jnp.zeros([], jnp.int32),
+          g_ema=jnp.zeros((shape.d_out, shape.d_out), dtype), g_updates=jnp.zeros([], jnp.int32),
+          factors=initial_factors(shape.d_in, shape.d_out, dtype))
+    return KfacState(count=jnp.zeros([], jnp.int32), layers=layers)
+
+  def update_fn(updates, state: KfacState, params=None, *, stats: Stats | None = None, **extra_args):
+    del params, extra_args
+    shapes = _params.candidate_layers(updates, kernel_input_ndim)
+    stats = _params.check_stats(stats, shapes, "kfac")
+    names = {key: _factors.state_name(key) for key in stats}
+    update_statistics, refactor_now = _factors.schedule(state.count, inverse_every, stats_window)
+
+    def accumulate():
+      new = {}
+      for key, name in names.items():
+        layer = state.layers[name]
+        a_batch, g_batch = batch_factors(stats[key], layer.a_ema.dtype)
+        new[name] = (_factors.ema_update(layer.a_ema, layer.a_updates, a_batch, ema_decay),
+                     _factors.ema_update(layer.g_ema, layer.g_updates, g_batch, ema_decay))
+      return new
+
+    current = {name: ((state.layers[name].a_ema, state.layers[name].a_updates),
+                      (state.layers[name].g_ema, state.layers[name].g_updates))
+               for name in names.values()}
+    averages = _factors.maybe(update_statistics, accumulate, current)
+
+    def refactor():
+      return {name: refactorise(_factors.debiased(*a_avg, ema_decay), _factors.debiased(*g_avg, ema_decay))
+              for name, (a_avg, g_avg) in averages.items()}
+
+    factors = _factors.maybe(refactor_now, refactor,
+                             {name: state.layers[name].factors for name in names.values()})
+
+    directions = _params.map_layers(
+        updates, shapes, stats.keys(),
+        lambda key, grad: precondition(factors[names[key]], grad, stats[key], damping, contraction))
+    layers = dict(state.layers)
+    for name in names.values():
+      (a_ema, a_updates), (g_ema, g_updates) = averages[name]
+      layers[name] = KfacLayerState(a_ema, a_updates, g_ema, g_updates, factors[name])
+    return directions, KfacState(count=optax.safe_int32_increment(state.count), layers=layers)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_positive(name: str, value) -> None:
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    raise ValueError(f"kfac_foof_similarity: {name} must be a positive number, got {value!r}.")
+
+
+def _cosine(x: jax.Array, y: jax.Array) -> jax.Array:
+  norms = jnp.linalg.norm(x) * jnp.linalg.norm(y)
+  return jnp.where(norms > 0, jnp.vdot(x, y) / jnp.where(norms > 0, norms, 1), jnp.nan)
+
+
+def kfac_foof_similarity(
+    grads,
+    stats: Stats | None,
+    damping: float,
+    *,
+    foof_damping: float | None = None,
+    kernel_input_ndim: _params.KernelInputNdim = None,
+) -> dict[str, jax.Array]:
+  """Per-layer cosine similarity of the KFAC and FOOF directions on one batch (Benzing 2022, Fig. 3B).
+
+  Both directions precondition the same gradient with factors from this
+  batch alone (no moving average)::
+
+      KFAC = (A + π√λ I)⁻¹ ∇W (G + √λ/π I)⁻¹      (heuristic damping)
+      FOOF = (A + λ_F I)⁻¹ ∇W,   λ_F = π√λ (default) or foof_damping
+      similarity = <KFAC, FOOF> / (‖KFAC‖ ‖FOOF‖)
+
+  With the default ``λ_F = π√λ`` FOOF uses the same damped first factor as
+  KFAC (the FOOF variant of the paper's App. D.9), so the similarity measures
+  how far KFAC's second factor turns the update: as ``λ`` grows the second
+  factor tends to a multiple of the identity and the similarity to 1.
+
+  Args:
+    grads: the gradients (``params``-shaped), as from
+      :func:`neuron_optax.value_grad_and_stats`.
+    stats: the layer statistics from the same call; its ``fisher=`` choice
+      sets ``G``.
+    damping: KFAC's ``λ > 0``.
+    foof_damping: a fixed FOOF damping ``λ_F > 0`` instead of KFAC's ``π√λ``.
+    kernel_input_ndim: as in :func:`kfac`.
+
+  Returns:
+    ``{layer name: scalar}`` for every layer in ``stats`` (names as in the
+    optimiser states, e.g. ``"Dense_0"``, ``"block/conv"``); NaN for a layer
+    whose gradient is zero. Jit-compatible.
+  """
+  _check_positive("damping", damping)
+  if foof_damping is not None:
+    _check_positive("foof_damping", foof_damping)
+  shapes = _params.candidate_layers(grads, kernel_input_ndim)
+  stats = _params.check_stats(stats, shapes, "kfac_foof_similarity")
+  flat = _params._flat(grads)
+  root = math.sqrt(damping)
+  similarity = {}
+  for key, layer_stats in stats.items():
+    gradient = _params.gradient_matrix(flat, key, shapes[key])
+    dtype = _params.statistics_dtype(gradient.dtype)
+    gradient = gradient.astype(dtype)
+    a, g = batch_factors(layer_stats, dtype)
+    pi = heuristic_pi(a, g)
+    a_inverse = linalg.damped_inverse(a, pi * root)
+    kfac_direction = a_inverse @ gradient @ linalg.damped_inverse(g, root / pi)
+    if foof_damping is not None:
+      a_inverse = linalg.damped_inverse(a, foof_damping)
+    similarity[layer_name(key)] = _cosine(kfac_direction, a_inverse @ gradient)
+  return similarity
