@@ -1,0 +1,219 @@
+"""Exact natural gradient for a mini-batch Fisher, by the Woodbury identity.
+
+Columns. For every captured layer the Fisher cotangents ``g`` (``S`` label sets,
+``(S, n, P, d_out)``, from ``LayerStats.per_example_cotangents``) and the
+augmented inputs ``ā`` (``(n, P, d_in)``) give one column per label set ``s``
+and example ``i``, ``j = (s, i)``, ``m = S·n`` columns in all::
+
+    ψ_j = Σ_p ā_ip g_sipᵀ                       (layer's part, shape (d_in, d_out))
+
+``ψ_j`` is the gradient of example ``i``'s own loss (empirical Fisher, ``S=1``),
+of the negative log-likelihood of one sampled label (``fisher="mc"``, ``S=1``),
+or of label ``c``'s negative log-likelihood times ``sqrt(p(c|x_i))``
+(``fisher="full"``: ``S`` = classes × output positions, the weights are
+already in ``g``). With ``Ψ`` the ``d × m`` matrix of the columns (``d``: all
+captured parameters) and ``n`` the batch size of the Fisher batch::
+
+    F = (1/n) Σ_j ψ_j ψ_jᵀ = (1/n) Ψ Ψᵀ
+
+and the update is exactly ``(F + λI)⁻¹ ∇`` for the incoming gradient ``∇``
+(what ``grads`` holds: the gradient of the **mean** loss, possibly changed by
+earlier transforms of a chain). By the matrix inversion lemma::
+
+    (F + λI)⁻¹ ∇ = (1/λ) (∇ − Ψ c),   c = (nλI + K)⁻¹ Ψᵀ∇,   K = ΨᵀΨ
+
+where only the ``m × m`` matrix ``nλI + K`` is factorised (Cholesky; an
+eigendecomposition with clamped eigenvalues if that fails numerically). ``K``,
+``Ψᵀ∇`` and ``Ψ c`` are sums over layers of the rank-structured products of
+:mod:`neuron_optax.linalg` (``gradient_gram``, ``gradient_dots``,
+``weighted_gradient_sum``; Benzing 2022, App. I, eqs. 21-23), so no
+per-example gradient of a dense layer is ever materialised.
+
+``block_diagonal=True`` uses the Fisher's diagonal blocks, one per layer
+(``F_ℓ = (1/n) Ψ_ℓ Ψ_ℓᵀ``): the same computation with one ``m × m`` system per
+layer (the paper's block-diagonal control, §3.2).
+
+Which parameters. The Fisher is over the parameters of the captured layers
+(``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``; kernel and bias) only. Other
+leaves (norm scales, embeddings, ...) are **not** part of the Fisher: their
+gradients pass through unchanged, for the chained optimiser to handle.
+
+Fisher batch. By default the Fisher comes from the same mini-batch as the
+gradient (``stats``). Passing ``fisher_stats`` (from
+``value_grad_and_stats`` on an independent batch, with any ``fisher=``)
+estimates ``F`` there instead, which removes the bias of using one batch for
+both (Benzing 2022, App. I.5); ``n`` is then the Fisher batch's size.
+
+Cost, with ``m = S·n`` columns: memory ``O(m²)`` plus the recorded rows; time
+``O(m² Σ_ℓ (d_in + d_out) + m³ + n Σ_ℓ d_in d_out)`` for dense layers. For
+layers with ``P > 1`` rows per example (convolutions, tokens) the Gram block
+is exact and costs ``min(m·P·d_in·d_out + m²·d_in·d_out, m²·P²·(d_in + d_out))``
+time, with memory ``m·d_in·d_out`` or ``m²·P²`` respectively (see
+:func:`neuron_optax.linalg.gradient_gram`). ``max_columns`` guards against an
+accidental ``m`` that would not fit (e.g. ``fisher="full"`` with many classes).
+
+References: F. Benzing, "Gradient Descent on Neurons and its Link to
+Approximate Second-Order Optimization", ICML 2022, §3 and App. I;
+Y. Ren and D. Goldfarb, "Efficient Subsampled Gauss-Newton and Natural
+Gradient Methods for Training Neural Networks", 2019.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.scipy import linalg as jsl
+
+from neuron_optax import _params, linalg
+from neuron_optax.capture import LayerKey, Stats, layer_name
+
+NaturalGradientState = optax.EmptyState
+
+
+def damped_solve(gram: jax.Array, shift: jax.Array | float, rhs: jax.Array) -> jax.Array:
+  """``(K + shift·I)⁻¹ rhs`` for a symmetric PSD ``K`` and ``shift > 0``.
+
+  Cholesky (``cho_factor``/``cho_solve``); if that yields non-finite values
+  (``K`` numerically indefinite, e.g. float32 with a tiny shift), falls back to
+  an eigendecomposition whose eigenvalues are clamped at ``shift``.
+  """
+  symmetric = (gram + gram.T) / 2
+  damped = symmetric + shift * jnp.eye(gram.shape[0], dtype=gram.dtype)
+  solution = jsl.cho_solve(jsl.cho_factor(damped, lower=True), rhs)
+
+  def eigh_solve(_):
+    evals, evecs = linalg.sym_eigh(symmetric)
+    evals = jnp.maximum(evals + shift, shift)
+    return evecs @ ((evecs.T @ rhs) / evals)
+
+  return jax.lax.cond(jnp.all(jnp.isfinite(solution)), lambda _: solution, eigh_solve, None)
+
+
+def _validate(damping, max_columns) -> None:
+  if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0:
+    raise ValueError(f"natural_gradient: damping must be a positive number, got {damping!r}.")
+  if max_columns is not None and (not isinstance(max_columns, int) or isinstance(max_columns, bool)
+                                  or max_columns < 1):
+    raise ValueError(f"natural_gradient: max_columns must be None or an integer >= 1, got {max_columns!r}.")
+
+
+def _check_columns(columns: int, max_columns: int | None, where: str) -> None:
+  if max_columns is not None and columns > max_columns:
+    raise ValueError(
+        f"natural_gradient: the Fisher{where} has m = {columns} columns (label sets x examples) "
+        f"> max_columns = {max_columns}; the m x m system needs O(m²) memory and O(m³) time. Use "
+        "fisher='mc' (one sampled label per output) instead of 'full', estimate the Fisher on a smaller "
+        "batch (pass fisher_stats= from value_grad_and_stats on fewer examples), or raise "
+        "max_columns.")
+
+
+def _fisher_stats(stats: Stats | None, fisher_stats: Stats | None,
+                  shapes: Mapping[LayerKey, _params.LayerShape]) -> Stats:
+  """The statistics that define the Fisher, validated against the gradient's layers."""
+  if fisher_stats is None:
+    return _params.check_stats(stats, shapes, "natural_gradient")
+  fisher_stats = _params.check_stats(fisher_stats, shapes, "natural_gradient (fisher_stats)")
+  if stats is not None:
+    stats = _params.check_stats(stats, shapes, "natural_gradient")
+    if set(stats) != set(fisher_stats):
+      only_stats = sorted(layer_name(k) for k in set(stats) - set(fisher_stats))
+      only_fisher = sorted(layer_name(k) for k in set(fisher_stats) - set(stats))
+      raise ValueError(
+          "natural_gradient: stats and fisher_stats capture different layers (only in stats: "
+          f"{only_stats}; only in fisher_stats: {only_fisher}). Compute both with the same model "
+          "and loss function.")
+  return fisher_stats
+
+
+def natural_gradient(
+    damping: float,
+    *,
+    block_diagonal: bool = False,
+    max_columns: int | None = 4096,
+    kernel_input_ndim: _params.KernelInputNdim = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Exact ``(F + λI)⁻¹ ∇`` for the mini-batch Fisher ``F = (1/n) Σ_j ψ_j ψ_jᵀ`` (Woodbury).
+
+  See the module docstring for the column convention. Per step::
+
+      K = Σ_ℓ Ψ_ℓᵀ Ψ_ℓ                      (m × m, m = label sets × examples)
+      c = (nλI + K)⁻¹ Σ_ℓ Ψ_ℓᵀ ∇_ℓ
+      D_ℓ = (∇_ℓ − Ψ_ℓ c) / λ
+
+  With ``block_diagonal=True`` the sums over layers ``ℓ`` are dropped: each
+  layer solves its own system (the exact natural gradient of the
+  block-diagonal Fisher). For a model with a single captured layer both
+  coincide.
+
+  Args:
+    damping: ``λ > 0``.
+    block_diagonal: use the layer-wise block-diagonal Fisher.
+    max_columns: largest allowed ``m`` (checked at trace time; ``None``: no
+      limit). Memory is ``O(m²)``, time ``O(m² Σ_ℓ(d_in + d_out) + m³)`` for
+      dense layers (conv layers: see :func:`neuron_optax.linalg.gradient_gram`).
+    kernel_input_ndim: per-layer number of kernel input axes where it is not
+      "all but the last", keyed by layer path such as ``"attention/query"``.
+
+  Returns:
+    A stateless ``optax.GradientTransformationExtraArgs``. Call
+    ``update(grads, state, params, stats=stats)`` with ``stats`` from
+    :func:`neuron_optax.value_grad_and_stats` (use ``fisher="mc"`` or
+    ``"full"`` there for the true Fisher; the default is the empirical
+    Fisher). To estimate the Fisher on an independent batch (Benzing 2022,
+    App. I.5), also pass ``fisher_stats=`` from ``value_grad_and_stats`` on
+    that batch; ``stats`` may then be omitted and ``grads`` is the gradient of
+    the first batch. Leaves of uncaptured layers pass through unchanged.
+  """
+  _validate(damping, max_columns)
+
+  def init_fn(params) -> NaturalGradientState:
+    _params.candidate_layers(params, kernel_input_ndim)  # validates the tree and overrides
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, stats: Stats | None = None,
+                fisher_stats: Stats | None = None, **extra_args):
+    del params, extra_args
+    shapes = _params.candidate_layers(updates, kernel_input_ndim)
+    fisher = _fisher_stats(stats, fisher_stats, shapes)
+    keys = list(fisher)
+    if not keys:
+      return updates, state
+    flat = _params._flat(updates)
+    grads = {key: _params.gradient_matrix(flat, key, shapes[key]) for key in keys}
+    dtype = _params.statistics_dtype(jnp.result_type(*grads.values()))
+    grads = {key: grad.astype(dtype) for key, grad in grads.items()}
+    inputs = {key: fisher[key].augmented_inputs(dtype) for key in keys}
+    cots = {key: fisher[key].per_example_cotangents(dtype) for key in keys}
+
+    def solve(layer_keys, where):
+      """Directions for the Fisher block spanned by ``layer_keys``."""
+      sets, n = cots[layer_keys[0]].shape[:2]
+      _check_columns(sets * n, max_columns, where)
+      gram = sum(linalg.gradient_gram(inputs[k], cots[k]) for k in layer_keys)
+      dots = sum(linalg.gradient_dots(inputs[k], cots[k], grads[k]) for k in layer_keys)
+      coefficients = damped_solve(gram, n * damping, dots)
+      return {k: (grads[k] - linalg.weighted_gradient_sum(inputs[k], cots[k], coefficients)) / damping
+              for k in layer_keys}
+
+    if block_diagonal:
+      directions = {}
+      for key in keys:
+        directions.update(solve([key], f" block of layer {layer_name(key)!r}"))
+    else:
+      columns = {key: cots[key].shape[:2] for key in keys}
+      if len(set(columns.values())) > 1:
+        raise ValueError(
+            "natural_gradient: the captured layers disagree on (label sets, examples) "
+            f"{ {layer_name(k): v for k, v in columns.items()} }, so their per-example gradients "
+            "are not columns of one Fisher. This happens when a layer sees a different leading "
+            "(example) axis, e.g. inputs reshaped to (batch * tokens, features); keep the example "
+            "axis leading, or use block_diagonal=True.")
+      directions = solve(keys, "")
+
+    out = _params.map_layers(updates, shapes, keys, lambda key, _: directions[key])
+    return out, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
