@@ -6,9 +6,11 @@ Public API:
   kfac                  KFAC with heuristic (π) or standard damping   (Martens & Grosse 2015)
   kfac_foof_similarity  per-layer cosine similarity of KFAC and FOOF  (Benzing 2022, Fig. 3B)
   natural_gradient      exact (F + λI)⁻¹ g via the Woodbury identity  (Benzing 2022 App. I)
+  fngd                  inverse-free fast natural gradient            (FNGD)
 """
 
 from neuron_optax.capture import LayerStats, value_grad_and_stats
+from neuron_optax.fngd import FngdState, fngd
 from neuron_optax.foof import FoofState, foof
 from neuron_optax.kfac import KfacState, kfac, kfac_foof_similarity
 from neuron_optax.natural_gradient import natural_gradient
@@ -24,4 +26,6 @@ __all__ = [
     "KfacState",
     "kfac_foof_similarity",
     "natural_gradient",
+    "fngd",
+    "FngdState",
 ]

@@ -1,0 +1,293 @@
+"""FNGD: inverse-free fast natural gradient descent with shared coefficients.
+
+For every captured layer, with augmented inputs ``ā_i`` (rows of ``Ā``) and
+per-example output cotangents ``g_i = n · cot_i`` (rows of ``Ĝ``) of the ``n``
+examples in the batch, the per-example gradients are ``ψ_i = ā_i g_iᵀ``
+(``Σ_p ā_ip g_ipᵀ`` over the positions ``p`` of an example for convolutions,
+im2col patches, and for dense layers on token axes) and::
+
+    K = ΨᵀΨ              (n × n; (ĀĀᵀ) ⊙ (ĜĜᵀ) for one position, exact sum otherwise)
+    λ = α ‖K‖_F
+    c = (1/n) (I + K/λ)⁻¹ 1          (Cholesky solve)
+    D = Σ_i c_i ψ_i = Σ_i c_i ā_i g_iᵀ
+
+``D`` is formed by weighting the cotangents and contracting them once with the
+inputs (the weighted-input trick); per-example gradients of dense layers are
+never materialised.
+
+**Scale.** With ``Ψ`` the ``(d_in·d_out) × n`` matrix of per-example gradients
+and ``∇W = (1/n) Ψ 1`` the layer's (mean-loss) gradient, the Woodbury identity
+gives exactly::
+
+    D = Ψ c = λ (ΨΨᵀ + λI)⁻¹ ∇W = μ (F + μI)⁻¹ ∇W,   μ = λ/n,  F = (1/n) ΨΨᵀ,
+
+the natural gradient of the layer's empirical Fisher ``F`` damped by
+``μ = α‖K‖_F / n``, multiplied by ``μ``. The factor ``μ`` keeps the direction
+gradient-sized (``α → ∞`` gives ``D = ∇W``, the SGD direction; smaller ``α``
+shrinks the directions of large gradient variance more), which is the paper's
+choice of folding ``λ`` into the learning rate (Sec. IV-D): start from SGD's
+learning rate. ``c`` is invariant to rescaling the loss, so ``D`` scales like the
+gradient.
+
+**Coefficient sharing** (Sec. IV-B). The coefficients only depend on the
+Gram matrix of the batch; FNGD computes them during the first epoch only, stores
+them in a table of shape ``(steps_per_epoch, batch_size)`` per layer, and at
+step ``k`` of a later epoch reuses row ``k mod steps_per_epoch`` with the *new*
+batch's inputs and cotangents: a fixed weighted sum, as cheap as SGD's mean.
+The Gram matrix and its solve run inside a ``jax.lax.cond`` branch that is only
+taken in computing epochs, so shared steps never execute them.
+``refresh_every_epochs=R`` recomputes the table during epochs ``0, R, 2R, …``;
+``share_coefficients=False`` recomputes every step (the "w/o sharing" ablation,
+exact block-diagonal damped empirical-Fisher NGD up to the scale above).
+
+Design decisions:
+
+* FNGD is defined with the empirical Fisher (the per-example gradients whose
+  mean is the gradient). It always uses the true-label cotangents
+  ``n · stats.cotangents``; Fisher cotangents recorded with ``fisher="mc"`` or
+  ``"full"`` are ignored (the update is the same as with ``"empirical"``).
+* The update of a captured layer is rebuilt from the recorded rows; the
+  incoming gradient of that layer is not read (so under ``jit`` XLA drops its
+  computation, which is why shared steps cost about as much as SGD). Changes an
+  earlier transform of a chain made to those gradients are not seen: put
+  gradient clipping and weight decay after ``fngd``.
+* The state has a fixed structure, so the table size must be known at
+  ``init``: ``batch_size`` (examples per batch, the leading axis) is a required
+  argument when sharing. A batch with more examples is a trace-time error. A
+  smaller batch (a ragged last batch) of ``m`` examples uses and stores the
+  first ``m`` entries of its row; the rest of the row is zero. With a fixed
+  dataset size and ``steps_per_epoch`` equal to the number of batches per
+  epoch, the last step of every epoch has the same size, so it reuses exactly
+  what was computed for it.
+* The step counter is the only notion of epoch: ``steps_per_epoch`` should
+  be the number of batches per epoch of the data pipeline (any period works
+  mechanically: step ``k`` reuses row ``k mod steps_per_epoch``).
+* If a computing step's coefficients are not finite (non-finite statistics),
+  the stored row falls back to the SGD coefficients ``1/n`` so one bad batch
+  does not poison all later epochs. That step's own direction is built from
+  the non-finite rows; the shared layer mapping (``_params.map_layers``)
+  replaces a non-finite direction by zeros, so the layer takes no step.
+* The Gram matrix is normalised by its largest entry before ``λ`` and the
+  solve (``c`` is unchanged mathematically), so tiny or huge gradients neither
+  underflow nor overflow the norm. ``I + K/λ`` has eigenvalues in
+  ``[1, 1 + 1/α]``, so the Cholesky solve is well conditioned for any ``α``.
+* A layer whose Gram matrix is zero (all per-example gradients zero) gets the
+  limit ``c = 1/n``.
+
+Reference: "Inverse-Free Fast Natural Gradient Descent Method for Deep
+Learning" (FNGD), Sec. IV-A (eq. 9, weighted sum of per-sample gradients),
+IV-B (coefficient sharing), IV-C (eqs. 10-13, per-sample Gram matrices),
+IV-D (eq. 14, ``λ = α‖K‖_F``), Algorithm 1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.scipy import linalg as jsl
+
+from neuron_optax import _factors, _params, linalg
+from neuron_optax.capture import LayerKey, LayerStats, Stats, layer_name
+
+
+class FngdLayerState(NamedTuple):
+  coefficients: jax.Array  # (steps_per_epoch, batch_size): row k holds c of step k of a computing epoch
+
+
+class FngdState(NamedTuple):
+  count: jax.Array  # steps taken
+  layers: dict[str, FngdLayerState]  # empty without sharing
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs) -> None:
+  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < float("inf"):
+    raise ValueError(f"fngd: alpha must be a positive finite number (λ = α‖K‖_F), got {alpha!r}.")
+  if not isinstance(share_coefficients, bool):
+    raise ValueError(f"fngd: share_coefficients must be True or False, got {share_coefficients!r}.")
+  for name, value in (("steps_per_epoch", steps_per_epoch), ("batch_size", batch_size)):
+    if value is None:
+      if share_coefficients:
+        raise ValueError(
+            f"fngd: {name} is required with share_coefficients=True: the coefficient table has one "
+            "row per step of an epoch and one entry per example of a batch, and its shape is fixed "
+            "at init. Pass steps_per_epoch=<batches per epoch>, batch_size=<examples per batch>.")
+    elif not _is_int(value) or value < 1:
+      raise ValueError(f"fngd: {name} must be an integer >= 1, got {value!r}.")
+  if refresh_every_epochs is not None:
+    if not share_coefficients:
+      raise ValueError("fngd: refresh_every_epochs only applies with share_coefficients=True "
+                       "(without sharing the coefficients are recomputed every step).")
+    if not _is_int(refresh_every_epochs) or refresh_every_epochs < 1:
+      raise ValueError(
+          f"fngd: refresh_every_epochs must be None or an integer >= 1, got {refresh_every_epochs!r}.")
+
+
+def empirical_rows(stats: LayerStats, dtype) -> tuple[jax.Array, jax.Array]:
+  """``(ā, g)``: augmented inputs ``(n, P, d_in)`` and true-label cotangents ``(1, n, P, d_out)``."""
+  a = stats.augmented_inputs(dtype)
+  g = stats.cotangents.astype(dtype)[None] * stats.batch_size
+  return a, g
+
+
+def coefficients(gram: jax.Array, alpha: float) -> jax.Array:
+  """``c = (1/n) (I + K/λ)⁻¹ 1`` with ``λ = α‖K‖_F``, by Cholesky.
+
+  ``K`` is first divided by its largest entry, which leaves ``c`` unchanged
+  (``K/λ`` is scale-free) and keeps the norm finite. A zero ``K`` gives
+  ``1/n``. A non-finite ``K`` gives non-finite ``c``.
+  """
+  n = gram.shape[0]
+  scale = jnp.max(jnp.abs(gram))
+  gram = gram / jnp.where(scale > 0, scale, 1)
+  lam = alpha * jnp.sqrt(jnp.sum(gram * gram))
+  system = (gram + gram.T) / (2 * jnp.where(lam > 0, lam, 1)) + jnp.eye(n, dtype=gram.dtype)
+  factor = jsl.cho_factor(system, lower=True)
+  return jsl.cho_solve(factor, jnp.full((n,), 1 / n, gram.dtype))
+
+
+def layer_coefficients(stats: LayerStats, alpha: float, dtype) -> jax.Array:
+  """FNGD coefficients ``(n,)`` of one layer for the current batch (Gram + solve)."""
+  a, g = empirical_rows(stats, dtype)
+  return coefficients(linalg.gradient_gram(a, g), alpha)
+
+
+def weighted_direction(stats: LayerStats, weights: jax.Array, dtype) -> jax.Array:
+  """``Σ_i c_i ā_i g_iᵀ``, ``(d_in(+1), d_out)``, from the recorded rows.
+
+  ``g_i = n · cot_i``, so the cotangents are weighted by ``n · c``; the bias row
+  is the weighted cotangent sum (no augmented copy of the inputs).
+  """
+  per_example = weights.astype(dtype) * stats.batch_size
+  cot = stats.cotangents.astype(dtype)
+  kernel = linalg.weighted_gradient_sum(stats.inputs.astype(dtype), cot[None], per_example)
+  if not stats.has_bias:
+    return kernel
+  bias = jnp.einsum("n,npo->o", per_example, cot)
+  return jnp.concatenate([kernel, bias[None]], axis=0)
+
+
+def fngd(
+    alpha: float,
+    *,
+    steps_per_epoch: int | None = None,
+    batch_size: int | None = None,
+    share_coefficients: bool = True,
+    refresh_every_epochs: int | None = None,
+    kernel_input_ndim: _params.KernelInputNdim = None,
+) -> optax.GradientTransformationExtraArgs:
+  """FNGD preconditioner ``D = Σ_i c_i ā_i g_iᵀ`` per captured layer.
+
+  ``c = (1/n)(I + K/λ)⁻¹ 1``, ``K`` the Gram matrix of the layer's per-example
+  gradients, ``λ = α‖K‖_F``; equivalently ``D = μ (F_emp + μI)⁻¹ ∇W`` with
+  ``μ = λ/n`` (see the module docstring). Chain with a first-order optimiser::
+
+    tx = optax.chain(
+        nox.fngd(0.01, steps_per_epoch=len(train_loader), batch_size=128),
+        optax.sgd(0.1, momentum=0.9))
+
+  Args:
+    alpha: ``α > 0``, the damping relative to the Gram matrix's Frobenius
+      norm (paper eq. 14). Large ``α`` approaches SGD; ``K/λ`` has spectral
+      norm at most ``1/α``.
+    steps_per_epoch: number of optimizer steps per epoch: the table has one
+      row per step, and step ``k`` uses row ``k mod steps_per_epoch``.
+      Required with sharing.
+    batch_size: examples per batch (the leading axis of the layer inputs).
+      Required with sharing. Batches with fewer examples use the first
+      entries of their row; more examples is an error.
+    share_coefficients: compute the coefficients only in computing epochs and
+      reuse them afterwards (FNGD); ``False`` recomputes them every step.
+    refresh_every_epochs: ``R``: recompute the table during epochs
+      ``0, R, 2R, …``; ``None``: only during epoch 0.
+    kernel_input_ndim: per-layer number of kernel input axes where it is not
+      "all but the last" (as in :func:`neuron_optax.foof`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; call
+    ``update(grads, state, params, stats=stats)`` with ``stats`` from
+    :func:`neuron_optax.value_grad_and_stats` (any ``fisher``: only the
+    true-label cotangents are used).
+  """
+  _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs)
+  alpha = float(alpha)
+
+  def init_fn(params) -> FngdState:
+    layers = {}
+    if share_coefficients:
+      flat = _params._flat(params)
+      for key in _params.candidate_layers(params, kernel_input_ndim):
+        dtype = _params.statistics_dtype(flat[key + ("kernel",)].dtype)
+        layers[_factors.state_name(key)] = FngdLayerState(
+            coefficients=jnp.zeros((steps_per_epoch, batch_size), dtype))
+    return FngdState(count=jnp.zeros([], jnp.int32), layers=layers)
+
+  def computing_step(count: jax.Array) -> jax.Array:
+    epoch = count // steps_per_epoch
+    if refresh_every_epochs is None:
+      return epoch == 0
+    return epoch % refresh_every_epochs == 0
+
+  def update_fn(updates, state: FngdState, params=None, *, stats: Stats | None = None, **extra_args):
+    del params, extra_args
+    shapes = _params.candidate_layers(updates, kernel_input_ndim)
+    stats = _params.check_stats(stats, shapes, "fngd")
+    flat = _params._flat(updates)
+    dtypes = {key: _params.statistics_dtype(flat[key + ("kernel",)].dtype) for key in stats}
+
+    if not share_coefficients:
+      coeffs = {key: layer_coefficients(stats[key], alpha, dtypes[key]) for key in stats}
+      layers = state.layers
+    else:
+      tables = _tables(state, stats)
+      row = state.count % steps_per_epoch
+
+      def stored():
+        return ({key: jax.lax.dynamic_index_in_dim(table, row, keepdims=False)[:stats[key].batch_size]
+                 for key, table in tables.items()}, tables)
+
+      def compute():
+        fresh, new_tables = {}, {}
+        for key, table in tables.items():
+          n = stats[key].batch_size
+          c = layer_coefficients(stats[key], alpha, table.dtype)
+          fresh[key] = c
+          kept = jnp.where(jnp.all(jnp.isfinite(c)), c, jnp.full_like(c, 1 / n))
+          padded = jnp.zeros(table.shape[1:], table.dtype).at[:n].set(kept)
+          new_tables[key] = jax.lax.dynamic_update_index_in_dim(table, padded, row, axis=0)
+        return fresh, new_tables
+
+      coeffs, tables = jax.lax.cond(computing_step(state.count), compute, stored)
+      layers = dict(state.layers)
+      for key, table in tables.items():
+        layers[_factors.state_name(key)] = FngdLayerState(coefficients=table)
+
+    directions = _params.map_layers(
+        updates, shapes, stats.keys(),
+        lambda key, grad: weighted_direction(stats[key], coeffs[key], dtypes[key]))
+    return directions, FngdState(count=optax.safe_int32_increment(state.count), layers=layers)
+
+  def _tables(state: FngdState, stats: Stats) -> dict[LayerKey, jax.Array]:
+    tables = {}
+    for key, s in stats.items():
+      name = _factors.state_name(key)
+      if name not in state.layers:
+        raise ValueError(
+            f"fngd: the state has no coefficient table for layer {name!r} (tables: "
+            f"{sorted(state.layers)}). Initialise the optimizer with the same params it updates.")
+      table = state.layers[name].coefficients
+      if s.batch_size > table.shape[1]:
+        raise ValueError(
+            f"fngd: layer {layer_name(key)!r} sees a batch of {s.batch_size} examples, but the "
+            f"coefficient table was built for batch_size={table.shape[1]}. Pass the largest batch "
+            "size to fngd(batch_size=...) (smaller batches use the first entries of their row).")
+      tables[key] = table
+    return tables
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
