@@ -26,26 +26,29 @@ def sym_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.linalg.eigh((matrix + matrix.T) / 2)
 
 
-def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
-  """``(M + λI)⁻¹`` of a symmetric PSD ``M`` by Cholesky.
+def damped_solve(matrix: jax.Array, damping: jax.Array | float, rhs: jax.Array) -> jax.Array:
+  """``(M + λI)⁻¹ rhs`` for a symmetric PSD ``M`` and ``λ > 0``, by Cholesky.
 
   If the Cholesky factorisation fails (a matrix that is numerically not
-  positive definite, e.g. a tiny damping in low precision), falls back to an
+  positive definite, e.g. float32 with a tiny damping), falls back to an
   eigendecomposition with the eigenvalues clamped at ``λ``, which never
   returns NaN for finite input.
   """
-  d = matrix.shape[-1]
-  eye = jnp.eye(d, dtype=matrix.dtype)
-  damped = (matrix + matrix.T) / 2 + damping * eye
-  factor = jnp.linalg.cholesky(damped)
-  inverse = jsl.cho_solve((factor, True), eye)
+  symmetric = (matrix + matrix.T) / 2
+  damped = symmetric + damping * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+  solution = jsl.cho_solve(jsl.cho_factor(damped, lower=True), rhs)
 
-  def eigh_inverse(_):
-    evals, evecs = sym_eigh(matrix)
-    evals = jnp.maximum(evals + damping, jnp.maximum(damping, jnp.finfo(matrix.dtype).tiny))
-    return (evecs / evals) @ evecs.T
+  def eigh_solve(_):
+    evals, evecs = jnp.linalg.eigh(symmetric)
+    evals = jnp.maximum(evals + damping, damping)
+    return evecs @ ((evecs.T @ rhs) / (evals[:, None] if rhs.ndim == 2 else evals))
 
-  return jax.lax.cond(jnp.all(jnp.isfinite(inverse)), lambda _: inverse, eigh_inverse, None)
+  return jax.lax.cond(jnp.all(jnp.isfinite(solution)), lambda _: solution, eigh_solve, None)
+
+
+def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
+  """``(M + λI)⁻¹`` of a symmetric PSD ``M`` (see :func:`damped_solve`)."""
+  return damped_solve(matrix, damping, jnp.eye(matrix.shape[-1], dtype=matrix.dtype))
 
 
 def as_columns(a: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:

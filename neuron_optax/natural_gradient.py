@@ -65,31 +65,11 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import optax
-from jax.scipy import linalg as jsl
 
 from neuron_optax import _params, linalg
 from neuron_optax.capture import LayerKey, Stats, layer_name
 
 NaturalGradientState = optax.EmptyState
-
-
-def damped_solve(gram: jax.Array, shift: jax.Array | float, rhs: jax.Array) -> jax.Array:
-  """``(K + shift·I)⁻¹ rhs`` for a symmetric PSD ``K`` and ``shift > 0``.
-
-  Cholesky (``cho_factor``/``cho_solve``); if that yields non-finite values
-  (``K`` numerically indefinite, e.g. float32 with a tiny shift), falls back to
-  an eigendecomposition whose eigenvalues are clamped at ``shift``.
-  """
-  symmetric = (gram + gram.T) / 2
-  damped = symmetric + shift * jnp.eye(gram.shape[0], dtype=gram.dtype)
-  solution = jsl.cho_solve(jsl.cho_factor(damped, lower=True), rhs)
-
-  def eigh_solve(_):
-    evals, evecs = linalg.sym_eigh(symmetric)
-    evals = jnp.maximum(evals + shift, shift)
-    return evecs @ ((evecs.T @ rhs) / evals)
-
-  return jax.lax.cond(jnp.all(jnp.isfinite(solution)), lambda _: solution, eigh_solve, None)
 
 
 def _validate(damping, max_columns) -> None:
@@ -194,7 +174,7 @@ def natural_gradient(
       _check_columns(sets * n, max_columns, where)
       gram = sum(linalg.gradient_gram(inputs[k], cots[k]) for k in layer_keys)
       dots = sum(linalg.gradient_dots(inputs[k], cots[k], grads[k]) for k in layer_keys)
-      coefficients = damped_solve(gram, n * damping, dots)
+      coefficients = linalg.damped_solve(gram, n * damping, dots)
       return {k: (grads[k] - linalg.weighted_gradient_sum(inputs[k], cots[k], coefficients)) / damping
               for k in layer_keys}
 

@@ -20,7 +20,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from neuron_optax.capture import value_grad_and_stats
-from neuron_optax.natural_gradient import damped_solve, natural_gradient
+from neuron_optax.linalg import damped_solve
+from neuron_optax.natural_gradient import natural_gradient
 
 pytestmark = pytest.mark.usefixtures("x64")
 
