@@ -7,8 +7,10 @@ Public API:
   kfac_foof_similarity  per-layer cosine similarity of KFAC and FOOF  (Benzing 2022, Fig. 3B)
   natural_gradient      exact (F + λI)⁻¹ g via the Woodbury identity  (Benzing 2022 App. I)
   fngd                  inverse-free fast natural gradient            (FNGD)
+  nnx.value_grad_and_stats  the same capture for flax.nnx models
 """
 
+from neuron_optax import nnx
 from neuron_optax.capture import LayerStats, value_grad_and_stats
 from neuron_optax.fngd import FngdState, fngd
 from neuron_optax.foof import FoofState, foof
@@ -18,6 +20,7 @@ from neuron_optax.natural_gradient import natural_gradient
 __version__ = "0.1.0"
 
 __all__ = [
+    "nnx",
     "LayerStats",
     "value_grad_and_stats",
     "foof",

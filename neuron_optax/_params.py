@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from neuron_optax.capture import LayerKey, LayerStats, Stats, layer_name
 
@@ -56,17 +56,64 @@ class LayerShape(NamedTuple):
   kernel_input_ndim: int
 
 
-def _flat(tree) -> dict[tuple[str, ...], Any]:
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _value(leaf):
+  """The array inside an ``nnx.Variable`` leaf (``nnx.Param``), or the leaf itself."""
+  return leaf.get_value() if _is_variable(leaf) else leaf
+
+
+def _state_leaves(mapping: dict, prefix: tuple = ()):
+  """``(path, leaf)`` of an ``nnx.State``'s nested mapping, in its own order."""
+  for k, v in mapping.items():
+    if isinstance(v, dict):
+      yield from _state_leaves(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _flat(tree) -> dict[tuple[str | int, ...], Any]:
+  """``{path: array}`` of a params/updates tree.
+
+  Accepts nested dicts / ``FrozenDict`` (the linen ``'params'`` collection) and
+  ``flax.nnx.State`` (``nnx.state(model, nnx.Param)``, or the pure-array State
+  that ``nnx.Optimizer.update`` passes to ``tx.update``). ``nnx.Variable`` leaves
+  (``nnx.Param``) are unwrapped to their arrays; NNX paths may hold integers
+  (``('layers', 0, 'kernel')``).
+  """
+  if isinstance(tree, nnx.State):
+    return {path: _value(leaf) for path, leaf in _state_leaves(tree.raw_mapping)}
   if isinstance(tree, flax.core.FrozenDict):
     tree = flax.core.unfreeze(tree)
   if not isinstance(tree, dict):
     raise TypeError(
         "neuron_optax expects the parameters as a (nested) dict, the 'params' collection of a "
-        f"Flax model; got {type(tree).__name__}.")
-  return traverse_util.flatten_dict(tree)
+        "Flax linen model, or a flax.nnx.State such as nnx.state(model, nnx.Param); got "
+        f"{type(tree).__name__}.")
+  flat = traverse_util.flatten_dict(tree)
+  if any(_is_variable(leaf) for leaf in flat.values()):
+    flat = {path: _value(leaf) for path, leaf in flat.items()}
+  return flat
+
+
+def _rewrap(old, new):
+  """``new`` in the container ``old`` came in: an ``nnx.Variable`` keeps its type and metadata."""
+  return old.replace(new) if _is_variable(old) else new
 
 
 def _unflat(flat, like):
+  """Inverse of :func:`_flat` with the structure (and leaf wrappers) of ``like``."""
+  if isinstance(like, nnx.State):
+    def rebuild(mapping: dict, prefix: tuple) -> dict:
+      return {k: rebuild(v, prefix + (k,)) if isinstance(v, dict) else _rewrap(v, flat[prefix + (k,)])
+              for k, v in mapping.items()}
+    return type(like)(rebuild(like.raw_mapping, ()), _copy=False)
+  like_flat = traverse_util.flatten_dict(like)
+  if any(_is_variable(leaf) for leaf in like_flat.values()):
+    flat = {path: _rewrap(like_flat[path], leaf) if path in like_flat else leaf
+            for path, leaf in flat.items()}
   tree = traverse_util.unflatten_dict(flat)
   return flax.core.freeze(tree) if isinstance(like, flax.core.FrozenDict) else tree
 
@@ -157,10 +204,16 @@ def split_matrix(flat, key: LayerKey, shape: LayerShape, matrix: jax.Array) -> N
 
 def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys,
                fn: Callable[[LayerKey, jax.Array], jax.Array]):
-  """Replaces the gradient matrix of every layer in ``keys`` by ``fn(key, matrix)``."""
+  """Replaces the gradient matrix of every layer in ``keys`` by ``fn(key, matrix)``.
+
+  A direction that is not finite (a bad batch) is replaced by zeros, so that
+  layer takes no step; the optimizer states stay finite by construction.
+  """
   flat = _flat(updates)
   for key in keys:
-    split_matrix(flat, key, layers[key], fn(key, gradient_matrix(flat, key, layers[key])))
+    direction = fn(key, gradient_matrix(flat, key, layers[key]))
+    direction = jnp.where(jnp.all(jnp.isfinite(direction)), direction, jnp.zeros_like(direction))
+    split_matrix(flat, key, layers[key], direction)
   return _unflat(flat, updates)
 
 

@@ -123,25 +123,34 @@ def _as_rows(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def _dense_general_axes(module: nn.DenseGeneral, ndim: int, key: LayerKey):
-  axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+def _dense_general_axes(axis, batch_dims, ndim: int, key: LayerKey, *,
+                        layer_type: str = "nn.DenseGeneral", batch_arg: str = "batch_dims"):
+  """Sorted contracted axes and the remaining (example, position) axes of a general dense layer.
+
+  Takes plain attributes so that ``nn.DenseGeneral`` (``axis``, ``batch_dims``) and
+  ``nnx.LinearGeneral`` (``axis``, ``batch_axis``) share it; ``layer_type`` and
+  ``batch_arg`` only name the layer and its argument in error messages.
+  """
+  given = axis
+  axis = axis if isinstance(axis, Sequence) else (axis,)
   axis = tuple(sorted(a if a >= 0 else ndim + a for a in axis))
-  batch_dims = module.batch_dims if isinstance(module.batch_dims, Sequence) else (module.batch_dims,)
+  batch_dims = tuple(batch_dims) if isinstance(batch_dims, Sequence) else (batch_dims,)
   if batch_dims:
     raise NotImplementedError(
-        f"Layer {layer_name(key)!r}: nn.DenseGeneral with batch_dims={tuple(batch_dims)} has one "
+        f"Layer {layer_name(key)!r}: {layer_type} with {batch_arg}={batch_dims} has one "
         "kernel per batch index, which is not a single weight matrix; neuron_optax cannot "
-        "precondition it. Use batch_dims=() or exclude the layer from capture.")
+        f"precondition it. Use {batch_arg}=() (or a plain Dense per batch index).")
   rest = tuple(a for a in range(ndim) if a not in axis)
   if rest and rest[0] != 0:
     raise NotImplementedError(
-        f"Layer {layer_name(key)!r}: nn.DenseGeneral contracts axis 0 (axis={module.axis}), "
+        f"Layer {layer_name(key)!r}: {layer_type} contracts axis 0 (axis={given}), "
         "but neuron_optax treats axis 0 as the example axis. Contract non-leading axes only.")
   return axis, rest
 
 
-def _dense_general_rows(module, x, key):
-  axis, rest = _dense_general_axes(module, x.ndim, key)
+def _dense_general_rows(axis, batch_dims, x: jax.Array, key: LayerKey, **names) -> jax.Array:
+  """``(n, P, d_in)`` rows of a general dense layer: contracted axes last, flattened."""
+  axis, rest = _dense_general_axes(axis, batch_dims, x.ndim, key, **names)
   x = jnp.transpose(x, rest + axis)
   d_in = math.prod(x.shape[len(rest):])
   if not rest:
@@ -149,9 +158,9 @@ def _dense_general_rows(module, x, key):
   return x.reshape(x.shape[0], -1, d_in)
 
 
-def _conv_padding(module: nn.Conv, x: jax.Array, kernel_size, kernel_dilation):
-  """Returns (possibly padded inputs, lax padding) exactly as ``nn.Conv`` does."""
-  padding = nn.linear.canonicalize_padding(module.padding, len(kernel_size))
+def _conv_padding(padding, x: jax.Array, kernel_size, kernel_dilation):
+  """Returns (possibly padded inputs, lax padding) exactly as ``nn.Conv`` / ``nnx.Conv`` do."""
+  padding = nn.linear.canonicalize_padding(padding, len(kernel_size))
   if padding in ("CIRCULAR", "REFLECT"):
     dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
     pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
@@ -164,17 +173,22 @@ def _conv_padding(module: nn.Conv, x: jax.Array, kernel_size, kernel_dilation):
   return x, padding
 
 
-def _conv_rows(module: nn.Conv, x: jax.Array, key: LayerKey) -> jax.Array:
-  """im2col patches ``(n, P, prod(window) * C_in)`` in the kernel's flattening order."""
-  if module.feature_group_count != 1:
+def _conv_rows(x: jax.Array, key: LayerKey, *, kernel_size, strides, padding, input_dilation,
+               kernel_dilation, feature_group_count: int, mask, layer_type: str = "nn.Conv") -> jax.Array:
+  """im2col patches ``(n, P, prod(window) * C_in)`` in the kernel's flattening order.
+
+  Takes the convolution's attributes (as ``nn.Conv`` and ``nnx.Conv`` name
+  them) rather than a module, so both APIs share it.
+  """
+  if feature_group_count != 1:
     raise NotImplementedError(
         f"Layer {layer_name(key)!r}: grouped/depthwise convolutions (feature_group_count="
-        f"{module.feature_group_count}) are not supported yet; their kernel is not one matrix.")
-  if module.mask is not None:
+        f"{feature_group_count}) are not supported yet; their kernel is not one matrix.")
+  if mask is not None:
     raise NotImplementedError(
-        f"Layer {layer_name(key)!r}: masked convolutions are not supported: preconditioning would "
-        "move weights the mask keeps at zero.")
-  kernel_size = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+        f"Layer {layer_name(key)!r}: masked convolutions ({layer_type} with mask=...) are not "
+        "supported: preconditioning would move weights the mask keeps at zero.")
+  kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
   rank = len(kernel_size)
 
   def broadcast(v):
@@ -184,9 +198,8 @@ def _conv_rows(module: nn.Conv, x: jax.Array, key: LayerKey) -> jax.Array:
   n_batch = x.ndim - (rank + 1)
   n_examples = x.shape[0] if n_batch >= 1 else 1
   x = x.reshape((-1,) + x.shape[n_batch:])
-  strides, input_dilation, kernel_dilation = map(
-      broadcast, (module.strides, module.input_dilation, module.kernel_dilation))
-  x, padding = _conv_padding(module, x, kernel_size, kernel_dilation)
+  strides, input_dilation, kernel_dilation = map(broadcast, (strides, input_dilation, kernel_dilation))
+  x, padding = _conv_padding(padding, x, kernel_size, kernel_dilation)
   spatial = "DHW"[-rank:] if rank <= 3 else None
   if spatial is None:
     raise NotImplementedError(f"Layer {layer_name(key)!r}: convolutions of rank {rank} > 3.")
@@ -204,16 +217,19 @@ def _conv_rows(module: nn.Conv, x: jax.Array, key: LayerKey) -> jax.Array:
 
 def _layer_rows(module: nn.Module, x: jax.Array, key: LayerKey) -> jax.Array:
   if isinstance(module, nn.Conv):
-    return _conv_rows(module, x, key)
+    return _conv_rows(x, key, kernel_size=module.kernel_size, strides=module.strides,
+                      padding=module.padding, input_dilation=module.input_dilation,
+                      kernel_dilation=module.kernel_dilation,
+                      feature_group_count=module.feature_group_count, mask=module.mask)
   if isinstance(module, nn.DenseGeneral):
-    return _dense_general_rows(module, x, key)
+    return _dense_general_rows(module.axis, module.batch_dims, x, key)
   return _as_rows(x)
 
 
 def _layer_meta(module: nn.Module, x_ndim: int, key: LayerKey) -> dict[str, Any]:
   kernel = module.get_variable("params", "kernel")
   if isinstance(module, nn.DenseGeneral):
-    axis, _ = _dense_general_axes(module, x_ndim, key)
+    axis, _ = _dense_general_axes(module.axis, module.batch_dims, x_ndim, key)
     input_ndim = len(axis)
   else:
     input_ndim = kernel.ndim - 1

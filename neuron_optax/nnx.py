@@ -1,0 +1,517 @@
+"""Flax NNX support: record each layer's neurons in one forward and one backward pass.
+
+:func:`value_grad_and_stats` is the NNX counterpart of
+:func:`neuron_optax.value_grad_and_stats`: it wraps ``loss_fn(model, *args)``,
+whose first argument is an ``nnx.Module``, and returns ``(value, grads,
+stats)``. ``grads`` is the ``nnx.State`` of the model's ``nnx.Param`` variables,
+as ``nnx.value_and_grad(loss_fn)`` returns it, and ``stats`` maps the path of
+every captured layer in that State (``('layers', 0)``, ``('linear1',)``,
+``()`` for a top-level layer) to a :class:`neuron_optax.capture.LayerStats` with
+exactly the linen conventions: rows ``(n, P, d_in)`` of layer inputs (im2col
+patches for convolutions), cotangents ``(n, P, d_out)`` of the **mean** loss
+w.r.t. the layer outputs, and for ``fisher="mc"``/``"full"`` the Fisher
+cotangents ``(S, n, P, d_out)``.
+
+Training loop (the transforms accept ``nnx.State`` parameters and gradients, so
+``nnx.Optimizer`` forwards ``stats=`` to them)::
+
+    import optax
+    from flax import nnx
+    import neuron_optax as nox
+
+    model = MLP(rngs=nnx.Rngs(0))
+    tx = optax.chain(nox.foof(damping=1.0), optax.sgd(0.1, momentum=0.9))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    def loss_fn(model, x, y):
+      logits = model(x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+      loss, grads, stats = nox.nnx.value_grad_and_stats(loss_fn)(model, x, y)
+      optimizer.update(model, grads, stats=stats)
+      return loss
+
+Captured layers: ``nnx.Linear``, ``nnx.LinearGeneral`` (``batch_axis`` must be
+empty, axis 0 must not be contracted), ``nnx.Conv`` (same padding modes as
+linen: ``SAME``/``VALID``/explicit/``CIRCULAR``/``REFLECT``/``CAUSAL``; no
+groups, no mask) and ``nnx.Einsum`` where it is a plain matrix contraction:
+every kernel label is either contracted with the input (and absent from the
+output) or an output label (absent from the input), the contracted labels come
+first in the kernel, the output lists the kernel's output labels in kernel
+order, the input's first axis is not contracted, and every non-contracted input
+label reaches the output (no ``...`` in the kernel, no repeated labels). Any
+other ``nnx.Einsum`` (e.g. ``'nta,hab->nthb'``, whose kernel has a per-head
+axis) is left uncaptured with a warning: its parameters pass through the
+transforms unchanged. Subclasses of these modules (``nnx.LoRALinear``) are
+captured through their ``__call__``'s input and output. ``nnx.MultiHeadAttention``
+is captured through its ``query``/``key``/``value``/``out`` ``LinearGeneral``
+layers.
+
+How the layers are intercepted (NNX has no method interceptor): the model is
+split into its ``nnx.Param`` state and the rest; inside the differentiated
+function a copy is merged from that state (``nnx.merge(..., copy=True)``), and
+for the duration of ``loss_fn`` each captured layer of the *copy* has its
+``__class__`` swapped for a cached subclass whose ``__call__`` records the
+input rows and adds a zero perturbation to the output (restored in a
+``finally`` block; the user's model object is never touched). A first pass
+under ``jax.eval_shape`` records the output shapes; the real pass
+differentiates w.r.t. the parameters and the zero perturbations together, so
+the output cotangents cost no extra backward pass. Updates the loss makes to
+non-parameter variables (``BatchStat``, RNG counts, ``sow``n intermediates)
+are written back to the model, as ``nnx.value_and_grad`` does. This works eagerly, under ``nnx.jit``
+and under ``jax.jit``.
+
+Cost: the same as the linen path and ``nnx.value_and_grad``: one forward and
+one backward pass (``fisher="full"`` adds a vmapped VJP over ``positions ×
+classes`` cotangent sets, ``"mc"`` over one set), plus one extra trace of the
+loss under ``jax.eval_shape`` (trace time only, nothing runs; under ``jit``
+it is paid once per compilation). Memory: each captured layer keeps its input
+rows (for a convolution the im2col patches, ``prod(kernel_size)`` times its
+input) and its output cotangents until the transform has used them.
+
+Limitations: ``loss_fn`` must take the model as its only NNX argument (other
+arguments are arrays/pytrees); layers applied inside nested NNX transforms
+(``nnx.remat``, ``nnx.scan``, ``nnx.vmap``) act on copies that cannot be
+intercepted: that raises ``NotImplementedError`` rather than returning
+statistics that disagree with the gradient; for ``fisher="mc"``/``"full"``
+``loss_fn`` must call the model (its ``__call__``) exactly once and the model
+must return one array (logits or predictions).
+
+Kernel layout: the transforms split a kernel into input and output axes by
+``kernel_input_ndim`` ("all but the last", attention ``query/key/value``: 1).
+For other multi-axis ``nnx.LinearGeneral``/``nnx.Einsum`` outputs pass
+``kernel_input_ndim=nox.nnx.kernel_input_ndim(model)``, which reads the
+layout off the modules.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from neuron_optax import capture
+from neuron_optax.capture import (FisherType, LayerKey, LayerStats, Likelihood, Stats, layer_name)
+
+__all__ = ["value_grad_and_stats", "kernel_input_ndim", "captured_layers"]
+
+_CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+
+
+# --------------------------------------------------------------------------- #
+# Layer layouts: how a call's input becomes rows and its output cotangent rows
+# --------------------------------------------------------------------------- #
+
+
+class _Layout(NamedTuple):
+  rows: Callable[[jax.Array], jax.Array]  # layer input -> (n, P, d_in)
+  meta: dict[str, Any]  # LayerStats static fields
+  # Output axes in the canonical order (example/position axes, then kernel output axes in kernel
+  # order), or None when the output already is canonical.
+  output_perm: tuple[int, ...] | None = None
+
+
+class _EinsumLayout(NamedTuple):
+  input_perm: tuple[int, ...]  # input axes -> (batch axes in input order, contracted in kernel order)
+  n_batch: int
+  n_contracted: int
+  output_perm: tuple[int, ...] | None
+
+
+def _einsum_layout(equation: str, x_ndim: int, kernel_ndim: int) -> _EinsumLayout | str:
+  """Layout of ``einsum(equation, x, kernel)`` as ``rows @ W``, or why it is not one."""
+  equation = equation.replace(" ", "")
+  if "->" not in equation or equation.count(",") != 1:
+    return "the equation is not explicit with two operands"
+  operands, out = equation.split("->")
+  lhs, rhs = operands.split(",")
+  if "..." in rhs:
+    return "the kernel has an ellipsis"
+  if "..." in lhs:
+    used = set(lhs + rhs + out)
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    n_ellipsis = x_ndim - (len(lhs) - 3)
+    if n_ellipsis < 0 or n_ellipsis > len(free):
+      return "the ellipsis does not fit the input"
+    fill = "".join(free[:n_ellipsis])
+    lhs = lhs.replace("...", fill)
+    out = out.replace("...", fill) if "..." in out else out
+  if "." in lhs + rhs + out:
+    return "the equation has a misplaced ellipsis"
+  if len(lhs) != x_ndim or len(rhs) != kernel_ndim:
+    return "the equation does not match the operands' ranks"
+  if any(len(set(s)) != len(s) for s in (lhs, rhs, out)):
+    return "a label repeats within an operand (a diagonal)"
+  contracted = [c for c in rhs if c in lhs]
+  outputs = [c for c in rhs if c not in lhs]
+  batch = [c for c in lhs if c not in rhs]
+  if any(c in out for c in contracted):
+    return "a kernel axis is shared with the input and the output (one kernel per index)"
+  if any(c not in out for c in outputs):
+    return "a kernel axis is summed over"
+  if any(c not in out for c in batch):
+    return "an input axis is summed over"
+  if not contracted:
+    return "no axis is contracted"
+  if list(rhs) != contracted + outputs:
+    return "the kernel's contracted axes do not all come before its output axes"
+  if [c for c in out if c in outputs] != outputs:
+    return "the output's kernel axes are not in the kernel's order"
+  if batch and lhs[0] not in batch:
+    return "the input's first (example) axis is contracted"
+  input_perm = tuple(lhs.index(c) for c in batch + contracted)
+  output_perm = tuple(out.index(c) for c in batch + outputs)
+  identity = output_perm == tuple(range(len(out)))
+  return _EinsumLayout(input_perm, len(batch), len(contracted), None if identity else output_perm)
+
+
+def _einsum_rows(layout: _EinsumLayout, x: jax.Array) -> jax.Array:
+  x = jnp.transpose(x, layout.input_perm)
+  d_in = math.prod(x.shape[layout.n_batch:])
+  if not layout.n_batch:
+    return x.reshape(1, 1, d_in)
+  return x.reshape(x.shape[0], -1, d_in)
+
+
+def _einsum_equation(module: nnx.Einsum, args, kwargs) -> str:
+  if len(args) > 1 and args[1] is not None:
+    return args[1]
+  return kwargs.get("einsum_str") or module.einsum_str
+
+
+def _meta(module, kind: str, input_ndim: int) -> dict[str, Any]:
+  return dict(kind=kind, has_bias=module.bias is not None, kernel_shape=tuple(module.kernel.shape),
+              kernel_input_ndim=input_ndim)
+
+
+def _layout(module, key: LayerKey, x: jax.Array, args, kwargs) -> _Layout | None:
+  """How to read rows off this call of ``module``; ``None`` leaves it uncaptured."""
+  if isinstance(module, nnx.Conv):
+    rows = functools.partial(
+        capture._conv_rows, key=key, kernel_size=module.kernel_size, strides=module.strides,
+        padding=module.padding, input_dilation=module.input_dilation,
+        kernel_dilation=module.kernel_dilation, feature_group_count=module.feature_group_count,
+        mask=module.mask, layer_type="nnx.Conv")
+    return _Layout(rows, _meta(module, "conv", module.kernel.ndim - 1))
+  if isinstance(module, nnx.LinearGeneral):
+    names = dict(layer_type="nnx.LinearGeneral", batch_arg="batch_axis")
+    batch_axis = tuple(module.batch_axis.keys())
+    axis, _ = capture._dense_general_axes(module.axis, batch_axis, jnp.ndim(x), key, **names)
+    return _Layout(lambda x: capture._dense_general_rows(module.axis, batch_axis, x, key, **names),
+                   _meta(module, "dense", len(axis)))
+  if isinstance(module, nnx.Einsum):
+    equation = _einsum_equation(module, args, kwargs)
+    layout = _einsum_layout(equation, jnp.ndim(x), module.kernel.ndim)
+    if isinstance(layout, str):
+      warnings.warn(
+          f"neuron_optax.nnx: layer {layer_name(key)!r} (nnx.Einsum {equation!r}) is not captured: "
+          f"{layout}, so it is not one weight matrix applied to rows of its input. Its parameters "
+          "pass through the transforms unchanged.", stacklevel=2)
+      return None
+    return _Layout(functools.partial(_einsum_rows, layout),
+                   _meta(module, "dense", layout.n_contracted), layout.output_perm)
+  return _Layout(capture._as_rows, _meta(module, "dense", module.kernel.ndim - 1))
+
+
+# --------------------------------------------------------------------------- #
+# Interception by swapping the class of the (copied) modules
+# --------------------------------------------------------------------------- #
+
+
+class _Entry(NamedTuple):
+  recorder: "_Recorder"
+  key: LayerKey
+  capture: bool  # record this module's calls as a layer
+  model: bool  # the top-level module: record its output (Fisher)
+
+
+_RECORDING_CLASSES: dict[type, type] = {}
+_ACTIVE: dict[int, _Entry] = {}  # id(module copy) -> what to record while loss_fn runs
+
+
+def _recording_class(cls: type) -> type:
+  """A cached subclass of ``cls`` whose ``__call__`` reports to the active recorder."""
+  recording = _RECORDING_CLASSES.get(cls)
+  if recording is not None:
+    return recording
+
+  def __call__(self, *args, **kwargs):
+    call = functools.partial(cls.__call__, self)
+    entry = _ACTIVE.get(id(self))
+    if entry is None:
+      # A copy of an intercepted module, made by an NNX transform (nnx.remat, nnx.scan, nnx.vmap,
+      # nnx.jit, nnx.clone) inside loss_fn: its calls cannot be recorded, and leaving them out would
+      # make the layer's rows disagree with its gradient.
+      raise NotImplementedError(
+          f"neuron_optax.nnx.value_grad_and_stats: a {cls.__name__} layer was applied inside a "
+          "nested NNX transform (nnx.remat/nnx.scan/nnx.vmap/nnx.jit/nnx.clone) within loss_fn, "
+          "which copies the module; such calls cannot be captured. Apply the layers directly in "
+          "loss_fn (wrap loss_fn itself in the transform instead).")
+    if entry.capture:
+      layer = call
+      call = lambda *a, **k: entry.recorder.layer_call(self, entry.key, layer, a, k)
+    if entry.model:
+      return entry.recorder.model_call(call, args, kwargs)
+    return call(*args, **kwargs)
+
+  namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+  class_kwargs = {"pytree": cls._pytree__is_pytree} if hasattr(cls, "_pytree__is_pytree") else {}
+  recording = types.new_class(cls.__name__, (cls,), class_kwargs, lambda ns: ns.update(namespace))
+  _RECORDING_CLASSES[cls] = recording
+  return recording
+
+
+def captured_layers(model: nnx.Module) -> dict[LayerKey, nnx.Module]:
+  """The modules :func:`value_grad_and_stats` intercepts, by their path in ``nnx.state(model)``."""
+  return {tuple(path): module for path, module in nnx.iter_modules(model)
+          if isinstance(module, _CAPTURED_TYPES)}
+
+
+class _Recording:
+  """Context manager: swaps the classes of ``model``'s captured modules, restores them."""
+
+  def __init__(self, model: nnx.Module, recorder: "_Recorder", record_output: bool):
+    self.targets: dict[int, tuple[nnx.Module, _Entry]] = {}
+    for key, module in captured_layers(model).items():
+      self.targets[id(module)] = (module, _Entry(recorder, key, True, False))
+    if record_output:
+      module, entry = self.targets.get(id(model), (model, _Entry(recorder, (), False, False)))
+      self.targets[id(model)] = (model, entry._replace(model=True))
+    self.swapped: list[tuple[nnx.Module, type]] = []
+
+  def __enter__(self):
+    try:
+      for module, entry in self.targets.values():
+        original = type(module)
+        # object.__setattr__: the module's own __setattr__ would treat __class__ as an attribute.
+        object.__setattr__(module, "__class__", _recording_class(original))
+        self.swapped.append((module, original))
+        _ACTIVE[id(module)] = entry
+    except BaseException:
+      self.__exit__()
+      raise
+    return self
+
+  def __exit__(self, *exc_info):
+    for module, original in reversed(self.swapped):
+      _ACTIVE.pop(id(module), None)
+      object.__setattr__(module, "__class__", original)
+    self.swapped.clear()
+    return False
+
+
+class _Recorder:
+  """What one traced call of the loss records (``perturbations=None``: the shape probe)."""
+
+  def __init__(self, perturbations: dict[LayerKey, list[jax.Array]] | None = None):
+    self.perturbations = perturbations
+    self.calls: dict[LayerKey, int] = {}
+    self.inputs: dict[LayerKey, list[jax.Array]] = {}
+    self.outputs: dict[LayerKey, list[jax.ShapeDtypeStruct]] = {}
+    self.meta: dict[LayerKey, dict[str, Any]] = {}
+    self.model_outputs: list[Any] = []
+    self.depth = 0
+
+  def model_call(self, call, args, kwargs):
+    outermost = self.depth == 0
+    self.depth += 1
+    try:
+      y = call(*args, **kwargs)
+    finally:
+      self.depth -= 1
+    if outermost:
+      self.model_outputs.append(y)
+    return y
+
+  def layer_call(self, module, key: LayerKey, call, args, kwargs):
+    x = args[0] if args else kwargs.get("inputs")
+    layout = None if x is None else _layout(module, key, x, args, kwargs)
+    y = call(*args, **kwargs)
+    if layout is None:
+      return y
+    if key in self.meta and self.meta[key] != layout.meta:
+      raise ValueError(f"Layer {layer_name(key)!r} was called twice with different layouts.")
+    self.meta[key] = layout.meta
+    index = self.calls.get(key, 0)
+    self.calls[key] = index + 1
+    rows = layout.rows(x)
+    perm = layout.output_perm
+    if self.perturbations is None:
+      shape = y.shape if perm is None else tuple(y.shape[i] for i in perm)
+      self.outputs.setdefault(key, []).append(jax.ShapeDtypeStruct(shape, y.dtype))
+      return y
+    perturbations = self.perturbations.get(key, [])
+    if index >= len(perturbations):
+      raise ValueError(
+          f"Layer {layer_name(key)!r} was called more often than when neuron_optax traced the loss "
+          "for shapes; loss_fn must apply the same layers on every call.")
+    perturbation = perturbations[index]
+    if perm is not None:
+      perturbation = jnp.transpose(perturbation, tuple(sorted(range(len(perm)), key=perm.__getitem__)))
+    self.inputs.setdefault(key, []).append(rows)
+    return y + perturbation
+
+
+# --------------------------------------------------------------------------- #
+# value_grad_and_stats
+# --------------------------------------------------------------------------- #
+
+
+def value_grad_and_stats(
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    fisher: FisherType = "empirical",
+    likelihood: Likelihood | None = None,
+) -> Callable[..., Any]:
+  """Like ``nnx.value_and_grad(loss_fn)``, and also records each layer's neurons.
+
+  Args:
+    loss_fn: ``loss_fn(model, *args, **kwargs)`` with an ``nnx.Module`` first,
+      returning the **mean** loss over the batch (or ``(loss, aux)`` with
+      ``has_aux=True``). The gradient is taken w.r.t. the model's
+      ``nnx.Param`` variables.
+    has_aux: as in ``nnx.value_and_grad``.
+    fisher: ``"empirical"``, ``"mc"`` (the returned function takes ``rng=``)
+      or ``"full"``; see :func:`neuron_optax.value_grad_and_stats`.
+    likelihood: ``"categorical"`` or ``"gaussian"``; required unless
+      ``fisher="empirical"``.
+
+  Returns:
+    A function with ``loss_fn``'s signature (plus ``rng=`` for
+    ``fisher="mc"``) returning ``(value, grads, stats)``: ``grads`` is the
+    ``nnx.State`` of the ``nnx.Param`` gradients, ``stats`` maps each captured
+    layer's path in that State to a :class:`LayerStats`. Updates of
+    non-parameter variables made by ``loss_fn`` are applied to the model.
+  """
+  if fisher not in capture._FISHER_TYPES:
+    raise ValueError(f"fisher must be one of {capture._FISHER_TYPES}, got {fisher!r}.")
+  if fisher != "empirical" and likelihood not in capture._LIKELIHOODS:
+    raise ValueError(
+        f"fisher={fisher!r} needs the model's likelihood to sample or enumerate labels: pass "
+        f"likelihood='categorical' (the model returns logits) or likelihood='gaussian' "
+        f"(squared-error regression); got likelihood={likelihood!r}.")
+  if fisher == "empirical" and likelihood is not None and likelihood not in capture._LIKELIHOODS:
+    raise ValueError(f"likelihood must be one of {capture._LIKELIHOODS} or None, got {likelihood!r}.")
+
+  @functools.wraps(loss_fn)
+  def wrapped(model, *args, rng: jax.Array | None = None, **kwargs):
+    if fisher == "mc" and rng is None:
+      raise ValueError("fisher='mc' samples labels: call the returned function with rng=<PRNG key>.")
+    if fisher != "mc" and rng is not None:
+      raise ValueError(f"rng= is only used with fisher='mc' (got fisher={fisher!r}).")
+    if not isinstance(model, nnx.Module):
+      raise TypeError(
+          "neuron_optax.nnx.value_grad_and_stats: loss_fn(model, *args) must get an nnx.Module as "
+          f"its first argument, got {type(model).__name__}. For Flax linen models use "
+          "neuron_optax.value_grad_and_stats(loss_fn)(params, ...).")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    record_output = fisher != "empirical"
+
+    def run(recorder: _Recorder, params, rest):
+      clone = nnx.merge(graphdef, params, rest, copy=True)
+      with _Recording(clone, recorder, record_output):
+        out = loss_fn(clone, *args, **kwargs)
+      loss, aux = out if has_aux else (out, None)
+      return loss, aux, nnx.state(clone, nnx.Not(nnx.Param))
+
+    probe = _Recorder()
+    jax.eval_shape(lambda p, r: run(probe, p, r)[0], params, rest)
+    if not probe.outputs:
+      raise ValueError(
+          "neuron_optax.nnx.value_grad_and_stats found no nnx.Linear/nnx.LinearGeneral/nnx.Conv/"
+          "nnx.Einsum call inside loss_fn: loss_fn(model, ...) must apply the layers of `model` "
+          f"(captured layers of this model: {sorted(layer_name(k) for k in captured_layers(model))}).")
+    keys = list(probe.meta)
+    perturbations = [[jnp.zeros(s.shape, s.dtype) for s in probe.outputs[k]] for k in keys]
+
+    def traced(p, perts):
+      recorder = _Recorder(dict(zip(keys, perts)))
+      loss, aux, new_rest = run(recorder, p, rest)
+      missing = [layer_name(k) for k in keys if k not in recorder.inputs]
+      if missing:
+        raise ValueError(
+            f"Layers {missing} were applied when neuron_optax traced the loss for shapes but not in "
+            "the differentiated pass; loss_fn must apply the same layers on every call.")
+      inputs = [recorder.inputs[k] for k in keys]
+      return loss, recorder, (aux, inputs, new_rest)
+
+    if fisher == "empirical":
+      def differentiable(p, perts):
+        loss, _, extra = traced(p, perts)
+        return loss, extra
+
+      (loss, (aux, inputs, new_rest)), (grads, cots) = jax.value_and_grad(
+          differentiable, argnums=(0, 1), has_aux=True)(params, perturbations)
+      fisher_cots = None
+    else:
+      def with_output(p, perts):
+        loss, recorder, extra = traced(p, perts)
+        outputs = recorder.model_outputs
+        if len(outputs) != 1 or not isinstance(outputs[0], jax.Array):
+          raise ValueError(
+              f"fisher={fisher!r} needs loss_fn to call the model exactly once and the model to "
+              f"return one array (logits or predictions); found {len(outputs)} call(s) of "
+              f"{type(model).__name__}.__call__.")
+        return (loss, outputs[0]), extra
+
+      (loss, model_out), vjp_fn, (aux, inputs, new_rest) = jax.vjp(
+          with_output, params, perturbations, has_aux=True)
+      grads, cots = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(model_out)))
+      out_cots = capture._fisher_output_cotangents(model_out, fisher, likelihood, rng)
+      _, fisher_cots = jax.vmap(lambda c: vjp_fn((jnp.zeros_like(loss), c)))(out_cots)
+
+    nnx.update(model, new_rest)
+    stats: Stats = {}
+    for i, key in enumerate(keys):
+      meta = probe.meta[key]
+      layer_inputs = capture._concat_calls(key, inputs[i])
+      n = layer_inputs.shape[0]
+      layer_cots = capture._concat_calls(key, [capture._rows_like(meta, c, n) for c in cots[i]])
+      layer_fisher = None
+      if fisher_cots is not None:
+        sets = [jax.vmap(lambda c: capture._rows_like(meta, c, n))(c) for c in fisher_cots[i]]
+        layer_fisher = sets[0] if len(sets) == 1 else jnp.concatenate(sets, axis=2)
+      stats[key] = LayerStats(inputs=layer_inputs, cotangents=layer_cots,
+                              fisher_cotangents=layer_fisher, **meta)
+    value = (loss, aux) if has_aux else loss
+    return value, grads, stats
+
+  return wrapped
+
+
+def kernel_input_ndim(model: nnx.Module) -> dict[str, int]:
+  """``{layer path: number of kernel input axes}`` read off the model's captured modules.
+
+  Pass it to a transform (``nox.foof(1.0, kernel_input_ndim=nox.nnx.kernel_input_ndim(model))``)
+  when the model has ``nnx.LinearGeneral``/``nnx.Einsum`` layers whose output
+  has several axes, which the parameters alone cannot tell apart from input
+  axes. ``nnx.Einsum`` layers that are not plain matrix contractions are left out.
+  """
+  layout = {}
+  for key, module in captured_layers(model).items():
+    if isinstance(module, nnx.LinearGeneral):
+      k = len(module.in_features)
+    elif isinstance(module, nnx.Einsum):
+      if module.einsum_str is None:  # given at call time: the layout is only known then
+        continue
+      operands = module.einsum_str.replace(" ", "").split("->")[0].split(",")
+      if len(operands) != 2 or "." in operands[1]:
+        continue
+      lhs, rhs = operands
+      contracted = [c for c in rhs if c in lhs]
+      if not contracted or list(rhs[:len(contracted)]) != contracted:
+        continue
+      k = len(contracted)
+    else:
+      k = module.kernel.ndim - 1
+    layout[layer_name(key)] = k
+  return layout
