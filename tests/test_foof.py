@@ -214,10 +214,16 @@ def test_non_finite_batch_does_not_poison_the_average(x64):
   _, state = tx.update(grads, state, params, stats=stats)
   good = state.layers["hidden"]
   _, grads_bad, stats_bad = vgs(params, x.at[0, 0].set(jnp.nan))
-  _, state = tx.update(grads_bad, state, params, stats=stats_bad)
+  bad_direction, state = tx.update(grads_bad, state, params, stats=stats_bad)
   np.testing.assert_array_equal(state.layers["hidden"].a_ema, good.a_ema)
   np.testing.assert_array_equal(state.layers["hidden"].a_updates, good.a_updates)
   assert np.all(np.isfinite(state.layers["hidden"].a_inverse))
+  # the bad step is defined: captured layers take no step
+  for leaf in jax.tree.leaves(bad_direction):
+    np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
+  assert int(state.count) == 2
+  direction, state = tx.update(grads, state, params, stats=stats)
+  assert all(np.all(np.isfinite(leaf)) and np.any(leaf != 0) for leaf in jax.tree.leaves(direction))
 
 
 def test_construction_errors():
