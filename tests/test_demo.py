@@ -1,0 +1,92 @@
+"""The demo job: a tiny in-process run of every method, its outputs, and its helpers."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from neuron_optax import demo
+
+pytest.importorskip("mlxtend")
+
+
+def test_quick_demo_runs_every_method(tmp_path, capsys):
+  out = tmp_path / "results"
+  result = demo.main(["--quick", "--steps", "12", "--train-size", "400", "--batch-size", "50",
+                      "--hidden", "32", "--grid-size", "1", "--out", str(out), "--no-progress"])
+  printed = capsys.readouterr().out
+
+  methods = list(demo.METHODS)
+  assert [row["method"] for row in result["summary"]] == methods
+  initial = result["config"]["initial_loss"]
+  assert math.isfinite(initial)
+  for row in result["summary"]:
+    run = result["best"][row["method"]]
+    assert not run["diverged"] and len(run["losses"]) == 12
+    assert all(math.isfinite(loss) for loss in run["losses"])
+    # Training decreases the loss: on the whole training set and along the mini-batch curve.
+    assert row["final_train_loss"] < 0.8 * initial, row
+    assert np.mean(run["losses"][-4:]) < np.mean(run["losses"][:2]), row
+    assert row["median_ms_per_step"] > 0 and 0 <= row["train_accuracy"] <= 1
+  # The table's derived columns, recomputed from the stored curves.
+  window, target = result["config"]["smoothing_window"], result["config"]["target_loss"]
+
+  def smoothed(losses):
+    return [np.mean(losses[max(0, i + 1 - window):i + 1]) for i in range(len(losses))]
+
+  assert target == pytest.approx(smoothed(result["best"]["sgd"]["losses"])[-1])  # SGD's final loss
+  sgd_median = np.median(result["best"]["sgd"]["step_seconds"])
+  for row in result["summary"]:
+    run = result["best"][row["method"]]
+    tolerance = 1e-9 * abs(target)  # the demo smooths with cumulative sums, this with means
+    hit = next((i + 1 for i, value in enumerate(smoothed(run["losses"])) if value <= target + tolerance), None)
+    assert row["steps_to_target"] == hit
+    if hit is not None:
+      assert row["seconds_to_target"] == pytest.approx(sum(run["step_seconds"][:hit]))
+    assert row["time_vs_sgd"] == pytest.approx(np.median(run["step_seconds"]) / sgd_median)
+  assert result["summary"][0]["steps_to_target"] is not None  # SGD reaches its own final loss
+
+  for name in ("summary.md", "summary.csv", "curves.csv", "results.json", "training_curves.png"):
+    assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+  assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with open(out / "summary.csv") as f:
+    assert [row["method"] for row in csv.DictReader(f)] == methods
+  with open(out / "curves.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 12 * len(methods)
+  assert all(math.isfinite(float(row["loss"])) for row in rows)
+  stored = json.loads((out / "results.json").read_text())
+  assert len(stored["runs"]) == len(methods) and stored["config"]["layers"] == "784-32-10"
+  for method in methods:
+    assert method in printed
+  assert "| method | best hyperparameters |" in printed
+
+
+def test_best_run_is_lowest_final_loss(tmp_path):
+  result = demo.main(["--quick", "--steps", "5", "--train-size", "200", "--batch-size", "50", "--hidden", "16",
+                      "--methods", "sgd", "--grid-size", "3", "--out", str(tmp_path), "--no-progress"])
+  runs = result["runs"]
+  assert len(runs) == 3
+  finals = [r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf for r in runs]
+  assert result["best"]["sgd"] is runs[int(np.argmin(finals))]
+
+
+def test_smooth_and_steps_to_target():
+  np.testing.assert_allclose(demo.smooth([4.0, 2.0, 0.0, 2.0], 2), [4.0, 3.0, 1.0, 1.0])
+  assert demo.steps_to_target(np.array([3.0, 2.0, 1.0, 0.5]), 1.0) == 3
+  assert demo.steps_to_target(np.array([3.0, 2.0]), 1.0) is None
+  assert demo.steps_to_target(np.array([3.0, 2.0]), None) is None
+
+
+def test_command_line_errors():
+  with pytest.raises(SystemExit):
+    demo.parse_args(["--methods", "sgd,lbfgs"])
+  with pytest.raises(SystemExit):
+    demo.parse_args(["--steps", "0"])
+  args = demo.parse_args(["--quick"])
+  assert args.hidden == demo.QUICK_FEATURES[:-1] and args.steps == demo.QUICK_STEPS
+  args = demo.parse_args([])
+  assert args.hidden == demo.FULL_FEATURES[:-1] and args.steps == demo.DEFAULT_STEPS
+  assert args.methods == list(demo.METHODS) and args.out == "demo_results"
