@@ -79,6 +79,7 @@ def foof(
     stats_window: int | None = None,
     contraction: Contraction = "auto",
     kernel_input_ndim: _params.KernelInputNdim = None,
+    distribute_factorisations: _factors.Distribution | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF preconditioner ``D = (A + λI)⁻¹ ∇W`` per captured layer (Benzing 2022).
 
@@ -98,6 +99,12 @@ def foof(
     kernel_input_ndim: per-layer number of kernel input axes where it is not
       "all but the last" (multi-axis ``nn.DenseGeneral`` outputs), keyed by
       layer path such as ``"attention/query"``.
+    distribute_factorisations: ``(mesh, axis name)``, e.g. ``(mesh, "data")``
+      for the mesh the batch is sharded over: at re-factorisation steps each
+      device of that axis factorises a share of the layers (of each size) and
+      the inverses are all-gathered, as kfac-jax distributes its inverses.
+      ``None`` (default): every device factorises every layer. Layers of equal
+      ``d_in`` always share one batched Cholesky call.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
@@ -106,6 +113,7 @@ def foof(
   """
   _factors.validate_amortisation("foof", damping, ema_decay, inverse_every, stats_window)
   validate_contraction("foof", contraction)
+  _factors.validate_distribution("foof", distribute_factorisations)
 
   def init_fn(params) -> FoofState:
     layers = {}
@@ -138,8 +146,9 @@ def foof(
     averages = _factors.maybe(update_statistics, accumulate, current)
 
     def refactor():
-      return {name: linalg.damped_inverse(_factors.debiased(ema, k, ema_decay), damping)
-              for name, (ema, k) in averages.items()}
+      operands = {name: (_factors.debiased(ema, k, ema_decay), jnp.asarray(damping, ema.dtype))
+                  for name, (ema, k) in averages.items()}
+      return _factors.factorise_by_shape(linalg.damped_inverse, operands, distribute_factorisations)
 
     inverses = _factors.maybe(refactorise, refactor,
                               {name: state.layers[name].a_inverse for name in names.values()})

@@ -110,17 +110,11 @@ def heuristic_pi(a: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.where(valid, ratio, 1))
 
 
-def heuristic_factors(a: jax.Array, g: jax.Array, damping: float) -> HeuristicFactors:
-  """``(A + π√λ I)⁻¹`` and ``(G + √λ/π I)⁻¹`` (Martens & Grosse 2015, section 6.3)."""
+def heuristic_dampings(a: jax.Array, g: jax.Array, damping: float) -> tuple[jax.Array, jax.Array]:
+  """``(π√λ, √λ/π)``, the dampings of ``A`` and ``G`` (Martens & Grosse 2015, section 6.3)."""
   pi = heuristic_pi(a, g)
   root = math.sqrt(damping)
-  return HeuristicFactors(linalg.damped_inverse(a, pi * root), linalg.damped_inverse(g, root / pi))
-
-
-def eigen_factors(a: jax.Array, g: jax.Array) -> EigenFactors:
-  a_values, a_vectors = linalg.sym_eigh(a)
-  g_values, g_vectors = linalg.sym_eigh(g)
-  return EigenFactors(a_values, a_vectors, g_values, g_vectors)
+  return pi * root, root / pi
 
 
 def batch_factors(stats: LayerStats, dtype) -> tuple[jax.Array, jax.Array]:
@@ -155,6 +149,7 @@ def kfac(
     damping_mode: DampingMode = "heuristic",
     contraction: Contraction = "auto",
     kernel_input_ndim: _params.KernelInputNdim = None,
+    distribute_factorisations: _factors.Distribution | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """KFAC preconditioner per captured layer (Martens & Grosse 2015; Benzing 2022 eqs. 2-4).
 
@@ -184,6 +179,11 @@ def kfac(
       not seen.
     kernel_input_ndim: per-layer number of kernel input axes where it is not
       "all but the last", keyed by layer path such as ``"attention/query"``.
+    distribute_factorisations: ``(mesh, axis name)``: split the
+      re-factorisations across the devices of that mesh axis (each device
+      factorises a share of the equal-sized factors; results are
+      all-gathered), as in :func:`neuron_optax.foof`. ``None``: every device
+      factorises every layer (one batched call per factor size).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
@@ -194,10 +194,8 @@ def kfac(
   _factors.validate_amortisation("kfac", damping, ema_decay, inverse_every, stats_window)
   validate_contraction("kfac", contraction)
   _validate_damping_mode(damping_mode)
+  _factors.validate_distribution("kfac", distribute_factorisations)
   heuristic = damping_mode == "heuristic"
-
-  def refactorise(a: jax.Array, g: jax.Array) -> HeuristicFactors | EigenFactors:
-    return heuristic_factors(a, g, damping) if heuristic else eigen_factors(a, g)
 
   def initial_factors(d_in: int, d_out: int, dtype) -> HeuristicFactors | EigenFactors:
     # What refactorise gives for A = G = 0 (π = 1), without running the factorisations.
@@ -240,8 +238,19 @@ def kfac(
     averages = _factors.maybe(update_statistics, accumulate, current)
 
     def refactor():
-      return {name: refactorise(_factors.debiased(*a_avg, ema_decay), _factors.debiased(*g_avg, ema_decay))
-              for name, (a_avg, g_avg) in averages.items()}
+      operands = {}
+      for name, (a_avg, g_avg) in averages.items():
+        a, g = _factors.debiased(*a_avg, ema_decay), _factors.debiased(*g_avg, ema_decay)
+        if heuristic:
+          a_damping, g_damping = heuristic_dampings(a, g, damping)
+          operands[name, "a"], operands[name, "g"] = (a, a_damping), (g, g_damping)
+        else:
+          operands[name, "a"], operands[name, "g"] = (a,), (g,)
+      solved = _factors.factorise_by_shape(linalg.damped_inverse if heuristic else linalg.sym_eigh,
+                                           operands, distribute_factorisations)
+      if heuristic:
+        return {name: HeuristicFactors(solved[name, "a"], solved[name, "g"]) for name in averages}
+      return {name: EigenFactors(*solved[name, "a"], *solved[name, "g"]) for name in averages}
 
     factors = _factors.maybe(refactor_now, refactor,
                              {name: state.layers[name].factors for name in names.values()})
@@ -310,16 +319,15 @@ def kfac_foof_similarity(
   shapes = _params.candidate_layers(grads, kernel_input_ndim)
   stats = _params.check_stats(stats, shapes, "kfac_foof_similarity")
   flat = _params._flat(grads)
-  root = math.sqrt(damping)
   similarity = {}
   for key, layer_stats in stats.items():
     gradient = _params.gradient_matrix(flat, key, shapes[key])
     dtype = _params.statistics_dtype(gradient.dtype)
     gradient = gradient.astype(dtype)
     a, g = batch_factors(layer_stats, dtype)
-    pi = heuristic_pi(a, g)
-    a_inverse = linalg.damped_inverse(a, pi * root)
-    kfac_direction = a_inverse @ gradient @ linalg.damped_inverse(g, root / pi)
+    a_damping, g_damping = heuristic_dampings(a, g, damping)
+    a_inverse = linalg.damped_inverse(a, a_damping)
+    kfac_direction = a_inverse @ gradient @ linalg.damped_inverse(g, g_damping)
     if foof_damping is not None:
       a_inverse = linalg.damped_inverse(a, foof_damping)
     similarity[layer_name(key)] = _cosine(kfac_direction, a_inverse @ gradient)

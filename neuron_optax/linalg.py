@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy import linalg as jsl
 
 
 def second_moment(rows: jax.Array) -> jax.Array:
@@ -22,33 +21,48 @@ def second_moment(rows: jax.Array) -> jax.Array:
 
 
 def sym_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Eigendecomposition of a symmetric matrix (symmetrised first)."""
-  return jnp.linalg.eigh((matrix + matrix.T) / 2)
+  """Eigendecomposition of a symmetric matrix or stack ``(..., d, d)`` (symmetrised first)."""
+  return jnp.linalg.eigh(_symmetrised(matrix))
+
+
+def _symmetrised(matrix: jax.Array) -> jax.Array:
+  return (matrix + jnp.swapaxes(matrix, -1, -2)) / 2
 
 
 def damped_solve(matrix: jax.Array, damping: jax.Array | float, rhs: jax.Array) -> jax.Array:
   """``(M + λI)⁻¹ rhs`` for a symmetric PSD ``M`` and ``λ > 0``, by Cholesky.
 
+  Batched: ``matrix`` may be a stack ``(..., d, d)`` with ``damping`` a scalar
+  or one value per matrix ``(...)`` and ``rhs`` of shape ``(..., d)`` or
+  ``(..., d, k)``; one batched Cholesky factorisation serves the whole stack.
+
   If the Cholesky factorisation fails (a matrix that is numerically not
-  positive definite, e.g. float32 with a tiny damping), falls back to an
-  eigendecomposition with the eigenvalues clamped at ``λ``, which never
-  returns NaN for finite input.
+  positive definite, e.g. float32 with a tiny damping), the whole stack falls
+  back to an eigendecomposition with the eigenvalues clamped at ``λ``, which
+  never returns NaN for finite input.
   """
-  symmetric = (matrix + matrix.T) / 2
+  symmetric = _symmetrised(matrix)
+  damping = jnp.asarray(damping, matrix.dtype)[..., None, None]
   damped = symmetric + damping * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
-  solution = jsl.cho_solve(jsl.cho_factor(damped, lower=True), rhs)
+  vector = rhs.ndim == matrix.ndim - 1
+  columns = rhs[..., None] if vector else rhs
+  lower = jax.lax.linalg.cholesky(damped, symmetrize_input=False)
+  half = jax.lax.linalg.triangular_solve(lower, columns, left_side=True, lower=True)
+  solution = jax.lax.linalg.triangular_solve(lower, half, left_side=True, lower=True, transpose_a=True)
 
   def eigh_solve(_):
     evals, evecs = jnp.linalg.eigh(symmetric)
-    evals = jnp.maximum(evals + damping, damping)
-    return evecs @ ((evecs.T @ rhs) / (evals[:, None] if rhs.ndim == 2 else evals))
+    evals = jnp.maximum(evals + damping[..., 0], damping[..., 0])
+    return evecs @ ((jnp.swapaxes(evecs, -1, -2) @ columns) / evals[..., None])
 
-  return jax.lax.cond(jnp.all(jnp.isfinite(solution)), lambda _: solution, eigh_solve, None)
+  solution = jax.lax.cond(jnp.all(jnp.isfinite(solution)), lambda _: solution, eigh_solve, None)
+  return solution[..., 0] if vector else solution
 
 
 def damped_inverse(matrix: jax.Array, damping: jax.Array | float) -> jax.Array:
-  """``(M + λI)⁻¹`` of a symmetric PSD ``M`` (see :func:`damped_solve`)."""
-  return damped_solve(matrix, damping, jnp.eye(matrix.shape[-1], dtype=matrix.dtype))
+  """``(M + λI)⁻¹`` of a symmetric PSD ``M`` or of a stack of them (see :func:`damped_solve`)."""
+  identity = jnp.broadcast_to(jnp.eye(matrix.shape[-1], dtype=matrix.dtype), matrix.shape)
+  return damped_solve(matrix, damping, identity)
 
 
 def as_columns(a: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:

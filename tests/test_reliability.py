@@ -214,21 +214,28 @@ SHARDING_SCRIPT = textwrap.dedent("""
       @nn.compact
       def __call__(self, x):
         h = nn.relu(nn.Conv(4, (3, 3), strides=2, param_dtype=jnp.float64)(x)).reshape(x.shape[0], -1)
-        return nn.Dense(3, param_dtype=jnp.float64)(nn.tanh(nn.Dense(8, param_dtype=jnp.float64)(h)))
+        h = nn.tanh(nn.Dense(8, param_dtype=jnp.float64)(h))
+        h = nn.tanh(nn.Dense(8, param_dtype=jnp.float64)(h))  # same shape: a group of two factors
+        return nn.Dense(3, param_dtype=jnp.float64)(h)
 
     model = Net()
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 6, 6, 2)))
     y = jnp.asarray(rng.integers(0, 3, size=16))
     params = model.init(jax.random.key(0), x)["params"]
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    spread = (mesh, "data")
     transforms = {
         "foof": nox.foof(0.5, inverse_every=2),
+        "foof_distributed": nox.foof(0.5, inverse_every=2, distribute_factorisations=spread),
+        "kfac_distributed": nox.kfac(0.5, inverse_every=2, distribute_factorisations=spread),
+        "kfac_standard_distributed": nox.kfac(0.5, damping_mode="standard",
+                                              distribute_factorisations=spread),
         "kfac": nox.kfac(0.5, inverse_every=2),
         "kfac_standard": nox.kfac(0.5, damping_mode="standard"),
         "natural_gradient": nox.natural_gradient(0.5),
         "fngd": nox.fngd(0.1, steps_per_epoch=2, batch_size=16),
     }
-    mesh = Mesh(np.array(jax.devices()), ("data",))
     batch_sharding = NamedSharding(mesh, P("data"))
     for name, tx in transforms.items():
       @jax.jit
@@ -246,6 +253,9 @@ SHARDING_SCRIPT = textwrap.dedent("""
         for _ in range(3):
           updates, state = step(params, state, xs, ys)
         results.append(updates)
+        if shard and name.endswith("_distributed"):
+          # each device factorises a share of the layers; the results are all-gathered
+          assert "all-gather" in step.lower(params, state, xs, ys).compile().as_text(), name
       for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12, err_msg=name)
       print("OK", name)
@@ -257,4 +267,4 @@ def test_batch_sharded_over_8_devices_matches_one_device():
   result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
-  assert result.stdout.count("OK") == 5
+  assert result.stdout.count("OK") == 8
