@@ -133,6 +133,9 @@ class Method:
     make: ``make(hp, inverse_every, stats_window, steps_per_epoch, batch_size)``.
     amortised: whether the step cost follows the ``inverse_every`` schedule.
     label: for tables and plots.
+    phased: FNGD with the Python-level switch: ``make(..., phase="compute")``
+      for the computing epoch, ``make(..., phase="reuse")`` afterwards (two
+      compiled steps, no ``lax.cond`` in either).
   """
 
   name: str
@@ -140,6 +143,7 @@ class Method:
   make: Callable[..., optax.GradientTransformation]
   amortised: bool = False
   label: str = ""
+  phased: bool = False
 
 
 def momentum(lr: float) -> optax.GradientTransformation:
@@ -161,10 +165,10 @@ def _kfac(mode):
 
 
 def _fngd(share: bool):
-  def make(hp, inverse_every=1, stats_window=None, steps_per_epoch=None, batch_size=None):
+  def make(hp, inverse_every=1, stats_window=None, steps_per_epoch=None, batch_size=None, phase="auto"):
     from neuron_optax.fngd import fngd
     if share:
-      tx = fngd(hp["alpha"], steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+      tx = fngd(hp["alpha"], steps_per_epoch=steps_per_epoch, batch_size=batch_size, phase=phase)
     else:
       tx = fngd(hp["alpha"], share_coefficients=False)
     return optax.chain(tx, momentum(hp["lr"]))
@@ -185,7 +189,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("foof", "empirical", _foof, amortised=True, label="FOOF"),
     Method("kfac", "mc", _kfac("heuristic"), amortised=True, label="KFAC (heuristic damping)"),
     Method("kfac_standard", "mc", _kfac("standard"), amortised=True, label="KFAC (standard damping)"),
-    Method("fngd", "empirical", _fngd(True), label="FNGD (shared coefficients)"),
+    Method("fngd", "empirical", _fngd(True), label="FNGD (shared coefficients)", phased=True),
+    Method("fngd_auto", "empirical", _fngd(True), label="FNGD (shared, phase='auto': lax.cond)"),
     Method("fngd_unshared", "empirical", _fngd(False), label="FNGD (w/o sharing)"),
     Method("natural_gradient", "mc", _natural_gradient(False), label="natural gradient (MC Fisher)"),
     Method("natural_gradient_block", "mc", _natural_gradient(True),
@@ -320,6 +325,7 @@ def flop_model(layers: Sequence[LayerGeometry], uncaptured_forward: float = 0.0)
           "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
           "inversion": per(lambda l: EIGH * (l.d_in**3 + l.d_out**3))},
       "fngd": {"step": per(lambda l: 3 * l.rows * l.d_out), "statistics": 0.0, "inversion": 0.0},
+      "fngd_auto": {"step": per(lambda l: 3 * l.rows * l.d_out), "statistics": 0.0, "inversion": 0.0},
       "fngd_unshared": {"step": per(lambda l: 3 * l.rows * l.d_out + _gram(l, l.n) + l.n**3 / 3 + 2 * l.n**2),
                         "statistics": 0.0, "inversion": 0.0},
       "natural_gradient": {

@@ -99,7 +99,8 @@ HYPERPARAMETERS = {
     "sgd": {"lr": 1e-3}, "adam": {"lr": 1e-4},
     "foof": {"lr": 1e-3, "damping": 1.0}, "kfac": {"lr": 1e-3, "damping": 1.0},
     "kfac_standard": {"lr": 1e-3, "damping": 1.0},
-    "fngd": {"lr": 1e-3, "alpha": 0.1}, "fngd_unshared": {"lr": 1e-3, "alpha": 0.1},
+    "fngd": {"lr": 1e-3, "alpha": 0.1}, "fngd_auto": {"lr": 1e-3, "alpha": 0.1},
+    "fngd_unshared": {"lr": 1e-3, "alpha": 0.1},
     "natural_gradient": {"lr": 1e-3, "damping": 1.0}, "natural_gradient_block": {"lr": 1e-3, "damping": 1.0},
 }
 
@@ -146,14 +147,26 @@ class Runner:
     self.params = jax.tree.map(jnp.copy, variables["params"])
     self.model_state = jax.tree.map(jnp.copy, {k: v for k, v in variables.items() if k != "params"})
     self.opt_state = tx.init(self.params)
-    step = models.make_step(workload, tx, method.fisher)
     x, y = batches[0]
     start = time.perf_counter()
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", message=".*donated.*")
-      lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
-          self.params, self.model_state, self.opt_state, x, y, np.int32(0))
-      self.compiled = lowered.compile()
+
+      def compile_step(tx):
+        step = models.make_step(workload, tx, method.fisher)
+        return jax.jit(step, donate_argnums=(0, 1, 2)).lower(
+            self.params, self.model_state, self.opt_state, x, y, np.int32(0)).compile()
+
+      if method.phased:  # FNGD's Python-level switch: computing epoch, then the reusing step
+        self.warmup_steps = fngd_epoch
+        self.warmup_compiled = compile_step(method.make(
+            HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch, batch_size=workload.batch_size,
+            phase="compute"))
+        tx = method.make(HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch,
+                         batch_size=workload.batch_size, phase="reuse")
+      else:
+        self.warmup_steps = 0
+      self.compiled = compile_step(tx)
     self.compile_seconds = time.perf_counter() - start
     self.xla_flops = common.xla_flops(self.compiled)
     self.count = 0  # the schedule counter of FOOF/KFAC (and the MC Fisher's sampling index)
@@ -175,7 +188,8 @@ class Runner:
       x, y = self.batches[self.count % len(self.batches)]
       kind = self.kind()
       start = time.perf_counter()
-      self.params, self.model_state, self.opt_state, loss = self.compiled(
+      compiled = self.warmup_compiled if self.count < self.warmup_steps else self.compiled
+      self.params, self.model_state, self.opt_state, loss = compiled(
           self.params, self.model_state, self.opt_state, x, y, np.int32(self.count))
       jax.block_until_ready((self.params, self.model_state, self.opt_state, loss))
       elapsed = time.perf_counter() - start

@@ -82,7 +82,7 @@ IV-D (eq. 14, ``λ = α‖K‖_F``), Algorithm 1.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +91,10 @@ from jax.scipy import linalg as jsl
 
 from neuron_optax import _factors, _params, linalg
 from neuron_optax.capture import LayerKey, LayerStats, Stats, layer_name
+
+
+Phase = Literal["auto", "compute", "reuse"]
+_PHASES = ("auto", "compute", "reuse")
 
 
 class FngdLayerState(NamedTuple):
@@ -106,7 +110,13 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs) -> None:
+def _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs,
+              phase) -> None:
+  if phase not in _PHASES:
+    raise ValueError(f"fngd: phase must be 'auto', 'compute' or 'reuse', got {phase!r}.")
+  if phase != "auto" and not share_coefficients:
+    raise ValueError("fngd: phase only applies with share_coefficients=True (without sharing every "
+                     "step computes its coefficients).")
   if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < float("inf"):
     raise ValueError(f"fngd: alpha must be a positive finite number (λ = α‖K‖_F), got {alpha!r}.")
   if not isinstance(share_coefficients, bool):
@@ -180,6 +190,7 @@ def fngd(
     batch_size: int | None = None,
     share_coefficients: bool = True,
     refresh_every_epochs: int | None = None,
+    phase: Phase = "auto",
     kernel_input_ndim: _params.KernelInputNdim = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FNGD preconditioner ``D = Σ_i c_i ā_i g_iᵀ`` per captured layer.
@@ -206,6 +217,14 @@ def fngd(
       reuse them afterwards (FNGD); ``False`` recomputes them every step.
     refresh_every_epochs: ``R``: recompute the table during epochs
       ``0, R, 2R, …``; ``None``: only during epoch 0.
+    phase: ``"auto"`` decides per step from the step counter, inside the
+      compiled step (``jax.lax.cond``). ``"compute"`` always computes and
+      stores the current row, ``"reuse"`` always reuses it: both states have
+      the same structure, so a training loop can compile one step with each
+      and switch in Python after the computing epoch; the reusing step then
+      holds no conditional and no Gram-matrix code at all (on CPU the
+      conditional alone costs about 10 % of an MLP step). Same trajectory as
+      ``"auto"`` when the switch follows the schedule.
     kernel_input_ndim: per-layer number of kernel input axes where it is not
       "all but the last" (as in :func:`neuron_optax.foof`).
 
@@ -215,7 +234,7 @@ def fngd(
     :func:`neuron_optax.value_grad_and_stats` (any ``fisher``: only the
     true-label cotangents are used).
   """
-  _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs)
+  _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs, phase)
   alpha = float(alpha)
 
   def init_fn(params) -> FngdState:
@@ -263,7 +282,10 @@ def fngd(
           new_tables[key] = jax.lax.dynamic_update_index_in_dim(table, padded, row, axis=0)
         return fresh, new_tables
 
-      coeffs, tables = jax.lax.cond(computing_step(state.count), compute, stored)
+      if phase == "auto":
+        coeffs, tables = jax.lax.cond(computing_step(state.count), compute, stored)
+      else:
+        coeffs, tables = compute() if phase == "compute" else stored()
       layers = dict(state.layers)
       for key, table in tables.items():
         layers[_factors.state_name(key)] = FngdLayerState(coefficients=table)

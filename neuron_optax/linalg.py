@@ -117,7 +117,8 @@ def weighted_gradient_sum(a: jax.Array, g: jax.Array, weights: jax.Array) -> jax
   """
   s, n = g.shape[:2]
   weighted = jnp.einsum("sn,snpo->npo", weights.reshape(s, n), g)
-  return jnp.einsum("npi,npo->io", a, weighted)
+  # One (rows × d_in)ᵀ (rows × d_out) product, the layout of the weight-gradient matmul it replaces.
+  return a.reshape(-1, a.shape[-1]).T @ weighted.reshape(-1, weighted.shape[-1])
 
 
 def cotangent_second_moment(g: jax.Array) -> jax.Array:

@@ -395,6 +395,40 @@ def test_gram_and_solve_only_run_inside_the_cond_branch():
   assert any((n, n) in shapes and not inside for _, shapes, inside in unshared)
 
 
+@pytest.mark.usefixtures("x64")
+def test_python_phase_switch_gives_the_auto_trajectory_without_a_cond():
+  """phase="compute" for the first epoch, then phase="reuse": the same updates and states as "auto"."""
+  model, shape, names = CASES["dense"]
+  n = 5
+  batches = [make_batch(70 + k, n, shape) for k in range(5)]
+  params = init(model, batches[0][0])
+  auto_updates, auto_states = run_steps(fngd(0.05, steps_per_epoch=2, batch_size=n), model, params, batches)
+  compute_tx = fngd(0.05, steps_per_epoch=2, batch_size=n, phase="compute")
+  reuse_tx = fngd(0.05, steps_per_epoch=2, batch_size=n, phase="reuse")
+  first_updates, first_states = run_steps(compute_tx, model, params, batches[:2])
+
+  compute = value_grad_and_stats(mean_loss(model))
+  state, later_updates = first_states[-1], []
+  for x, y in batches[2:]:
+    _, grads, stats = compute(params, x, y)
+    update, state = jax.jit(reuse_tx.update)(grads, state, params, stats=stats)
+    later_updates.append(update)
+  assert jax.tree.structure(state) == jax.tree.structure(auto_states[-1])
+  for got, want in zip(first_updates + later_updates, auto_updates):
+    for name in names:
+      np.testing.assert_allclose(direction_matrix(got, name), direction_matrix(want, name), rtol=1e-12)
+  for name in names:
+    np.testing.assert_array_equal(state.layers[name].coefficients, auto_states[-1].layers[name].coefficients)
+
+  _, grads, stats = compute(params, *batches[0])
+  jaxpr = str(jax.make_jaxpr(lambda g, s, st: reuse_tx.update(g, s, params, stats=st))(
+      grads, reuse_tx.init(params), stats))
+  assert "cond" not in jaxpr and "cholesky" not in jaxpr
+  jaxpr = str(jax.make_jaxpr(lambda g, s, st: compute_tx.update(g, s, params, stats=st))(
+      grads, compute_tx.init(params), stats))
+  assert "cholesky" in jaxpr
+
+
 # --------------------------------------------------------------------------- #
 # Integration and errors
 # --------------------------------------------------------------------------- #
@@ -461,6 +495,8 @@ def test_jit_training_with_sgd_reduces_the_loss():
     (dict(alpha=0.1, steps_per_epoch=2, batch_size=4, refresh_every_epochs=1.5), "refresh_every_epochs"),
     (dict(alpha=0.1, share_coefficients=False, refresh_every_epochs=2), "refresh_every_epochs only"),
     (dict(alpha=0.1, share_coefficients=1, steps_per_epoch=2, batch_size=4), "share_coefficients"),
+    (dict(alpha=0.1, steps_per_epoch=2, batch_size=4, phase="shared"), "phase must be"),
+    (dict(alpha=0.1, share_coefficients=False, phase="reuse"), "phase only applies"),
 ])
 def test_bad_arguments(kwargs, match):
   alpha = kwargs.pop("alpha")

@@ -42,8 +42,18 @@ class ConvNet(nn.Module):
     return nn.Dense(3, name="out")(h.reshape(h.shape[0], -1))
 
 
+class WideMLP(nn.Module):
+  """Fewer rows (2) than inputs and outputs: both KFAC factors are applied from the rows."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(12, name="hidden")(x))
+    return nn.Dense(3, name="out")(h)
+
+
 MODELS = {
     "mlp": (MLP, ("hidden",), (6, 4)),
+    "wide": (WideMLP, ("hidden",), (2, 10)),
     "conv": (ConvNet, ("conv",), (3, 5, 5, 2)),
 }
 
@@ -72,7 +82,7 @@ def _np_forward(kind, params, x):
   b1 = np.asarray(params[first]["bias"])
   w2, b2 = np.asarray(params["out"]["kernel"]), np.asarray(params["out"]["bias"])
   n = x.shape[0]
-  if kind == "mlp":
+  if kind in ("mlp", "wide"):
     rows1 = x[:, None, :]
   else:
     rows1 = im2col(x, (3, 3), (2, 2), [(0, 0), (0, 0)]).reshape(n, -1, 3 * 3 * x.shape[-1])
@@ -184,6 +194,8 @@ def _run_kfac(kind, tx, batches, fisher="empirical"):
     ("conv", "empirical", 3, 2, "gradient"),
     ("conv", "full", 3, 2, "rows"),
     ("mlp", "empirical", 1, None, "auto"),  # the defaults: average and re-factorise every step
+    ("wide", "empirical", 3, 2, "auto"),  # (A⁻¹Āᵀ)(Cot G⁻¹) for heuristic damping
+    ("wide", "full", 1, None, "rows"),
 ])
 def test_directions_match_explicit_kronecker_solve(kind, mode, fisher, inverse_every, stats_window,
                                                    contraction):
@@ -205,6 +217,22 @@ def test_directions_match_explicit_kronecker_solve(kind, mode, fisher, inverse_e
   assert int(state.count) == steps
   factors = state.layers["out"].factors
   assert isinstance(factors, HeuristicFactors if mode == "heuristic" else EigenFactors)
+
+
+def test_contraction_order_choice():
+  from neuron_optax.kfac import _both_sides_from_rows
+
+  model, _, shape = MODELS["wide"]
+  x, y = _batches("wide", 1)[0]
+  params = init_f64(model(), jnp.asarray(x))
+  _, _, stats = value_grad_and_stats(_loss(model()))(params, jnp.asarray(x), jnp.asarray(y))
+  for key in (("hidden",), ("out",)):
+    assert _both_sides_from_rows(stats[key], "auto") and _both_sides_from_rows(stats[key], "rows")
+    assert not _both_sides_from_rows(stats[key], "gradient")
+  x, y = _batches("mlp", 1)[0]
+  params = init_f64(MLP(), jnp.asarray(x))
+  _, _, stats = value_grad_and_stats(_loss(MLP()))(params, jnp.asarray(x), jnp.asarray(y))
+  assert not _both_sides_from_rows(stats[("hidden",)], "auto")  # 6 rows, 5 inputs, 5 outputs
 
 
 def test_top_level_dense_standard_damping():
