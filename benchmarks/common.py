@@ -189,6 +189,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("foof", "empirical", _foof, amortised=True, label="FOOF"),
     Method("kfac", "mc", _kfac("heuristic"), amortised=True, label="KFAC (heuristic damping)"),
     Method("kfac_standard", "mc", _kfac("standard"), amortised=True, label="KFAC (standard damping)"),
+    Method("kfac_empirical", "empirical", _kfac("heuristic"), amortised=True,
+           label="KFAC (heuristic damping, empirical Fisher)"),
     Method("fngd", "empirical", _fngd(True), label="FNGD (shared coefficients)", phased=True),
     Method("fngd_auto", "empirical", _fngd(True), label="FNGD (shared, phase='auto': lax.cond)"),
     Method("fngd_unshared", "empirical", _fngd(False), label="FNGD (w/o sharing)"),
@@ -320,6 +322,9 @@ def flop_model(layers: Sequence[LayerGeometry], uncaptured_forward: float = 0.0)
       "kfac": {"step": mc_backward + per(_two_sided),
                "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
                "inversion": per(lambda l: CHOLESKY_INVERSE * (l.d_in**3 + l.d_out**3))},
+      "kfac_empirical": {"step": per(_two_sided),
+                         "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
+                         "inversion": per(lambda l: CHOLESKY_INVERSE * (l.d_in**3 + l.d_out**3))},
       "kfac_standard": {
           "step": mc_backward + per(lambda l: _two_sided(l) + 2 * l.d_in**2 * l.d_out + 2 * l.d_in * l.d_out**2),
           "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),

@@ -98,7 +98,7 @@ MODEL_NAMES = ("mlp_b100", "mlp_b1000", "resnet18", "transformer")
 HYPERPARAMETERS = {
     "sgd": {"lr": 1e-3}, "adam": {"lr": 1e-4},
     "foof": {"lr": 1e-3, "damping": 1.0}, "kfac": {"lr": 1e-3, "damping": 1.0},
-    "kfac_standard": {"lr": 1e-3, "damping": 1.0},
+    "kfac_standard": {"lr": 1e-3, "damping": 1.0}, "kfac_empirical": {"lr": 1e-3, "damping": 1.0},
     "fngd": {"lr": 1e-3, "alpha": 0.1}, "fngd_auto": {"lr": 1e-3, "alpha": 0.1},
     "fngd_unshared": {"lr": 1e-3, "alpha": 0.1},
     "natural_gradient": {"lr": 1e-3, "damping": 1.0}, "natural_gradient_block": {"lr": 1e-3, "damping": 1.0},
@@ -200,6 +200,26 @@ class Runner:
     self.loss = float(loss)
 
 
+def dispatch_fraction(runner: Runner, steps: int) -> float:
+  """Time to *enqueue* ``steps`` consecutive steps over the time until they finish.
+
+  JAX dispatches asynchronously: on an accelerator the host enqueues the next
+  steps while the device runs, so the fraction is small, unless something in the
+  step makes the host wait for the device each step (e.g. a conditional whose
+  predicate must be copied to the host). On CPU the fraction says little.
+  """
+  jax.block_until_ready(runner.params)
+  start = time.perf_counter()
+  for _ in range(steps):
+    x, y = runner.batches[runner.count % len(runner.batches)]
+    runner.params, runner.model_state, runner.opt_state, loss = runner.compiled(
+        runner.params, runner.model_state, runner.opt_state, x, y, np.int32(runner.count))
+    runner.count += 1
+  enqueued = time.perf_counter() - start
+  jax.block_until_ready((runner.params, runner.opt_state, loss))
+  return enqueued / (time.perf_counter() - start)
+
+
 def timing_plan(runner: Runner, steps: int, block: int) -> list[tuple[int | None, int]]:
   """``[(jump_to or None, steps), ...]`` blocks of at most ``block`` steps, ``steps`` in all."""
   w = runner.workload
@@ -291,6 +311,8 @@ def benchmark_workload(name: str, w: models.Workload, methods: list[str], args) 
   timing_seconds = time.perf_counter() - start
 
   results = {m: summarise(r, contiguous or not r.amortised) for m, r in runners.items()}
+  for m, r in runners.items():
+    results[m]["dispatch_fraction"] = dispatch_fraction(r, 10)
   sgd = results.get("sgd")
   for m, res in results.items():
     floors = common.floor_ratios(flops, m, w.inverse_every, w.stats_window)
@@ -352,15 +374,16 @@ def print_table(result: dict[str, Any]) -> str:
     lines.append(f"\n{model}: {wres['description']}  ({wres['timing']}, {wres['timed_steps_per_method']} "
                  "timed steps per method)")
     lines.append("| method | median ms | period-mean ms | ratio (median) | ratio (mean) | floor (step) | "
-                 "floor (mean) | measured/floor | XLA FLOPs ratio |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "floor (mean) | measured/floor | XLA FLOPs ratio | dispatch fraction |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m, r in wres["methods"].items():
       lines.append(
           f"| {m} | {fmt(1e3 * r['median_step_seconds'], '.2f')} | "
           f"{fmt(r['period_mean_seconds'] and 1e3 * r['period_mean_seconds'], '.2f')} | "
           f"{fmt(r.get('ratio_median'), '.2f')} | {fmt(r.get('ratio_period_mean'), '.2f')} | "
           f"{fmt(r['floor_step'], '.2f')} | {fmt(r['floor_period_mean'], '.2f')} | "
-          f"{fmt(r.get('measured_over_floor'), '.2f')} | {fmt(r.get('xla_flops_ratio'), '.2f')} |")
+          f"{fmt(r.get('measured_over_floor'), '.2f')} | {fmt(r.get('xla_flops_ratio'), '.2f')} | "
+          f"{fmt(r.get('dispatch_fraction'), '.2f')} |")
     if wres["xla_over_analytic_model_flops"]:
       lines.append(f"XLA cost analysis of the SGD step / analytic model FLOPs "
                    f"({wres['analytic_flops']['model_step']:.3g}): {wres['xla_over_analytic_model_flops']:.3f}")

@@ -15,6 +15,11 @@ Monte-Carlo and full Fisher, the cotangents of the sampled (or every) label's
 negative log-likelihood are pulled back through the same linearisation
 (`jax.vjp`), vmapped over the label sets.
 
+Captured layers must run in the trace of the loss itself: a layer applied inside
+a lifted transform (``nn.remat``, ``nn.scan``, ``nn.vmap``, ``nn.jit``, ...) or
+a JAX transform within ``loss_fn`` raises ``NotImplementedError`` (not yet
+supported).
+
 Conventions (see the README, "Conventions"): rows are examples (Dense; extra
 leading axes such as tokens are positions within an example) or examples times
 output positions (Conv). ``n`` is the size of the leading (example) axis; the
@@ -23,6 +28,7 @@ per-example cotangent is ``g = n * cot``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Callable, Literal, Sequence
@@ -284,17 +290,52 @@ def _fisher_output_cotangents(output: jax.Array, fisher: str, likelihood: str,
 # --------------------------------------------------------------------------- #
 
 
+def _find_trace_state_getter() -> Callable[[], Any] | None:
+  """``get_opaque_trace_state`` of this JAX version, or ``None`` where it has none.
+
+  Public as ``jax.extend.core.get_opaque_trace_state`` from JAX 0.10 on and as
+  ``jax.core.get_opaque_trace_state`` in the stackless-tracing releases before
+  (the ones Flax's ``flax.core.tracers.current_trace`` also uses). Older JAX has no
+  equivalent; there the lifted-transform check below is skipped and such models
+  fail as before (with JAX's ``UnexpectedTracerError`` under ``jit``).
+  """
+  for namespace in ("jax.extend.core", "jax.core"):
+    try:
+      module = __import__(namespace, fromlist=["get_opaque_trace_state"])
+      getter = getattr(module, "get_opaque_trace_state")
+    except (ImportError, AttributeError):
+      continue
+    return lambda: getter(convention="flax")
+  return None
+
+
+_get_trace_state = _find_trace_state_getter()
+
+
+def _trace_state() -> Any:
+  """An opaque token of the innermost active JAX trace: equal tokens mean the same trace."""
+  return None if _get_trace_state is None else _get_trace_state()
+
+
 class _Recorder:
   """Interceptor state for one traced call of the loss."""
 
   def __init__(self, perturbations=None):
     self.perturbations = perturbations
+    self.trace_state = None  # the loss's own trace, set by `intercepting`
     self.calls: dict[LayerKey, int] = {}
     self.inputs: dict[LayerKey, list[jax.Array]] = {}
     self.outputs: dict[LayerKey, list[Any]] = {}
     self.meta: dict[LayerKey, dict[str, Any]] = {}
     self.model_outputs: list[Any] = []
     self.depth = 0
+
+  @contextlib.contextmanager
+  def intercepting(self):
+    """Intercepts module calls; call inside the traced loss so that its trace is the reference."""
+    self.trace_state = _trace_state()
+    with nn.intercept_methods(self):
+      yield self
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
@@ -313,6 +354,18 @@ class _Recorder:
 
   def _captured_call(self, module, next_fun, args, kwargs):
     key = tuple(module.path)
+    if _trace_state() != self.trace_state:
+      # A lifted transform (nn.remat -> jax.checkpoint, nn.scan -> lax.scan, nn.vmap, nn.jit,
+      # nn.while_loop, nn.cond, ...) or a JAX transform inside loss_fn traces this call in an inner
+      # trace: the recorded inputs would be that trace's tracers and leak out of it (under jit an
+      # UnexpectedTracerError far from here), and the layer's gradient would not line up with them.
+      raise NotImplementedError(
+          f"Layer {layer_name(key)!r} is applied inside a lifted Flax transform (nn.remat, nn.scan, "
+          "nn.vmap, nn.jit, nn.while_loop, nn.cond, ...) or a JAX transform within loss_fn "
+          "(jax.checkpoint, jax.vmap, lax.scan, ...), which traces it separately; "
+          "value_grad_and_stats cannot capture such layers yet. Apply the captured layers outside "
+          "the transform: drop nn.remat around these blocks, unroll nn.scan into a Python loop of "
+          "separately named blocks, or jit the whole training step instead of using nn.jit.")
     x = args[0]
     y = next_fun(*args, **kwargs)
     index = self.calls.get(key, 0)
@@ -338,6 +391,50 @@ def _concat_calls(key: LayerKey, parts: list[jax.Array]) -> jax.Array:
         f"different leading (example) sizes {[p.shape[0] for p in parts]}; neuron_optax pools "
         "the rows of shared layers per example and needs the same number of examples in each call.")
   return jnp.concatenate(parts, axis=1)
+
+
+def _validate_capture_args(fisher: str, likelihood: str | None) -> None:
+  """Checks ``value_grad_and_stats``'s ``fisher=`` and ``likelihood=`` (linen and NNX)."""
+  if fisher not in _FISHER_TYPES:
+    raise ValueError(f"fisher must be one of {_FISHER_TYPES}, got {fisher!r}.")
+  if fisher != "empirical" and likelihood not in _LIKELIHOODS:
+    raise ValueError(
+        f"fisher={fisher!r} needs the model's likelihood to sample or enumerate labels: pass "
+        f"likelihood='categorical' (the model returns logits) or likelihood='gaussian' "
+        f"(squared-error regression); got likelihood={likelihood!r}.")
+  if fisher == "empirical" and likelihood is not None and likelihood not in _LIKELIHOODS:
+    raise ValueError(f"likelihood must be one of {_LIKELIHOODS} or None, got {likelihood!r}.")
+
+
+def _validate_rng(fisher: str, rng: jax.Array | None) -> None:
+  """Checks the ``rng=`` a call of the returned function got against ``fisher``."""
+  if fisher == "mc" and rng is None:
+    raise ValueError("fisher='mc' samples labels: call the returned function with rng=<PRNG key>.")
+  if fisher != "mc" and rng is not None:
+    raise ValueError(f"rng= is only used with fisher='mc' (got fisher={fisher!r}).")
+
+
+def _assemble_stats(meta: dict[LayerKey, dict[str, Any]], inputs: Sequence[list[jax.Array]],
+                    cots: Sequence[list[jax.Array]],
+                    fisher_cots: Sequence[list[jax.Array]] | None) -> Stats:
+  """One :class:`LayerStats` per layer of ``meta`` from what its calls recorded.
+
+  ``inputs[i]``, ``cots[i]`` and ``fisher_cots[i]`` (``None`` for the empirical
+  Fisher) list the input rows, output cotangents and ``(S, ...)`` Fisher output
+  cotangents of every call of the ``i``-th layer of ``meta``, in call order.
+  """
+  stats: Stats = {}
+  for i, (key, layer_meta) in enumerate(meta.items()):
+    layer_inputs = _concat_calls(key, inputs[i])
+    n = layer_inputs.shape[0]
+    layer_cots = _concat_calls(key, [_rows_like(layer_meta, c, n) for c in cots[i]])
+    layer_fisher = None
+    if fisher_cots is not None:
+      sets = [jax.vmap(lambda c: _rows_like(layer_meta, c, n))(c) for c in fisher_cots[i]]
+      layer_fisher = sets[0] if len(sets) == 1 else jnp.concatenate(sets, axis=2)
+    stats[key] = LayerStats(inputs=layer_inputs, cotangents=layer_cots,
+                            fisher_cotangents=layer_fisher, **layer_meta)
+  return stats
 
 
 def value_grad_and_stats(
@@ -370,28 +467,23 @@ def value_grad_and_stats(
     module path (the keys of the ``params`` tree) to a :class:`LayerStats`.
     Captured modules: ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv``. All
     other parameters are not in ``stats`` and pass through the transforms.
+
+  Raises:
+    NotImplementedError: (when the returned function is called or traced) a
+      captured layer is applied inside a lifted transform (``nn.remat``,
+      ``nn.scan``, ``nn.vmap``, ``nn.jit``, ...) or a JAX transform within
+      ``loss_fn``; such layers cannot be captured yet.
   """
-  if fisher not in _FISHER_TYPES:
-    raise ValueError(f"fisher must be one of {_FISHER_TYPES}, got {fisher!r}.")
-  if fisher != "empirical" and likelihood not in _LIKELIHOODS:
-    raise ValueError(
-        f"fisher={fisher!r} needs the model's likelihood to sample or enumerate labels: pass "
-        f"likelihood='categorical' (the model returns logits) or likelihood='gaussian' "
-        f"(squared-error regression); got likelihood={likelihood!r}.")
-  if fisher == "empirical" and likelihood is not None and likelihood not in _LIKELIHOODS:
-    raise ValueError(f"likelihood must be one of {_LIKELIHOODS} or None, got {likelihood!r}.")
+  _validate_capture_args(fisher, likelihood)
 
   @functools.wraps(loss_fn)
   def wrapped(params, *args, rng: jax.Array | None = None, **kwargs):
-    if fisher == "mc" and rng is None:
-      raise ValueError("fisher='mc' samples labels: call the returned function with rng=<PRNG key>.")
-    if fisher != "mc" and rng is not None:
-      raise ValueError(f"rng= is only used with fisher='mc' (got fisher={fisher!r}).")
+    _validate_rng(fisher, rng)
 
     probe = _Recorder()
 
     def probe_loss(p):
-      with nn.intercept_methods(probe):
+      with probe.intercepting():
         return loss_fn(p, *args, **kwargs)
 
     jax.eval_shape(probe_loss, params)
@@ -403,7 +495,7 @@ def value_grad_and_stats(
 
     def traced(p, perts):
       recorder = _Recorder(perts)
-      with nn.intercept_methods(recorder):
+      with recorder.intercepting():
         out = loss_fn(p, *args, **kwargs)
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, recorder)
@@ -434,17 +526,9 @@ def value_grad_and_stats(
       _, fisher_cots = jax.vmap(
           lambda c: vjp_fn((jnp.zeros_like(loss), c)))(out_cots)
 
-    stats = {}
-    for key, meta in probe.meta.items():
-      layer_inputs = _concat_calls(key, inputs[key])
-      ys = [_rows_like(meta, c, layer_inputs.shape[0]) for c in cots[key]]
-      layer_cots = _concat_calls(key, ys)
-      layer_fisher = None
-      if fisher_cots is not None:
-        fs = [jax.vmap(lambda c: _rows_like(meta, c, layer_inputs.shape[0]))(c) for c in fisher_cots[key]]
-        layer_fisher = fs[0] if len(fs) == 1 else jnp.concatenate(fs, axis=2)
-      stats[key] = LayerStats(inputs=layer_inputs, cotangents=layer_cots,
-                              fisher_cotangents=layer_fisher, **meta)
+    keys = list(probe.meta)
+    stats = _assemble_stats(probe.meta, [inputs[k] for k in keys], [cots[k] for k in keys],
+                            None if fisher_cots is None else [fisher_cots[k] for k in keys])
     value = (loss, aux) if has_aux else loss
     return value, grads, stats
 

@@ -393,6 +393,14 @@ def _npz_file(directory: pathlib.Path, name: str) -> pathlib.Path | None:
   return _find(_search_dirs(directory, name), _NPZ_NAMES[name], ("",))
 
 
+def _read_npz(directory: pathlib.Path, name: str, split: Split, not_found: str) -> tuple[np.ndarray, np.ndarray]:
+  """The ``split``'s arrays of ``name``'s ``.npz`` under ``directory``; ``not_found``: the error if none."""
+  npz = _npz_file(directory, name)
+  if npz is None:
+    raise DataNotFoundError(not_found)
+  return _npz_arrays(npz, split)
+
+
 def read_mnist_like(directory: str | os.PathLike, split: Split, name: str = "mnist") -> RawData:
   """MNIST or Fashion-MNIST ``(n, 28, 28, 1)`` uint8 images from IDX files or ``.npz``."""
   directory = pathlib.Path(directory).expanduser()
@@ -402,15 +410,13 @@ def read_mnist_like(directory: str | os.PathLike, split: Split, name: str = "mni
   if images_path is not None and labels_path is not None:
     images, labels = read_idx(images_path), read_idx(labels_path)
   else:
-    npz = _npz_file(directory, name)
-    if npz is None:
-      raise DataNotFoundError(
-          f"{name} ({split}) not found under {directory}. Put either the IDX files "
-          f"{_IDX_NAMES[(split, 'images')][0]}[.gz] and {_IDX_NAMES[(split, 'labels')][0]}[.gz], "
-          f"or {_NPZ_NAMES[name][0]} (keys x_train, y_train, x_test, y_test), in {directory} or one of "
-          f"its subfolders {', '.join(_SUBDIRS[name])}; pass data_dir= or set ${DATA_DIR_ENV}. "
-          f"Download from {_SOURCES[name]}.")
-    images, labels = _npz_arrays(npz, split)
+    images, labels = _read_npz(
+        directory, name, split,
+        f"{name} ({split}) not found under {directory}. Put either the IDX files "
+        f"{_IDX_NAMES[(split, 'images')][0]}[.gz] and {_IDX_NAMES[(split, 'labels')][0]}[.gz], "
+        f"or {_NPZ_NAMES[name][0]} (keys x_train, y_train, x_test, y_test), in {directory} or one of "
+        f"its subfolders {', '.join(_SUBDIRS[name])}; pass data_dir= or set ${DATA_DIR_ENV}. "
+        f"Download from {_SOURCES[name]}.")
   images = np.asarray(images)
   if images.ndim == 3:
     images = images[..., None]
@@ -470,14 +476,12 @@ def read_cifar10(directory: str | os.PathLike, split: Split) -> RawData:
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
   else:
-    npz = _npz_file(directory, "cifar10")
-    if npz is None:
-      raise DataNotFoundError(
-          f"cifar10 ({split}) not found under {directory}. Put the folder cifar-10-batches-py "
-          f"(with {', '.join(names)}), the archive cifar-10-python.tar.gz, or cifar10.npz (keys x_train, "
-          f"y_train, x_test, y_test; images (n, 32, 32, 3)) in {directory} or its subfolder cifar10; pass "
-          f"data_dir= or set ${DATA_DIR_ENV}. Download from {_SOURCES['cifar10']}.")
-    images, labels = _npz_arrays(npz, split)
+    images, labels = _read_npz(
+        directory, "cifar10", split,
+        f"cifar10 ({split}) not found under {directory}. Put the folder cifar-10-batches-py "
+        f"(with {', '.join(names)}), the archive cifar-10-python.tar.gz, or cifar10.npz (keys x_train, "
+        f"y_train, x_test, y_test; images (n, 32, 32, 3)) in {directory} or its subfolder cifar10; pass "
+        f"data_dir= or set ${DATA_DIR_ENV}. Download from {_SOURCES['cifar10']}.")
     images = np.asarray(images)
     if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
       images = images.transpose(0, 2, 3, 1)  # NCHW (PyTorch order) -> NHWC

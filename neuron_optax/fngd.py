@@ -283,7 +283,8 @@ def fngd(
         return fresh, new_tables
 
       if phase == "auto":
-        coeffs, tables = jax.lax.cond(computing_step(state.count), compute, stored)
+        computing = _factors.after_backward(computing_step(state.count), stats)
+        coeffs, tables = jax.lax.cond(computing, compute, stored)
       else:
         coeffs, tables = compute() if phase == "compute" else stored()
       layers = dict(state.layers)

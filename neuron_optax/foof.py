@@ -132,7 +132,9 @@ def foof(
     names = {key: _factors.state_name(key) for key in stats}
     for key in stats:
       _factors.check_state_layer("foof", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
-    update_statistics, refactorise = _factors.schedule(state.count, inverse_every, stats_window)
+    update_statistics, refactorise = (
+        _factors.after_backward(flag, stats)
+        for flag in _factors.schedule(state.count, inverse_every, stats_window))
 
     def accumulate():
       new = {}

@@ -245,7 +245,9 @@ def kfac(
     shapes = _params.candidate_layers(updates, kernel_input_ndim)
     stats = _params.check_stats(stats, shapes, "kfac")
     names = {key: _factors.state_name(key) for key in stats}
-    update_statistics, refactor_now = _factors.schedule(state.count, inverse_every, stats_window)
+    update_statistics, refactor_now = (
+        _factors.after_backward(flag, stats)
+        for flag in _factors.schedule(state.count, inverse_every, stats_window))
 
     def accumulate():
       new = {}

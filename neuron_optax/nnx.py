@@ -99,7 +99,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neuron_optax import capture
-from neuron_optax.capture import (FisherType, LayerKey, LayerStats, Likelihood, Stats, layer_name)
+from neuron_optax.capture import FisherType, LayerKey, LayerStats, Likelihood, layer_name
 
 __all__ = ["value_grad_and_stats", "kernel_input_ndim", "captured_layers"]
 
@@ -392,22 +392,11 @@ def value_grad_and_stats(
     layer's path in that State to a :class:`LayerStats`. Updates of
     non-parameter variables made by ``loss_fn`` are applied to the model.
   """
-  if fisher not in capture._FISHER_TYPES:
-    raise ValueError(f"fisher must be one of {capture._FISHER_TYPES}, got {fisher!r}.")
-  if fisher != "empirical" and likelihood not in capture._LIKELIHOODS:
-    raise ValueError(
-        f"fisher={fisher!r} needs the model's likelihood to sample or enumerate labels: pass "
-        f"likelihood='categorical' (the model returns logits) or likelihood='gaussian' "
-        f"(squared-error regression); got likelihood={likelihood!r}.")
-  if fisher == "empirical" and likelihood is not None and likelihood not in capture._LIKELIHOODS:
-    raise ValueError(f"likelihood must be one of {capture._LIKELIHOODS} or None, got {likelihood!r}.")
+  capture._validate_capture_args(fisher, likelihood)
 
   @functools.wraps(loss_fn)
   def wrapped(model, *args, rng: jax.Array | None = None, **kwargs):
-    if fisher == "mc" and rng is None:
-      raise ValueError("fisher='mc' samples labels: call the returned function with rng=<PRNG key>.")
-    if fisher != "mc" and rng is not None:
-      raise ValueError(f"rng= is only used with fisher='mc' (got fisher={fisher!r}).")
+    capture._validate_rng(fisher, rng)
     if not isinstance(model, nnx.Module):
       raise TypeError(
           "neuron_optax.nnx.value_grad_and_stats: loss_fn(model, *args) must get an nnx.Module as "
@@ -470,18 +459,7 @@ def value_grad_and_stats(
       _, fisher_cots = jax.vmap(lambda c: vjp_fn((jnp.zeros_like(loss), c)))(out_cots)
 
     nnx.update(model, new_rest)
-    stats: Stats = {}
-    for i, key in enumerate(keys):
-      meta = probe.meta[key]
-      layer_inputs = capture._concat_calls(key, inputs[i])
-      n = layer_inputs.shape[0]
-      layer_cots = capture._concat_calls(key, [capture._rows_like(meta, c, n) for c in cots[i]])
-      layer_fisher = None
-      if fisher_cots is not None:
-        sets = [jax.vmap(lambda c: capture._rows_like(meta, c, n))(c) for c in fisher_cots[i]]
-        layer_fisher = sets[0] if len(sets) == 1 else jnp.concatenate(sets, axis=2)
-      stats[key] = LayerStats(inputs=layer_inputs, cotangents=layer_cots,
-                              fisher_cotangents=layer_fisher, **meta)
+    stats = capture._assemble_stats(probe.meta, inputs, cots, fisher_cots)
     value = (loss, aux) if has_aux else loss
     return value, grads, stats
 

@@ -17,3 +17,30 @@ def init_f64(model, *inputs, seed: int = 0):
 
   params = model.init(jax.random.key(seed), *inputs)["params"]
   return jax.tree.map(lambda p: p.astype(jnp.float64), params)
+
+
+def assert_stats_match_grads(grads, stats, keys=None, *, rtol: float = 1e-10, atol: float = 1e-12):
+  """Σ over rows of ā cotᵀ (recorded inputs with the bias's 1, times output cotangents) must equal
+  each layer's autodiff gradient of kernel (and bias).
+
+  ``grads``: a linen ``params``-shaped dict or an ``nnx.State``; ``keys``: the layer paths to
+  check (all of ``stats`` by default).
+  """
+  import numpy as np
+  from flax import nnx
+
+  tree = nnx.as_pure(grads) if isinstance(grads, nnx.State) else grads
+  for key in stats if keys is None else keys:
+    s = stats[key]
+    node = tree
+    for k in key:
+      node = node[k]
+    a = np.asarray(s.augmented_inputs()).reshape(-1, s.d_in)
+    cot = np.asarray(s.cotangents).reshape(-1, s.d_out)
+    from_rows = a.T @ cot
+    d_kernel = s.d_in - int(s.has_bias)
+    np.testing.assert_allclose(from_rows[:d_kernel], np.asarray(node["kernel"]).reshape(d_kernel, -1),
+                               rtol=rtol, atol=atol, err_msg=f"kernel of layer {key}")
+    if s.has_bias:
+      np.testing.assert_allclose(from_rows[-1], np.asarray(node["bias"]).reshape(-1), rtol=rtol, atol=atol,
+                                 err_msg=f"bias of layer {key}")

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import neuron_optax as nox
-from conftest import init_f64
+from conftest import assert_stats_match_grads, init_f64
 from numpy_reference import augment, im2col, same_padding
 
 
@@ -16,22 +16,6 @@ def _xent(model, x, y):
   def loss_fn(params):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, x), y).mean()
   return loss_fn
-
-
-def _check_gradient_from_rows(stats, grads, key):
-  """Σ_r ā_r cot_rᵀ must equal the autodiff gradient of kernel (and bias)."""
-  s = stats[key]
-  node = grads
-  for k in key:
-    node = node[k]
-  a = np.asarray(s.augmented_inputs()).reshape(-1, s.d_in)
-  cot = np.asarray(s.cotangents).reshape(-1, s.d_out)
-  from_rows = a.T @ cot
-  d_kernel = s.d_in - int(s.has_bias)
-  np.testing.assert_allclose(from_rows[:d_kernel], np.asarray(node["kernel"]).reshape(d_kernel, -1),
-                             rtol=1e-10, atol=1e-12)
-  if s.has_bias:
-    np.testing.assert_allclose(from_rows[-1], np.asarray(node["bias"]).reshape(-1), rtol=1e-10, atol=1e-12)
 
 
 class MLP(nn.Module):
@@ -64,8 +48,7 @@ def test_dense_rows_and_cotangents_match_numpy(x64):
   np.testing.assert_allclose(stats[("out",)].cotangents[:, 0], cot_out, rtol=1e-10)
   np.testing.assert_allclose(stats[("hidden",)].cotangents[:, 0], cot_hidden, rtol=1e-10, atol=1e-14)
   assert stats[("hidden",)].has_bias and not stats[("out",)].has_bias
-  for key in stats:
-    _check_gradient_from_rows(stats, grads, key)
+  assert_stats_match_grads(grads, stats)
 
 
 def test_value_and_grads_equal_plain_value_and_grad(x64):
@@ -98,7 +81,7 @@ def test_tokens_are_rows_and_top_level_dense(x64):
   assert s.inputs.shape == (3, 4, 6) and s.cotangents.shape == (3, 4, 2)
   pred = np.asarray(x) @ np.asarray(params["kernel"]) + np.asarray(params["bias"])
   np.testing.assert_allclose(s.cotangents, 2 * (pred - np.asarray(target)) / 12, rtol=1e-10)
-  _check_gradient_from_rows(stats, grads, ())
+  assert_stats_match_grads(grads, stats, [()])
 
 
 def test_dense_general_multi_axis(x64):
@@ -122,8 +105,7 @@ def test_dense_general_multi_axis(x64):
   assert proj.inputs.shape == (2, 3, 20) and proj.cotangents.shape == (2, 3, 6)
   assert proj.kernel_input_ndim == 2 and merge.kernel_input_ndim == 2
   np.testing.assert_allclose(proj.inputs, np.asarray(x).reshape(2, 3, 20))
-  for key in stats:
-    _check_gradient_from_rows(stats, grads, key)
+  assert_stats_match_grads(grads, stats)
 
 
 @pytest.mark.parametrize("case", [
@@ -163,7 +145,7 @@ def test_conv_im2col_matches_explicit_patches(x64, case):
   w = np.asarray(params["kernel"]).reshape(-1, 4)
   out = conv.apply({"params": params}, jnp.asarray(x))
   np.testing.assert_allclose(patches @ w + np.asarray(params["bias"]), out, rtol=1e-10, atol=1e-12)
-  _check_gradient_from_rows(stats, grads, ())
+  assert_stats_match_grads(grads, stats, [()])
 
 
 @pytest.mark.parametrize("padding", ["CIRCULAR", "REFLECT", "CAUSAL"])
@@ -179,7 +161,7 @@ def test_conv_special_paddings_reproduce_gradient(x64, padding):
   np.testing.assert_allclose(
       np.asarray(s.inputs) @ np.asarray(params["kernel"]).reshape(-1, 2) + np.asarray(params["bias"]),
       np.asarray(out).reshape(2, -1, 2), rtol=1e-10, atol=1e-12)
-  _check_gradient_from_rows(stats, grads, ())
+  assert_stats_match_grads(grads, stats, [()])
 
 
 def test_nested_submodules_and_weight_sharing(x64):
@@ -205,8 +187,7 @@ def test_nested_submodules_and_weight_sharing(x64):
   _, grads, stats = jax.jit(nox.value_grad_and_stats(_xent(model, x, y)))(params)
   assert set(stats) == {("block", "inner"), ("shared",), ("head",)}
   assert stats[("shared",)].inputs.shape == (5, 2, 4)  # rows from both applications
-  for key in stats:
-    _check_gradient_from_rows(stats, grads, key)
+  assert_stats_match_grads(grads, stats)
 
 
 def test_full_fisher_cotangents_of_a_linear_softmax_model(x64):

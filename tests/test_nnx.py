@@ -13,6 +13,7 @@ from flax import nnx
 import neuron_optax as nox
 from neuron_optax import _params
 from neuron_optax import nnx as nox_nnx
+from conftest import assert_stats_match_grads
 from numpy_reference import augment, im2col, same_padding
 
 F64 = jnp.float64
@@ -32,20 +33,6 @@ def _node(tree, key):
   for k in key:
     node = node[k]
   return node
-
-
-def _check_gradient_from_rows(stats, grads, key):
-  """Σ_r ā_r cot_rᵀ must equal the autodiff gradient of kernel (and bias)."""
-  s = stats[key]
-  node = _node(grads, key)
-  a = np.asarray(s.augmented_inputs()).reshape(-1, s.d_in)
-  cot = np.asarray(s.cotangents).reshape(-1, s.d_out)
-  from_rows = a.T @ cot
-  d_kernel = s.d_in - int(s.has_bias)
-  np.testing.assert_allclose(from_rows[:d_kernel], np.asarray(node["kernel"]).reshape(d_kernel, -1),
-                             rtol=1e-10, atol=1e-13)
-  if s.has_bias:
-    np.testing.assert_allclose(from_rows[-1], np.asarray(node["bias"]).reshape(-1), rtol=1e-10, atol=1e-13)
 
 
 class NnxMLP(nnx.Module):
@@ -103,8 +90,7 @@ def test_mlp_stats_match_numpy_and_linen(x64):
   np.testing.assert_allclose(stats[("layers", 1)].cotangents[:, 0], cot_out, rtol=1e-10)
   np.testing.assert_allclose(stats[("layers", 0)].cotangents[:, 0], cot_hidden, rtol=1e-10, atol=1e-14)
   assert stats[("layers", 0)].has_bias and not stats[("layers", 1)].has_bias
-  for key in stats:
-    _check_gradient_from_rows(stats, grads, key)
+  assert_stats_match_grads(grads, stats, atol=1e-13)
 
   # grads: exactly what nnx.value_and_grad gives (a State of nnx.Param).
   ref_loss, ref_grads = nnx.value_and_grad(_xent)(model, x, y)
@@ -172,7 +158,7 @@ def test_top_level_linear_with_tokens_and_jax_jit(x64):
   assert s.inputs.shape == (3, 4, 6) and s.cotangents.shape == (3, 4, 2)
   pred = np.asarray(x) @ np.asarray(model.kernel[...]) + np.asarray(model.bias[...])
   np.testing.assert_allclose(s.cotangents, 2 * (pred - np.asarray(target)) / 12, rtol=1e-10)
-  _check_gradient_from_rows(stats, grads, ())
+  assert_stats_match_grads(grads, stats, [()], atol=1e-13)
   # full Gaussian Fisher on a top-level layer: per-example cotangents are the unit vectors / T
   _, _, fstats = _jitted(lambda m, x: loss_fn(m, x), fisher="full",
                                               likelihood="gaussian")(model, x)
@@ -217,8 +203,7 @@ def test_shared_layer_applied_twice_pools_rows(x64):
   np.testing.assert_allclose(inner.inputs[:, 0], x, rtol=1e-12)
   h = np.tanh(np.asarray(x) @ np.asarray(model.inner.kernel[...]) + np.asarray(model.inner.bias[...]))
   np.testing.assert_allclose(inner.inputs[:, 1], h, rtol=1e-12)
-  for key in stats:
-    _check_gradient_from_rows(stats, grads, key)
+  assert_stats_match_grads(grads, stats, atol=1e-13)
 
 
 def _conv_reference_patches(x, kernel_size, strides, padding, dilation):
@@ -266,7 +251,7 @@ def test_conv_im2col_matches_explicit_patches(x64, case):
   w = np.asarray(conv.kernel[...]).reshape(-1, 4)
   np.testing.assert_allclose(patches @ w + np.asarray(conv.bias[...]), out, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(s.cotangents, (np.cos(out) / out.size).reshape(2, -1, 4), rtol=1e-10)
-  _check_gradient_from_rows(stats, grads, ())
+  assert_stats_match_grads(grads, stats, [()], atol=1e-13)
 
 
 def test_linear_general_multi_axis(x64):
@@ -296,8 +281,7 @@ def test_linear_general_multi_axis(x64):
   np.testing.assert_allclose(middle.inputs, np.transpose(h, (0, 2, 1)), rtol=1e-12)  # rows: (n, 4, 3)
   out = np.einsum("nkp,ko->npo", h, np.asarray(model.middle.kernel[...]))
   np.testing.assert_allclose(middle.cotangents, 2 * out / out.size, rtol=1e-10)
-  for key in stats:
-    _check_gradient_from_rows(stats, grads, key)
+  assert_stats_match_grads(grads, stats, atol=1e-13)
   assert nox_nnx.kernel_input_ndim(model) == {"proj": 2, "merge": 2, "middle": 1}
 
 
@@ -364,8 +348,7 @@ def test_einsum_plain_contractions_are_captured(x64):
   np.testing.assert_allclose(ellipsis.inputs, h, rtol=1e-12)
   np.testing.assert_allclose(ellipsis.cotangents, cot2.reshape(2, 3, 6), rtol=1e-10)
   np.testing.assert_allclose(permuted.cotangents, cot1, rtol=1e-10, atol=1e-15)
-  for key in stats:
-    _check_gradient_from_rows(stats, grads, key)
+  assert_stats_match_grads(grads, stats, atol=1e-13)
   assert nox_nnx.kernel_input_ndim(model) == {"permuted": 1, "ellipsis": 1}
 
 
@@ -439,8 +422,7 @@ def test_state_updates_propagate_like_nnx_value_and_grad(x64):
                  _comparable(nnx.state(reference, nnx.Not(nnx.Param))))
   assert int(model.drop.rngs.count[...]) == 2
   assert set(stats) == {("linear",), ("out",)}
-  for key in stats:
-    _check_gradient_from_rows(stats, grads, key)
+  assert_stats_match_grads(grads, stats, atol=1e-13)
 
 
 def test_params_helpers_accept_nnx_state(x64):
@@ -587,7 +569,7 @@ def test_multi_head_attention_is_captured_and_trains_with_foof(x64):
     s = stats[key]
     assert s.inputs.shape == (6, 5, 4) and s.cotangents.shape == (6, 5, 4)
     assert s.kernel_input_ndim == (2 if key[-1] == "out" else 1)
-    _check_gradient_from_rows(stats, grads, key)
+    assert_stats_match_grads(grads, stats, [key], atol=1e-13)
   np.testing.assert_allclose(stats[("attention", "query")].inputs, x, rtol=1e-12)
 
   # the default kernel layout of the transforms fits nnx attention: no kernel_input_ndim needed
