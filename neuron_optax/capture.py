@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -47,14 +47,68 @@ _FISHER_TYPES = ("empirical", "mc", "full")
 _LIKELIHOODS = ("categorical", "gaussian")
 
 
+class ConvGeometry(NamedTuple):
+  """Static description of a convolution call, enough to rebuild its im2col rows.
+
+  The recorded input is already reshaped to one leading batch axis and padded
+  for the ``CIRCULAR``/``REFLECT``/``CAUSAL`` modes; ``padding`` is what
+  ``lax.conv_general_dilated`` gets; ``examples`` is ``n``.
+  """
+
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: str | tuple[tuple[int, int], ...]
+  input_dilation: tuple[int, ...]
+  kernel_dilation: tuple[int, ...]
+  examples: int
+
+  def _dimension_numbers(self):
+    spatial = "DHW"[-len(self.kernel_size):]
+    return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+
+  def rows(self, x: jax.Array) -> jax.Array:
+    """im2col patches ``(n, P, prod(window) * C_in)`` in the kernel's flattening order."""
+    rank = len(self.kernel_size)
+    patches = jax.lax.conv_general_dilated_patches(
+        x, self.kernel_size, self.strides, self.padding, lhs_dilation=self.input_dilation,
+        rhs_dilation=self.kernel_dilation, dimension_numbers=self._dimension_numbers())
+    c_in = x.shape[-1]
+    # lax orders patch features (C, *window); the kernel flattens as (*window, C).
+    patches = patches.reshape(patches.shape[:-1] + (c_in,) + self.kernel_size)
+    patches = jnp.moveaxis(patches, -rank - 1, -1)
+    return patches.reshape(self.examples, -1, c_in * math.prod(self.kernel_size))
+
+  def kernel_gradient(self, x: jax.Array, cotangents: jax.Array) -> jax.Array:
+    """``Σ_rows patch_r cot_rᵀ``, ``(prod(window) * C_in, d_out)``, without forming the patches.
+
+    The convolution is linear in its kernel; its transpose applied to the
+    output cotangents is the kernel gradient (one backward-filter convolution,
+    as in the ordinary backward pass).
+    """
+    d_out = cotangents.shape[-1]
+    kernel = jax.ShapeDtypeStruct(self.kernel_size + (x.shape[-1], d_out), cotangents.dtype)
+
+    def convolve(k):
+      return jax.lax.conv_general_dilated(
+          x.astype(cotangents.dtype), k, self.strides, self.padding, lhs_dilation=self.input_dilation,
+          rhs_dilation=self.kernel_dilation, dimension_numbers=self._dimension_numbers())
+
+    out_shape = jax.eval_shape(convolve, kernel).shape
+    (gradient,) = jax.linear_transpose(convolve, kernel)(cotangents.reshape(out_shape))
+    return gradient.reshape(-1, d_out)
+
+
 @struct.dataclass
 class LayerStats:
   """What one captured layer recorded in one forward/backward pass.
 
   Attributes:
-    inputs: ``(n, P, d_in)`` layer inputs, one row per example and position
-      (im2col patches for convolutions, in the kernel's flattening order), without
-      the bias column.
+    layer_inputs: what the layer's calls received. Dense layers: the rows
+      ``(n, P, d_in)`` (all calls of a shared layer concatenated along ``P``).
+      Convolutions: a tuple with each call's (prepared) input; their im2col
+      rows are only built when :attr:`inputs` is read, so a step that needs
+      only the gradient-shaped products (FNGD's weighted sum, FOOF's
+      ``A⁻¹∇W``) never forms them.
     cotangents: ``(n, P, d_out)`` cotangent of the (mean) loss w.r.t. the layer
       outputs. The layer's weight gradient is ``inputsᵀ cotangents`` summed
       over examples and positions.
@@ -67,23 +121,40 @@ class LayerStats:
     kernel_shape: the kernel's shape.
     kernel_input_ndim: how many leading kernel axes are input axes; the kernel
       is the matrix ``kernel.reshape(prod(shape[:k]), prod(shape[k:]))``.
+    conv: the convolution's :class:`ConvGeometry` (``None`` for dense layers).
   """
 
-  inputs: jax.Array
+  layer_inputs: jax.Array | tuple[jax.Array, ...]
   cotangents: jax.Array
   fisher_cotangents: jax.Array | None = None
   kind: str = struct.field(pytree_node=False, default="dense")
   has_bias: bool = struct.field(pytree_node=False, default=True)
   kernel_shape: tuple[int, ...] = struct.field(pytree_node=False, default=())
   kernel_input_ndim: int = struct.field(pytree_node=False, default=1)
+  conv: ConvGeometry | None = struct.field(pytree_node=False, default=None)
+
+  @property
+  def inputs(self) -> jax.Array:
+    """``(n, P, d_in)`` input rows without the bias column (im2col patches for convolutions)."""
+    if self.conv is None:
+      return self.layer_inputs
+    parts = [self.conv.rows(x) for x in self.layer_inputs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
   @property
   def batch_size(self) -> int:
-    return self.inputs.shape[0]
+    return self.cotangents.shape[0]
+
+  @property
+  def num_rows(self) -> int:
+    """Rows ``R = n · P`` (examples × positions)."""
+    return self.cotangents.shape[0] * self.cotangents.shape[1]
 
   @property
   def d_in(self) -> int:
-    return self.inputs.shape[-1] + int(self.has_bias)
+    if self.conv is None:
+      return self.layer_inputs.shape[-1] + int(self.has_bias)
+    return math.prod(self.kernel_shape[:-1]) + int(self.has_bias)
 
   @property
   def d_out(self) -> int:
@@ -95,6 +166,25 @@ class LayerStats:
     if not self.has_bias:
       return x
     return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+
+  def kernel_gradient(self, cotangents: jax.Array) -> jax.Array:
+    """``Σ_rows a_r c_rᵀ`` (``(d_in without bias, d_out)``) for cotangent rows ``c`` shaped like :attr:`cotangents`.
+
+    With the recorded cotangents this is the kernel's gradient; with
+    re-weighted ones (FNGD) a weighted sum of per-example gradients. For
+    convolutions it is a backward-filter convolution per call; the im2col
+    rows are not formed.
+    """
+    if self.conv is None:
+      a = self.layer_inputs.astype(cotangents.dtype)
+      return a.reshape(-1, a.shape[-1]).T @ cotangents.reshape(-1, cotangents.shape[-1])
+    total, start = None, 0
+    for x in self.layer_inputs:
+      positions = _conv_positions(self.conv, x)
+      part = self.conv.kernel_gradient(x, cotangents[:, start:start + positions])
+      total = part if total is None else total + part
+      start += positions
+    return total
 
   def per_example_cotangents(self, dtype=None) -> jax.Array:
     """``(S, n, P, d_out)`` Fisher cotangents ``g`` (empirical: ``n * cot``)."""
@@ -179,9 +269,16 @@ def _conv_padding(padding, x: jax.Array, kernel_size, kernel_dilation):
   return x, padding
 
 
-def _conv_rows(x: jax.Array, key: LayerKey, *, kernel_size, strides, padding, input_dilation,
-               kernel_dilation, feature_group_count: int, mask, layer_type: str = "nn.Conv") -> jax.Array:
-  """im2col patches ``(n, P, prod(window) * C_in)`` in the kernel's flattening order.
+def _conv_positions(geometry: ConvGeometry, x: jax.Array) -> int:
+  """Output positions per example of one call (``P`` of its rows)."""
+  rows = jax.eval_shape(geometry.rows, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  return rows.shape[1]
+
+
+def _conv_input(x: jax.Array, key: LayerKey, *, kernel_size, strides, padding, input_dilation,
+                kernel_dilation, feature_group_count: int, mask,
+                layer_type: str = "nn.Conv") -> tuple[jax.Array, ConvGeometry]:
+  """The convolution's input prepared for im2col (one batch axis, modes padded) and its geometry.
 
   Takes the convolution's attributes (as ``nn.Conv`` and ``nnx.Conv`` name
   them) rather than a module, so both APIs share it.
@@ -196,6 +293,8 @@ def _conv_rows(x: jax.Array, key: LayerKey, *, kernel_size, strides, padding, in
         "supported: preconditioning would move weights the mask keeps at zero.")
   kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
   rank = len(kernel_size)
+  if rank > 3:
+    raise NotImplementedError(f"Layer {layer_name(key)!r}: convolutions of rank {rank} > 3.")
 
   def broadcast(v):
     v = 1 if v is None else v
@@ -206,24 +305,21 @@ def _conv_rows(x: jax.Array, key: LayerKey, *, kernel_size, strides, padding, in
   x = x.reshape((-1,) + x.shape[n_batch:])
   strides, input_dilation, kernel_dilation = map(broadcast, (strides, input_dilation, kernel_dilation))
   x, padding = _conv_padding(padding, x, kernel_size, kernel_dilation)
-  spatial = "DHW"[-rank:] if rank <= 3 else None
-  if spatial is None:
-    raise NotImplementedError(f"Layer {layer_name(key)!r}: convolutions of rank {rank} > 3.")
-  lhs_spec = "N" + spatial + "C"
-  patches = jax.lax.conv_general_dilated_patches(
-      x, kernel_size, strides, padding,
-      lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
-      dimension_numbers=(lhs_spec, spatial + "IO", lhs_spec))
-  c_in = x.shape[-1]
-  # lax orders patch features (C, *window); the kernel flattens as (*window, C).
-  patches = patches.reshape(patches.shape[:-1] + (c_in,) + kernel_size)
-  patches = jnp.moveaxis(patches, -rank - 1, -1)
-  return patches.reshape(n_examples, -1, c_in * math.prod(kernel_size))
+  if not isinstance(padding, str):
+    padding = tuple(tuple(pair) for pair in padding)
+  return x, ConvGeometry(kernel_size, strides, padding, input_dilation, kernel_dilation, n_examples)
 
 
-def _layer_rows(module: nn.Module, x: jax.Array, key: LayerKey) -> jax.Array:
+def _conv_rows(x: jax.Array, key: LayerKey, **conv) -> jax.Array:
+  """im2col patches ``(n, P, prod(window) * C_in)`` of one call, in the kernel's flattening order."""
+  prepared, geometry = _conv_input(x, key, **conv)
+  return geometry.rows(prepared)
+
+
+def _layer_rows(module: nn.Module, x: jax.Array, key: LayerKey) -> jax.Array | tuple[jax.Array, ConvGeometry]:
+  """Dense rows ``(n, P, d_in)``, or a convolution's ``(prepared input, geometry)``."""
   if isinstance(module, nn.Conv):
-    return _conv_rows(x, key, kernel_size=module.kernel_size, strides=module.strides,
+    return _conv_input(x, key, kernel_size=module.kernel_size, strides=module.strides,
                       padding=module.padding, input_dilation=module.input_dilation,
                       kernel_dilation=module.kernel_dilation,
                       feature_group_count=module.feature_group_count, mask=module.mask)
@@ -370,7 +466,8 @@ class _Recorder:
     y = next_fun(*args, **kwargs)
     index = self.calls.get(key, 0)
     self.calls[key] = index + 1
-    meta = _layer_meta(module, jnp.ndim(x), key)
+    recorded, conv = split_recorded(_layer_rows(module, x, key))
+    meta = dict(_layer_meta(module, jnp.ndim(x), key), conv=conv)
     if key in self.meta and self.meta[key] != meta:
       raise ValueError(f"Layer {layer_name(key)!r} was called twice with different layouts.")
     self.meta[key] = meta
@@ -378,8 +475,19 @@ class _Recorder:
       self.outputs.setdefault(key, []).append(jax.ShapeDtypeStruct(y.shape, y.dtype))
       return y
     y = y + self.perturbations[key][index]
-    self.inputs.setdefault(key, []).append(_layer_rows(module, x, key))
+    self.inputs.setdefault(key, []).append(recorded)
     return y
+
+
+def split_recorded(rows) -> tuple[jax.Array, ConvGeometry | None]:
+  """What a call records (dense rows, or a convolution's prepared input) and its static geometry.
+
+  The geometry goes into the layer's static metadata, the array through the
+  differentiated function's auxiliary outputs.
+  """
+  if isinstance(rows, tuple):
+    return rows
+  return rows, None
 
 
 def _concat_calls(key: LayerKey, parts: list[jax.Array]) -> jax.Array:
@@ -425,14 +533,18 @@ def _assemble_stats(meta: dict[LayerKey, dict[str, Any]], inputs: Sequence[list[
   """
   stats: Stats = {}
   for i, (key, layer_meta) in enumerate(meta.items()):
-    layer_inputs = _concat_calls(key, inputs[i])
-    n = layer_inputs.shape[0]
+    if layer_meta.get("conv") is None:
+      layer_inputs = _concat_calls(key, inputs[i])
+      n = layer_inputs.shape[0]
+    else:  # the im2col rows are built on demand (LayerStats.inputs)
+      layer_inputs = tuple(inputs[i])
+      n = layer_meta["conv"].examples
     layer_cots = _concat_calls(key, [_rows_like(layer_meta, c, n) for c in cots[i]])
     layer_fisher = None
     if fisher_cots is not None:
       sets = [jax.vmap(lambda c: _rows_like(layer_meta, c, n))(c) for c in fisher_cots[i]]
       layer_fisher = sets[0] if len(sets) == 1 else jnp.concatenate(sets, axis=2)
-    stats[key] = LayerStats(inputs=layer_inputs, cotangents=layer_cots,
+    stats[key] = LayerStats(layer_inputs=layer_inputs, cotangents=layer_cots,
                             fisher_cotangents=layer_fisher, **layer_meta)
   return stats
 

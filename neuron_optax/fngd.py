@@ -172,14 +172,16 @@ def weighted_direction(stats: LayerStats, weights: jax.Array, dtype) -> jax.Arra
   """``Σ_i c_i ā_i g_iᵀ``, ``(d_in(+1), d_out)``, from the recorded rows.
 
   ``g_i = n · cot_i``, so the cotangents are weighted by ``n · c``; the bias row
-  is the weighted cotangent sum (no augmented copy of the inputs).
+  is the weighted cotangent sum (no augmented copy of the inputs). For
+  convolutions this is one backward-filter convolution with the weighted
+  cotangents: the im2col rows are never formed.
   """
   per_example = weights.astype(dtype) * stats.batch_size
-  cot = stats.cotangents.astype(dtype)
-  kernel = linalg.weighted_gradient_sum(stats.inputs.astype(dtype), cot[None], per_example)
+  weighted = stats.cotangents.astype(dtype) * per_example[:, None, None]
+  kernel = stats.kernel_gradient(weighted)
   if not stats.has_bias:
     return kernel
-  bias = jnp.einsum("n,npo->o", per_example, cot)
+  bias = jnp.sum(weighted, axis=(0, 1))
   return jnp.concatenate([kernel, bias[None]], axis=0)
 
 

@@ -57,7 +57,7 @@ def use_rows(stats: LayerStats, contraction: Contraction) -> bool:
   """
   if contraction != "auto":
     return contraction == "rows"
-  rows = stats.inputs.shape[0] * stats.inputs.shape[1]
+  rows = stats.num_rows
   return rows * (stats.d_in + stats.d_out) < stats.d_in * stats.d_out
 
 

@@ -135,7 +135,7 @@ def _both_sides_from_rows(stats: LayerStats, contraction: Contraction) -> bool:
   """
   if contraction == "gradient":
     return False
-  rows = stats.inputs.shape[0] * stats.inputs.shape[1]
+  rows = stats.num_rows
   d_in, d_out = stats.d_in, stats.d_out
   both = rows * (d_in * d_in + d_out * d_out + d_in * d_out)
   left = rows * d_in * (d_in + d_out) + d_in * d_out * d_out

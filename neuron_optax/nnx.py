@@ -112,7 +112,7 @@ _CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
 
 
 class _Layout(NamedTuple):
-  rows: Callable[[jax.Array], jax.Array]  # layer input -> (n, P, d_in)
+  rows: Callable[[jax.Array], Any]  # layer input -> (n, P, d_in), or a conv's (input, geometry)
   meta: dict[str, Any]  # LayerStats static fields
   # Output axes in the canonical order (example/position axes, then kernel output axes in kernel
   # order), or None when the output already is canonical.
@@ -196,7 +196,7 @@ def _layout(module, key: LayerKey, x: jax.Array, args, kwargs) -> _Layout | None
   """How to read rows off this call of ``module``; ``None`` leaves it uncaptured."""
   if isinstance(module, nnx.Conv):
     rows = functools.partial(
-        capture._conv_rows, key=key, kernel_size=module.kernel_size, strides=module.strides,
+        capture._conv_input, key=key, kernel_size=module.kernel_size, strides=module.strides,
         padding=module.padding, input_dilation=module.input_dilation,
         kernel_dilation=module.kernel_dilation, feature_group_count=module.feature_group_count,
         mask=module.mask, layer_type="nnx.Conv")
@@ -337,12 +337,13 @@ class _Recorder:
     y = call(*args, **kwargs)
     if layout is None:
       return y
-    if key in self.meta and self.meta[key] != layout.meta:
+    rows, conv = capture.split_recorded(layout.rows(x))
+    meta = dict(layout.meta, conv=conv)
+    if key in self.meta and self.meta[key] != meta:
       raise ValueError(f"Layer {layer_name(key)!r} was called twice with different layouts.")
-    self.meta[key] = layout.meta
+    self.meta[key] = meta
     index = self.calls.get(key, 0)
     self.calls[key] = index + 1
-    rows = layout.rows(x)
     perm = layout.output_perm
     if self.perturbations is None:
       shape = y.shape if perm is None else tuple(y.shape[i] for i in perm)

@@ -44,3 +44,6 @@ def assert_stats_match_grads(grads, stats, keys=None, *, rtol: float = 1e-10, at
     if s.has_bias:
       np.testing.assert_allclose(from_rows[-1], np.asarray(node["bias"]).reshape(-1), rtol=rtol, atol=atol,
                                  err_msg=f"bias of layer {key}")
+    # The same product without the rows (a backward-filter convolution for conv layers).
+    np.testing.assert_allclose(np.asarray(s.kernel_gradient(s.cotangents)), from_rows[:d_kernel],
+                               rtol=rtol, atol=atol, err_msg=f"kernel_gradient of layer {key}")

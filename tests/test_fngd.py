@@ -429,6 +429,23 @@ def test_python_phase_switch_gives_the_auto_trajectory_without_a_cond():
   assert "cholesky" in jaxpr
 
 
+@pytest.mark.usefixtures("x64")
+def test_shared_conv_step_never_forms_im2col_rows():
+  """The reusing step weights the cotangents and runs one backward-filter convolution per layer."""
+  model, shape, _ = CASES["conv"]
+  x, y = make_batch(80, 4, shape)
+  params = init(model, x)
+  _, grads, stats = value_grad_and_stats(mean_loss(model))(params, x, y)
+
+  def group_counts(phase):
+    tx = fngd(0.1, steps_per_epoch=2, batch_size=4, phase=phase)
+    jaxpr = jax.make_jaxpr(lambda g, s, st: tx.update(g, s, params, stats=st))(grads, tx.init(params), stats)
+    return [e.params["feature_group_count"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+
+  assert group_counts("reuse") == [1]  # the backward-filter convolution only
+  assert 2 in group_counts("compute")  # the Gram matrix needs the patches (one group per input channel)
+
+
 # --------------------------------------------------------------------------- #
 # Integration and errors
 # --------------------------------------------------------------------------- #

@@ -44,7 +44,7 @@ def test_batched_fallback_when_one_cholesky_fails():
   np.testing.assert_allclose(got[1], (q / clamped) @ q.T, rtol=1e-8)
 
 
-def test_factorise_by_shape_batches_equal_shapes_once():
+def test_factorise_by_shape_batches_equal_shapes_once(monkeypatch):
   rng = np.random.default_rng(2)
   operands = {"a": (_psd(rng, 3),), "b": (_psd(rng, 5),), "c": (_psd(rng, 3),), "d": (_psd(rng, 3),)}
   calls = []
@@ -53,6 +53,10 @@ def test_factorise_by_shape_batches_equal_shapes_once():
     calls.append(stack.shape)
     return linalg.damped_inverse(stack, 1.0)
 
+  got = _factors.factorise_by_shape(inverse, operands)
+  assert sorted(calls) == [(3, 3)] * 3 + [(5, 5)]  # CPU: one matrix per call (see _one_by_one_on_cpu)
+  calls.clear()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   got = _factors.factorise_by_shape(inverse, operands)
   assert sorted(calls) == [(1, 5, 5), (3, 3, 3)]
   for name, (matrix,) in operands.items():
