@@ -268,7 +268,7 @@ def layer_geometry(loss_fn: Callable, params, *args) -> list[LayerGeometry]:
   from neuron_optax.capture import layer_name
 
   _, _, stats = jax.eval_shape(value_grad_and_stats(loss_fn, has_aux=True), params, *args)
-  return [LayerGeometry(layer_name(k), s.inputs.shape[0], s.inputs.shape[1], s.d_in, s.d_out)
+  return [LayerGeometry(layer_name(k), s.cotangents.shape[0], s.cotangents.shape[1], s.d_in, s.d_out)
           for k, s in stats.items()]
 
 
