@@ -133,9 +133,11 @@ class Method:
     make: ``make(hp, inverse_every, stats_window, steps_per_epoch, batch_size)``.
     amortised: whether the step cost follows the ``inverse_every`` schedule.
     label: for tables and plots.
-    phased: FNGD with the Python-level switch: ``make(..., phase="compute")``
-      for the computing epoch, ``make(..., phase="reuse")`` afterwards (two
-      compiled steps, no ``lax.cond`` in either).
+    phased: the Python-level switch, no ``lax.cond`` in any compiled step.
+      FNGD: ``make(..., phase="compute")`` for the computing epoch,
+      ``make(..., phase="reuse")`` afterwards. FOOF/KFAC: one step per
+      ``phase`` in ``("plain", "statistics", "inversion")``, picked on the host
+      with ``nox.amortisation_phase``.
   """
 
   name: str
@@ -150,17 +152,17 @@ def momentum(lr: float) -> optax.GradientTransformation:
   return optax.sgd(lr, momentum=0.9)
 
 
-def _foof(hp, inverse_every=1, stats_window=None, steps_per_epoch=None, batch_size=None):
+def _foof(hp, inverse_every=1, stats_window=None, steps_per_epoch=None, batch_size=None, phase="auto"):
   from neuron_optax.foof import foof
-  return optax.chain(foof(hp["damping"], inverse_every=inverse_every, stats_window=stats_window),
-                     momentum(hp["lr"]))
+  return optax.chain(foof(hp["damping"], inverse_every=inverse_every, stats_window=stats_window,
+                          phase=phase), momentum(hp["lr"]))
 
 
 def _kfac(mode):
-  def make(hp, inverse_every=1, stats_window=None, steps_per_epoch=None, batch_size=None):
+  def make(hp, inverse_every=1, stats_window=None, steps_per_epoch=None, batch_size=None, phase="auto"):
     from neuron_optax.kfac import kfac
     return optax.chain(kfac(hp["damping"], inverse_every=inverse_every, stats_window=stats_window,
-                            damping_mode=mode), momentum(hp["lr"]))
+                            damping_mode=mode, phase=phase), momentum(hp["lr"]))
   return make
 
 
@@ -191,6 +193,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("kfac_standard", "mc", _kfac("standard"), amortised=True, label="KFAC (standard damping)"),
     Method("kfac_empirical", "empirical", _kfac("heuristic"), amortised=True,
            label="KFAC (heuristic damping, empirical Fisher)"),
+    Method("foof_phased", "empirical", _foof, amortised=True, phased=True,
+           label="FOOF, one compiled step per phase"),
+    Method("kfac_phased", "mc", _kfac("heuristic"), amortised=True, phased=True,
+           label="KFAC (heuristic), one compiled step per phase"),
     Method("fngd", "empirical", _fngd(True), label="FNGD (shared coefficients)", phased=True),
     Method("fngd_auto", "empirical", _fngd(True), label="FNGD (shared, phase='auto': lax.cond)"),
     Method("fngd_unshared", "empirical", _fngd(False), label="FNGD (w/o sharing)"),
@@ -206,13 +212,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def step_kind(count: int, inverse_every: int, stats_window: int | None) -> str:
-  """``"inversion"``, ``"statistics"`` or ``"plain"`` for the 0-based step ``count`` (as in ``_factors.schedule``)."""
-  phase = count % inverse_every
-  if phase == 0:
-    return "inversion"
-  if stats_window is None or stats_window >= inverse_every or phase >= inverse_every - stats_window + 1:
-    return "statistics"
-  return "plain"
+  """``"inversion"``, ``"statistics"`` or ``"plain"`` for the 0-based step ``count``."""
+  from neuron_optax import amortisation_phase
+  return amortisation_phase(count, inverse_every, stats_window)
 
 
 def kind_counts(inverse_every: int, stats_window: int | None) -> dict[str, int]:
@@ -322,6 +324,7 @@ def flop_model(layers: Sequence[LayerGeometry], uncaptured_forward: float = 0.0)
       "kfac": {"step": mc_backward + per(_two_sided),
                "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
                "inversion": per(lambda l: CHOLESKY_INVERSE * (l.d_in**3 + l.d_out**3))},
+      "foof_phased": None, "kfac_phased": None,
       "kfac_empirical": {"step": per(_two_sided),
                          "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
                          "inversion": per(lambda l: CHOLESKY_INVERSE * (l.d_in**3 + l.d_out**3))},
@@ -340,6 +343,7 @@ def flop_model(layers: Sequence[LayerGeometry], uncaptured_forward: float = 0.0)
           "step": mc_backward + per(lambda l: _gram(l, n) + 4 * l.rows * l.d_in * l.d_out + n**3 / 3 + 2 * n**2),
           "statistics": 0.0, "inversion": 0.0},
   }
+  extra["foof_phased"], extra["kfac_phased"] = extra["foof"], extra["kfac"]
   fngd_first_epoch = per(lambda l: _gram(l, l.n) + l.n**3 / 3 + 2 * l.n**2)
   return {"forward": float(forward), "model": float(model), "mc_backward": float(mc_backward),
           "extra": extra, "fngd_computing_epoch_extra": fngd_first_epoch}

@@ -99,6 +99,7 @@ HYPERPARAMETERS = {
     "sgd": {"lr": 1e-3}, "adam": {"lr": 1e-4},
     "foof": {"lr": 1e-3, "damping": 1.0}, "kfac": {"lr": 1e-3, "damping": 1.0},
     "kfac_standard": {"lr": 1e-3, "damping": 1.0}, "kfac_empirical": {"lr": 1e-3, "damping": 1.0},
+    "foof_phased": {"lr": 1e-3, "damping": 1.0}, "kfac_phased": {"lr": 1e-3, "damping": 1.0},
     "fngd": {"lr": 1e-3, "alpha": 0.1}, "fngd_auto": {"lr": 1e-3, "alpha": 0.1},
     "fngd_unshared": {"lr": 1e-3, "alpha": 0.1},
     "natural_gradient": {"lr": 1e-3, "damping": 1.0}, "natural_gradient_block": {"lr": 1e-3, "damping": 1.0},
@@ -157,7 +158,14 @@ class Runner:
         return jax.jit(step, donate_argnums=(0, 1, 2)).lower(
             self.params, self.model_state, self.opt_state, x, y, np.int32(0)).compile()
 
-      if method.phased:  # FNGD's Python-level switch: computing epoch, then the reusing step
+      self.by_phase = {}
+      if method.phased and method.amortised:  # FOOF/KFAC: one compiled step per phase
+        self.warmup_steps = 0
+        self.by_phase = {phase: compile_step(method.make(
+            HYPERPARAMETERS[name], inverse_every=workload.inverse_every,
+            stats_window=workload.stats_window, phase=phase))
+            for phase in ("plain", "statistics", "inversion")}
+      elif method.phased:  # FNGD's Python-level switch: computing epoch, then the reusing step
         self.warmup_steps = fngd_epoch
         self.warmup_compiled = compile_step(method.make(
             HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch, batch_size=workload.batch_size,
@@ -166,7 +174,7 @@ class Runner:
                          batch_size=workload.batch_size, phase="reuse")
       else:
         self.warmup_steps = 0
-      self.compiled = compile_step(tx)
+      self.compiled = self.by_phase["plain"] if self.by_phase else compile_step(tx)
     self.compile_seconds = time.perf_counter() - start
     self.xla_flops = common.xla_flops(self.compiled)
     self.count = 0  # the schedule counter of FOOF/KFAC (and the MC Fisher's sampling index)
@@ -179,6 +187,11 @@ class Runner:
       return "plain"
     return common.step_kind(self.count, self.workload.inverse_every, self.workload.stats_window)
 
+  def step_function(self):
+    if self.by_phase:
+      return self.by_phase[self.kind()]
+    return self.warmup_compiled if self.count < self.warmup_steps else self.compiled
+
   def jump(self, count: int) -> None:
     self.opt_state = common.set_schedule_count(self.opt_state, count)
     self.count = count
@@ -188,7 +201,7 @@ class Runner:
       x, y = self.batches[self.count % len(self.batches)]
       kind = self.kind()
       start = time.perf_counter()
-      compiled = self.warmup_compiled if self.count < self.warmup_steps else self.compiled
+      compiled = self.step_function()
       self.params, self.model_state, self.opt_state, loss = compiled(
           self.params, self.model_state, self.opt_state, x, y, np.int32(self.count))
       jax.block_until_ready((self.params, self.model_state, self.opt_state, loss))
@@ -212,7 +225,7 @@ def dispatch_fraction(runner: Runner, steps: int) -> float:
   start = time.perf_counter()
   for _ in range(steps):
     x, y = runner.batches[runner.count % len(runner.batches)]
-    runner.params, runner.model_state, runner.opt_state, loss = runner.compiled(
+    runner.params, runner.model_state, runner.opt_state, loss = runner.step_function()(
         runner.params, runner.model_state, runner.opt_state, x, y, np.int32(runner.count))
     runner.count += 1
   enqueued = time.perf_counter() - start

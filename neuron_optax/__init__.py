@@ -7,10 +7,12 @@ Public API:
   kfac_foof_similarity  per-layer cosine similarity of KFAC and FOOF  (Benzing 2022, Fig. 3B)
   natural_gradient      exact (F + λI)⁻¹ g via the Woodbury identity  (Benzing 2022 App. I)
   fngd                  inverse-free fast natural gradient            (FNGD)
+  amortisation_phase    the kind of a FOOF/KFAC step, for loops that compile one step per phase
   nnx.value_grad_and_stats  the same capture for flax.nnx models
 """
 
 from neuron_optax import nnx
+from neuron_optax._factors import amortisation_phase
 from neuron_optax.capture import LayerStats, value_grad_and_stats
 from neuron_optax.fngd import FngdState, fngd
 from neuron_optax.foof import FoofState, foof
@@ -31,4 +33,5 @@ __all__ = [
     "natural_gradient",
     "fngd",
     "FngdState",
+    "amortisation_phase",
 ]

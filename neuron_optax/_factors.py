@@ -14,7 +14,7 @@ finite value and its update count does not advance.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from neuron_optax.capture import layer_name
 
 Distribution = tuple[jax.sharding.Mesh, str]
+Phase = Literal["auto", "plain", "statistics", "inversion"]
+PHASES = ("plain", "statistics", "inversion")
 
 
 def validate_amortisation(transform: str, damping: float, ema_decay: float, inverse_every: int,
@@ -113,8 +115,37 @@ def _distributed(fn: Callable[..., Any], stacked: tuple[jax.Array, ...], distrib
   return jax.tree.map(lambda x: x[:count], result)
 
 
-def schedule(count: jax.Array, inverse_every: int, stats_window: int | None):
-  """``(update_statistics, refactorise)`` booleans for step ``count`` (0-based)."""
+def validate_phase(transform: str, phase: str) -> None:
+  if phase != "auto" and phase not in PHASES:
+    raise ValueError(f"{transform}: phase must be 'auto', 'plain', 'statistics' or 'inversion', "
+                     f"got {phase!r}.")
+
+
+def amortisation_phase(step: int, inverse_every: int = 1, stats_window: int | None = None) -> str:
+  """The kind of the 0-based ``step`` under ``inverse_every=T``, ``stats_window=S``.
+
+  ``"inversion"`` (update the moving averages and re-factorise: steps ``0, T,
+  2T, …``), ``"statistics"`` (update the averages: the ``S − 1`` steps before
+  each inversion, or every step when ``S`` is ``None``) or ``"plain"`` (apply
+  the stored factorisation). A host-side (Python) function for training loops
+  that compile one step per phase (``foof(..., phase=...)``).
+  """
+  position = int(step) % inverse_every
+  if position == 0:
+    return "inversion"
+  if stats_window is None or stats_window >= inverse_every or position >= inverse_every - stats_window + 1:
+    return "statistics"
+  return "plain"
+
+
+def schedule(count: jax.Array, inverse_every: int, stats_window: int | None, phase: Phase = "auto"):
+  """``(update_statistics, refactorise)`` for step ``count`` (0-based).
+
+  Traced booleans with ``phase="auto"``; Python booleans for a fixed phase, so
+  that :func:`maybe` runs or drops its branch without a conditional.
+  """
+  if phase != "auto":
+    return phase != "plain", phase == "inversion"
   phase = count % inverse_every
   refactorise = phase == 0
   if stats_window is None or stats_window >= inverse_every:
@@ -149,12 +180,16 @@ def after_backward(predicate: jax.Array, stats: Mapping[Any, Any]) -> jax.Array:
   when scheduled after the backward pass. Tying the predicate to the
   cotangents (``lax.optimization_barrier``, no computation) moves it there.
   """
+  if isinstance(predicate, bool):
+    return predicate
   cotangents = [layer.cotangents for layer in stats.values()]
   return jax.lax.optimization_barrier((predicate, cotangents))[0]
 
 
 def maybe(predicate: jax.Array, fn: Callable[[], Any], current: Any) -> Any:
   """``fn()`` if ``predicate`` else ``current``, without running ``fn`` when false."""
+  if isinstance(predicate, bool):  # a fixed phase: no conditional in the compiled step
+    return fn() if predicate else current
   return jax.lax.cond(predicate, lambda _: fn(), lambda _: current, None)
 
 

@@ -80,6 +80,7 @@ def foof(
     contraction: Contraction = "auto",
     kernel_input_ndim: _params.KernelInputNdim = None,
     distribute_factorisations: _factors.Distribution | None = None,
+    phase: _factors.Phase = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF preconditioner ``D = (A + λI)⁻¹ ∇W`` per captured layer (Benzing 2022).
 
@@ -106,6 +107,14 @@ def foof(
       ``None`` (default): every device factorises every layer. Layers of equal
       ``d_in`` always share one batched Cholesky call.
 
+    phase: ``"auto"`` (default) picks the step's kind from the step counter
+      inside the compiled step (``jax.lax.cond``). ``"plain"``,
+      ``"statistics"`` or ``"inversion"`` fix it: compile one step per phase
+      and pick it on the host with
+      ``nox.amortisation_phase(step, inverse_every, stats_window)``; the
+      states are interchangeable and the trajectory is the same. On a GPU each
+      conditional makes the host wait for its predicate, so a fixed-phase
+      plain step keeps the device queue full.
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
     ``update(grads, state, params, stats=stats)`` with ``stats`` from
@@ -114,6 +123,7 @@ def foof(
   _factors.validate_amortisation("foof", damping, ema_decay, inverse_every, stats_window)
   validate_contraction("foof", contraction)
   _factors.validate_distribution("foof", distribute_factorisations)
+  _factors.validate_phase("foof", phase)
 
   def init_fn(params) -> FoofState:
     layers = {}
@@ -134,7 +144,7 @@ def foof(
       _factors.check_state_layer("foof", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
     update_statistics, refactorise = (
         _factors.after_backward(flag, stats)
-        for flag in _factors.schedule(state.count, inverse_every, stats_window))
+        for flag in _factors.schedule(state.count, inverse_every, stats_window, phase))
 
     def accumulate():
       new = {}

@@ -174,6 +174,7 @@ def kfac(
     contraction: Contraction = "auto",
     kernel_input_ndim: _params.KernelInputNdim = None,
     distribute_factorisations: _factors.Distribution | None = None,
+    phase: _factors.Phase = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """KFAC preconditioner per captured layer (Martens & Grosse 2015; Benzing 2022 eqs. 2-4).
 
@@ -209,6 +210,14 @@ def kfac(
       all-gathered), as in :func:`neuron_optax.foof`. ``None``: every device
       factorises every layer (one batched call per factor size).
 
+    phase: ``"auto"`` (default) picks the step's kind from the step counter
+      inside the compiled step (``jax.lax.cond``). ``"plain"``,
+      ``"statistics"`` or ``"inversion"`` fix it: compile one step per phase
+      and pick it on the host with
+      ``nox.amortisation_phase(step, inverse_every, stats_window)``; the
+      states are interchangeable and the trajectory is the same. On a GPU each
+      conditional makes the host wait for its predicate, so a fixed-phase
+      plain step keeps the device queue full.
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
     ``update(grads, state, params, stats=stats)`` with ``stats`` from
@@ -219,6 +228,7 @@ def kfac(
   validate_contraction("kfac", contraction)
   _validate_damping_mode(damping_mode)
   _factors.validate_distribution("kfac", distribute_factorisations)
+  _factors.validate_phase("kfac", phase)
   heuristic = damping_mode == "heuristic"
 
   def initial_factors(d_in: int, d_out: int, dtype) -> HeuristicFactors | EigenFactors:
@@ -247,7 +257,7 @@ def kfac(
     names = {key: _factors.state_name(key) for key in stats}
     update_statistics, refactor_now = (
         _factors.after_backward(flag, stats)
-        for flag in _factors.schedule(state.count, inverse_every, stats_window))
+        for flag in _factors.schedule(state.count, inverse_every, stats_window, phase))
 
     def accumulate():
       new = {}

@@ -260,3 +260,60 @@ def test_update_errors():
   with pytest.raises(ValueError, match="'params' collection"):
     wrapped = {"params": grads}
     nox.foof(1.0).update(wrapped, nox.foof(1.0).init({"params": params}), stats=stats)
+
+
+@pytest.mark.parametrize("make", [
+    lambda phase: nox.foof(0.3, ema_decay=0.7, inverse_every=4, stats_window=2, phase=phase),
+    lambda phase: nox.kfac(0.3, ema_decay=0.7, inverse_every=4, stats_window=2, phase=phase),
+], ids=["foof", "kfac"])
+def test_fixed_phase_steps_chosen_on_the_host_match_auto(x64, make):
+  """One compiled step per phase, picked with amortisation_phase: the "auto" trajectory exactly."""
+  model = ConvNet()
+  rng = np.random.default_rng(11)
+  batches = [(jnp.asarray(rng.normal(size=(3, 5, 5, 2))), jnp.asarray(rng.integers(0, 2, size=3)))
+             for _ in range(9)]
+  params = init_f64(model, batches[0][0])
+  capture = nox.value_grad_and_stats(lambda p, x, y: _loss(model, p, x, y))
+
+  def stepper(tx):
+    @jax.jit
+    def step(state, x, y):
+      _, grads, stats = capture(params, x, y)
+      return tx.update(grads, state, params, stats=stats)
+    return step
+
+  auto = stepper(make("auto"))
+  fixed = {phase: stepper(make(phase)) for phase in ("plain", "statistics", "inversion")}
+  auto_state = phased_state = make("auto").init(params)
+  kinds = []
+  for step, (x, y) in enumerate(batches):
+    kind = nox.amortisation_phase(step, 4, 2)
+    kinds.append(kind)
+    auto_update, auto_state = auto(auto_state, x, y)
+    phased_update, phased_state = fixed[kind](phased_state, x, y)
+    for a, b in zip(jax.tree.leaves(auto_update), jax.tree.leaves(phased_update)):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)  # other fusions: round-off only
+  assert kinds == ["inversion", "plain", "plain", "statistics"] * 2 + ["inversion"]
+  for a, b in zip(jax.tree.leaves(auto_state), jax.tree.leaves(phased_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+  x, y = batches[0]
+  _, grads, stats = capture(params, x, y)
+  state = make("plain").init(params)
+
+  def primitives(phase):
+    jaxpr = jax.make_jaxpr(lambda s, st: make(phase).update(grads, s, params, stats=st))(state, stats)
+    return {e.primitive.name for e in jaxpr.jaxpr.eqns}
+
+  assert "cond" not in primitives("plain") and "cholesky" not in str(primitives("plain"))
+  assert "cond" in primitives("auto")
+  with pytest.raises(ValueError, match="phase must be"):
+    make("refactor")
+
+
+def test_amortisation_phase_schedule():
+  assert [nox.amortisation_phase(s, 5, 2) for s in range(6)] == [
+      "inversion", "plain", "plain", "plain", "statistics", "inversion"]
+  assert [nox.amortisation_phase(s, 3) for s in range(4)] == [
+      "inversion", "statistics", "statistics", "inversion"]
+  assert nox.amortisation_phase(7) == "inversion"
