@@ -9,6 +9,10 @@ factor is ``Σ_j β^(k−j) X_j / Σ_j β^(k−j)``.
 
 A batch whose statistics are not finite is skipped: the average keeps its last
 finite value and its update count does not advance.
+
+Also here: the fixed-``phase`` variant of the schedule (one compiled step per
+phase, no conditional), and the re-factorisation of all layers grouped by
+matrix size, optionally split across the devices of a mesh axis.
 """
 
 from __future__ import annotations
