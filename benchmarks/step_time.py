@@ -27,6 +27,13 @@ epoch of ``--fngd-epoch`` steps, so FNGD is timed in its shared steady state.
 Then the methods' timed steps are interleaved in blocks of ``--block`` steps, so
 that load changes on the machine hit every method alike.
 
+The blocked step time includes the host's dispatch of each step. A training
+loop does not wait for each step, so the table also reports the **pipelined**
+step time: the median over ``--pipelined-blocks`` blocks of the mean time of
+``--pipelined-steps`` steps enqueued back to back (FOOF/KFAC: plain steps),
+which on an accelerator is the device time (or the dispatch time, whichever is
+longer), and its ratio to SGD's.
+
 Amortised methods (FOOF, KFAC) have three kinds of steps: plain (apply the last
 inverse), statistics (also update the moving averages: ``S - 1`` per period) and
 inversion (also re-factorise: 1 per period). The reported numbers are the
@@ -213,24 +220,44 @@ class Runner:
     self.loss = float(loss)
 
 
-def dispatch_fraction(runner: Runner, steps: int) -> float:
-  """Time to *enqueue* ``steps`` consecutive steps over the time until they finish.
+def pipelined(runner: Runner, blocks: int, steps: int) -> tuple[float, float]:
+  """``(median step seconds, dispatch fraction)`` over ``blocks`` blocks of steps enqueued back to back.
 
-  JAX dispatches asynchronously: on an accelerator the host enqueues the next
-  steps while the device runs, so the fraction is small, unless something in the
-  step makes the host wait for the device each step (e.g. a conditional whose
-  predicate must be copied to the host). On CPU the fraction says little.
+  A training loop does not wait for each step: JAX dispatches asynchronously,
+  so on an accelerator the host enqueues the next steps while the device runs
+  and the step time is the device's (or the host's, whichever is slower), not
+  their sum as with ``block_until_ready`` after every step. Each block times
+  ``steps`` consecutive steps (FOOF/KFAC: plain steps, from count 1 up to the
+  statistics window) and waits once at the end; the step time is the median of
+  the blocks' means. The dispatch fraction is the time to *enqueue* a block
+  over the time until it finishes: small when the device is the bottleneck,
+  about 1 when something makes the host wait for the device each step (e.g. a
+  conditional whose predicate must be copied to the host) or when dispatch
+  dominates. On CPU both say little.
   """
-  jax.block_until_ready(runner.params)
-  start = time.perf_counter()
-  for _ in range(steps):
-    x, y = runner.batches[runner.count % len(runner.batches)]
-    runner.params, runner.model_state, runner.opt_state, loss = runner.step_function()(
-        runner.params, runner.model_state, runner.opt_state, x, y, np.int32(runner.count))
-    runner.count += 1
-  enqueued = time.perf_counter() - start
-  jax.block_until_ready((runner.params, runner.opt_state, loss))
-  return enqueued / (time.perf_counter() - start)
+  per_step, fractions = [], []
+  for _ in range(blocks):
+    length = steps
+    if runner.amortised:
+      w = runner.workload
+      runner.jump(1)
+      plain = 0
+      while plain < steps and common.step_kind(1 + plain, w.inverse_every, w.stats_window) == "plain":
+        plain += 1
+      length = max(1, plain)
+    jax.block_until_ready((runner.params, runner.opt_state))
+    start = time.perf_counter()
+    for _ in range(length):
+      x, y = runner.batches[runner.count % len(runner.batches)]
+      runner.params, runner.model_state, runner.opt_state, loss = runner.step_function()(
+          runner.params, runner.model_state, runner.opt_state, x, y, np.int32(runner.count))
+      runner.count += 1
+    enqueued = time.perf_counter() - start
+    jax.block_until_ready((runner.params, runner.opt_state, loss))
+    elapsed = time.perf_counter() - start
+    per_step.append(elapsed / length)
+    fractions.append(enqueued / elapsed)
+  return statistics.median(per_step), statistics.median(fractions)
 
 
 def timing_plan(runner: Runner, steps: int, block: int) -> list[tuple[int | None, int]]:
@@ -324,8 +351,14 @@ def benchmark_workload(name: str, w: models.Workload, methods: list[str], args) 
   timing_seconds = time.perf_counter() - start
 
   results = {m: summarise(r, contiguous or not r.amortised) for m, r in runners.items()}
-  for m, r in runners.items():
-    results[m]["dispatch_fraction"] = dispatch_fraction(r, 10)
+  for _ in range(args.pipelined_blocks):  # interleaved, like the blocked timings
+    for m, r in runners.items():
+      step, fraction = pipelined(r, 1, args.pipelined_steps)
+      results[m].setdefault("_pipelined", []).append((step, fraction))
+  for m, res in results.items():
+    samples = res.pop("_pipelined")
+    res["pipelined_step_seconds"] = statistics.median(t for t, _ in samples)
+    res["dispatch_fraction"] = statistics.median(f for _, f in samples)
   sgd = results.get("sgd")
   for m, res in results.items():
     floors = common.floor_ratios(flops, m, w.inverse_every, w.stats_window)
@@ -333,6 +366,7 @@ def benchmark_workload(name: str, w: models.Workload, methods: list[str], args) 
     res["analytic_flops_step"] = flops["model"] + flops["extra"][m]["step"]
     if sgd:
       res["ratio_median"] = res["median_step_seconds"] / sgd["median_step_seconds"]
+      res["ratio_pipelined"] = res["pipelined_step_seconds"] / sgd["pipelined_step_seconds"]
       res["ratio_period_mean"] = (res["period_mean_seconds"] / sgd["median_step_seconds"]
                                   if res["period_mean_seconds"] else None)
       res["measured_over_floor"] = (res["ratio_period_mean"] / floors["period_mean"]
@@ -359,7 +393,8 @@ def benchmark_workload(name: str, w: models.Workload, methods: list[str], args) 
 # Output
 # --------------------------------------------------------------------------- #
 
-COLUMNS = ("model", "method", "median_ms", "period_mean_ms", "ratio_median", "ratio_period_mean",
+COLUMNS = ("model", "method", "median_ms", "period_mean_ms", "pipelined_ms", "ratio_median", "ratio_period_mean",
+           "ratio_pipelined",
            "floor_step", "floor_period_mean", "measured_over_floor", "xla_flops_ratio", "compile_s")
 
 
@@ -370,7 +405,9 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
       out.append({
           "model": model, "method": m, "median_ms": 1e3 * r["median_step_seconds"],
           "period_mean_ms": 1e3 * r["period_mean_seconds"] if r["period_mean_seconds"] else None,
+          "pipelined_ms": 1e3 * r["pipelined_step_seconds"],
           "ratio_median": r.get("ratio_median"), "ratio_period_mean": r.get("ratio_period_mean"),
+          "ratio_pipelined": r.get("ratio_pipelined"),
           "floor_step": r["floor_step"], "floor_period_mean": r["floor_period_mean"],
           "measured_over_floor": r.get("measured_over_floor"), "xla_flops_ratio": r.get("xla_flops_ratio"),
           "compile_s": r["compile_seconds"]})
@@ -386,14 +423,17 @@ def print_table(result: dict[str, Any]) -> str:
   for model, wres in result["workloads"].items():
     lines.append(f"\n{model}: {wres['description']}  ({wres['timing']}, {wres['timed_steps_per_method']} "
                  "timed steps per method)")
-    lines.append("| method | median ms | period-mean ms | ratio (median) | ratio (mean) | floor (step) | "
-                 "floor (mean) | measured/floor | XLA FLOPs ratio | dispatch fraction |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| method | median ms | period-mean ms | pipelined ms | ratio (median) | ratio (mean) | "
+                 "ratio (pipelined) | floor (step) | floor (mean) | measured/floor | XLA FLOPs ratio | "
+                 "dispatch fraction |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m, r in wres["methods"].items():
       lines.append(
           f"| {m} | {fmt(1e3 * r['median_step_seconds'], '.2f')} | "
           f"{fmt(r['period_mean_seconds'] and 1e3 * r['period_mean_seconds'], '.2f')} | "
+          f"{fmt(1e3 * r['pipelined_step_seconds'], '.2f')} | "
           f"{fmt(r.get('ratio_median'), '.2f')} | {fmt(r.get('ratio_period_mean'), '.2f')} | "
+          f"{fmt(r.get('ratio_pipelined'), '.2f')} | "
           f"{fmt(r['floor_step'], '.2f')} | {fmt(r['floor_period_mean'], '.2f')} | "
           f"{fmt(r.get('measured_over_floor'), '.2f')} | {fmt(r.get('xla_flops_ratio'), '.2f')} | "
           f"{fmt(r.get('dispatch_fraction'), '.2f')} |")
@@ -418,6 +458,10 @@ def parse_args(argv=None):
                       help="timed steps per method (default: one period T, 2T with --quick; ResNet 6S)")
   parser.add_argument("--block", type=int, default=5, help="steps per interleaved timing block")
   parser.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled through")
+  parser.add_argument("--pipelined-blocks", type=int, default=5,
+                      help="blocks of back-to-back (not waited-for) steps per method")
+  parser.add_argument("--pipelined-steps", type=int, default=20,
+                      help="steps per pipelined block (FOOF/KFAC: at most the plain steps before the window)")
   parser.add_argument("--fngd-epoch", type=int, default=5, help="FNGD steps_per_epoch (computing epoch, untimed)")
   parser.add_argument("--resnet-width", type=int, default=None, help="ResNet first-stage channels")
   parser.add_argument("--resnet-batch", type=int, default=None, help="ResNet batch size")

@@ -212,8 +212,13 @@ def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys,
   flat = _flat(updates)
   for key in keys:
     direction = fn(key, gradient_matrix(flat, key, layers[key]))
-    direction = jnp.where(jnp.all(jnp.isfinite(direction)), direction, jnp.zeros_like(direction))
+    finite = jnp.all(jnp.isfinite(direction))
     split_matrix(flat, key, layers[key], direction)
+    # Guarding the split leaves (not the matrix) lets XLA fold slice(concatenate(kernel, bias))
+    # away, so a direction built as kernel and bias parts is never copied into one matrix.
+    for leaf in ("kernel", "bias") if layers[key].has_bias else ("kernel",):
+      value = flat[key + (leaf,)]
+      flat[key + (leaf,)] = jnp.where(finite, value, jnp.zeros_like(value))
   return _unflat(flat, updates)
 
 

@@ -181,7 +181,7 @@ def weighted_direction(stats: LayerStats, weights: jax.Array, dtype) -> jax.Arra
   kernel = stats.kernel_gradient(weighted)
   if not stats.has_bias:
     return kernel
-  bias = jnp.sum(weighted, axis=(0, 1))
+  bias = jnp.einsum("npo,n->o", stats.cotangents.astype(dtype), per_example)
   return jnp.concatenate([kernel, bias[None]], axis=0)
 
 

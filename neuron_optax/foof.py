@@ -68,7 +68,12 @@ def left_precondition(matrix: jax.Array, gradient: jax.Array, stats: LayerStats,
     a = stats.augmented_inputs(matrix.dtype).reshape(-1, stats.d_in)
     cot = stats.cotangents.astype(matrix.dtype).reshape(-1, stats.d_out)
     return (matrix @ a.T) @ cot
-  return matrix @ gradient.astype(matrix.dtype)
+  gradient = gradient.astype(matrix.dtype)
+  if not stats.has_bias:
+    return matrix @ gradient
+  # M [K; bᵀ] = M[:, :-1] K + M[:, -1] bᵀ: the kernel and bias gradients arrive as separate
+  # leaves, and this form never copies them into one (d_in+1)-row matrix.
+  return matrix[:, :-1] @ gradient[:-1] + matrix[:, -1:] * gradient[-1:]
 
 
 def foof(
