@@ -69,10 +69,12 @@ def left_precondition(matrix: jax.Array, gradient: jax.Array, stats: LayerStats,
     cot = stats.cotangents.astype(matrix.dtype).reshape(-1, stats.d_out)
     return (matrix @ a.T) @ cot
   gradient = gradient.astype(matrix.dtype)
-  if not stats.has_bias:
+  if not stats.has_bias or jax.default_backend() == "cpu":
     return matrix @ gradient
-  # M [K; bᵀ] = M[:, :-1] K + M[:, -1] bᵀ: the kernel and bias gradients arrive as separate
-  # leaves, and this form never copies them into one (d_in+1)-row matrix.
+  # On accelerators M [K; bᵀ] = M[:, :-1] K + M[:, -1] bᵀ: the kernel and bias gradients arrive as
+  # separate leaves and are never copied into one (d_in+1)-row matrix, and the GEMM has aligned
+  # d_in-sized operands (H200, MLP 3x1000: FOOF's plain step 371 -> 291 µs of kernels). XLA:CPU runs
+  # the single product faster (the split form cost 15-25 % more there).
   return matrix[:, :-1] @ gradient[:-1] + matrix[:, -1:] * gradient[-1:]
 
 

@@ -52,9 +52,14 @@ def _matrix(grads, name):
 
 
 @pytest.mark.parametrize("net", ["mlp", "conv"])
-@pytest.mark.parametrize("inverse_every,stats_window,contraction", [
-    (1, None, "auto"), (3, None, "rows"), (3, 2, "gradient"), (4, 1, "auto")])
-def test_foof_matches_numpy_reference_over_steps(x64, net, inverse_every, stats_window, contraction):
+@pytest.mark.parametrize("inverse_every,stats_window,contraction,backend", [
+    (1, None, "auto", "cpu"), (3, None, "rows", "cpu"), (3, 2, "gradient", "cpu"), (4, 1, "auto", "cpu"),
+    (3, 2, "gradient", "gpu")])
+def test_foof_matches_numpy_reference_over_steps(x64, monkeypatch, net, inverse_every, stats_window,
+                                                 contraction, backend):
+  # backend="gpu" traces the accelerator code paths (A⁻¹[:, :-1]∇K + A⁻¹[:, -1]∇bᵀ, batched
+  # factorisations) on the CPU.
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   rng = np.random.default_rng(0)
   if net == "mlp":
     model, a_fn, shape = MLP(), _mlp_a, (8, 4)

@@ -196,9 +196,13 @@ def _run_kfac(kind, tx, batches, fisher="empirical"):
     ("mlp", "empirical", 1, None, "auto"),  # the defaults: average and re-factorise every step
     ("wide", "empirical", 3, 2, "auto"),  # (A⁻¹Āᵀ)(Cot G⁻¹) for heuristic damping
     ("wide", "full", 1, None, "rows"),
+    ("mlp", "full", 3, 2, "gpu"),  # the accelerator code paths, traced on the CPU
 ])
-def test_directions_match_explicit_kronecker_solve(kind, mode, fisher, inverse_every, stats_window,
-                                                   contraction):
+def test_directions_match_explicit_kronecker_solve(monkeypatch, kind, mode, fisher, inverse_every,
+                                                   stats_window, contraction):
+  if contraction == "gpu":  # A⁻¹[:, :-1]∇K + A⁻¹[:, -1]∇bᵀ and batched factorisations
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    contraction = "gradient"
   damping, decay, steps = 0.05, 0.8, 6 if inverse_every > 1 else 3
   batches = _batches(kind, steps)
   tx = kfac(damping, ema_decay=decay, inverse_every=inverse_every, stats_window=stats_window,
