@@ -32,7 +32,6 @@ import tempfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -109,9 +108,7 @@ def main(argv=None) -> dict[str, Any]:
                                  + (["--quick"] if args.quick else []))
   workload = step_time.workloads(st_args)[args.model]
   variables = step_time.models.init_variables(workload)
-  keys = jax.random.split(jax.random.key(1), 4)
-  batches = [(jax.random.normal(keys[2 * i], (workload.batch_size,) + workload.input_shape, jnp.float32),
-              jax.random.randint(keys[2 * i + 1], (workload.batch_size,), 0, 10)) for i in range(2)]
+  batches = step_time.synthetic_batches(workload, 2)
   print(f"{common.machine_info()['device']}, jax {jax.__version__}; {workload.description}")
   result: dict[str, Any] = {"machine": common.machine_info(), "model": args.model, "methods": {}}
   for m in methods:

@@ -203,20 +203,24 @@ class Runner:
     self.opt_state = common.set_schedule_count(self.opt_state, count)
     self.count = count
 
+  def dispatch(self) -> jax.Array:
+    """Enqueues the next step (not waited for) and returns its loss."""
+    x, y = self.batches[self.count % len(self.batches)]
+    self.params, self.model_state, self.opt_state, loss = self.step_function()(
+        self.params, self.model_state, self.opt_state, x, y, np.int32(self.count))
+    self.count += 1
+    return loss
+
   def run(self, num_steps: int, record: bool = True) -> None:
     for _ in range(num_steps):
-      x, y = self.batches[self.count % len(self.batches)]
       kind = self.kind()
       start = time.perf_counter()
-      compiled = self.step_function()
-      self.params, self.model_state, self.opt_state, loss = compiled(
-          self.params, self.model_state, self.opt_state, x, y, np.int32(self.count))
+      loss = self.dispatch()
       jax.block_until_ready((self.params, self.model_state, self.opt_state, loss))
       elapsed = time.perf_counter() - start
       if record:
         self.times[kind].append(elapsed)
         self.sequence.append(elapsed)
-      self.count += 1
     self.loss = float(loss)
 
 
@@ -235,23 +239,21 @@ def pipelined(runner: Runner, blocks: int, steps: int) -> tuple[float, float]:
   conditional whose predicate must be copied to the host) or when dispatch
   dominates. On CPU both say little.
   """
+  length = steps
+  if runner.amortised:
+    w = runner.workload
+    plain = 0
+    while plain < steps and common.step_kind(1 + plain, w.inverse_every, w.stats_window) == "plain":
+      plain += 1
+    length = max(1, plain)
   per_step, fractions = [], []
   for _ in range(blocks):
-    length = steps
     if runner.amortised:
-      w = runner.workload
       runner.jump(1)
-      plain = 0
-      while plain < steps and common.step_kind(1 + plain, w.inverse_every, w.stats_window) == "plain":
-        plain += 1
-      length = max(1, plain)
     jax.block_until_ready((runner.params, runner.opt_state))
     start = time.perf_counter()
     for _ in range(length):
-      x, y = runner.batches[runner.count % len(runner.batches)]
-      runner.params, runner.model_state, runner.opt_state, loss = runner.step_function()(
-          runner.params, runner.model_state, runner.opt_state, x, y, np.int32(runner.count))
-      runner.count += 1
+      loss = runner.dispatch()
     enqueued = time.perf_counter() - start
     jax.block_until_ready((runner.params, runner.opt_state, loss))
     elapsed = time.perf_counter() - start
@@ -313,12 +315,17 @@ def summarise(runner: Runner, contiguous: bool) -> dict[str, Any]:
   return out
 
 
+def synthetic_batches(w: models.Workload, count: int) -> list[tuple[jax.Array, jax.Array]]:
+  """``count`` batches of standard-normal inputs and uniform labels of 10 classes, on the device."""
+  keys = jax.random.split(jax.random.key(1), 2 * count)
+  return [(jax.random.normal(keys[2 * i], (w.batch_size,) + w.input_shape, jnp.float32),
+           jax.random.randint(keys[2 * i + 1], (w.batch_size,), 0, 10)) for i in range(count)]
+
+
 def benchmark_workload(name: str, w: models.Workload, methods: list[str], args) -> dict[str, Any]:
   print(f"\n== {name}: {w.description}", flush=True)
   variables = models.init_variables(w)
-  keys = jax.random.split(jax.random.key(1), 2 * args.batches)
-  batches = [(jax.random.normal(keys[2 * i], (w.batch_size,) + w.input_shape, jnp.float32),
-              jax.random.randint(keys[2 * i + 1], (w.batch_size,), 0, 10)) for i in range(args.batches)]
+  batches = synthetic_batches(w, args.batches)
   methods = [m for m in methods if w.natural_gradient or not m.startswith("natural_gradient")]
   skipped = [m for m in args.methods if m not in methods]
 

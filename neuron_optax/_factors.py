@@ -142,19 +142,23 @@ def amortisation_phase(step: int, inverse_every: int = 1, stats_window: int | No
   return "plain"
 
 
-def schedule(count: jax.Array, inverse_every: int, stats_window: int | None, phase: Phase = "auto"):
+def schedule(count: jax.Array, inverse_every: int, stats_window: int | None, phase: Phase,
+             stats: Mapping[Any, Any]):
   """``(update_statistics, refactorise)`` for step ``count`` (0-based).
 
-  Traced booleans with ``phase="auto"``; Python booleans for a fixed phase, so
-  that :func:`maybe` runs or drops its branch without a conditional.
+  Traced booleans with ``phase="auto"``, tied to the layers' cotangents
+  (:func:`after_backward`); Python booleans for a fixed phase, so that
+  :func:`maybe` runs or drops its branch without a conditional.
   """
   if phase != "auto":
     return phase != "plain", phase == "inversion"
-  phase = count % inverse_every
-  refactorise = phase == 0
+  position = count % inverse_every
+  refactorise = position == 0
   if stats_window is None or stats_window >= inverse_every:
-    return jnp.asarray(True), refactorise
-  return refactorise | (phase >= inverse_every - stats_window + 1), refactorise
+    update_statistics = jnp.asarray(True)
+  else:
+    update_statistics = refactorise | (position >= inverse_every - stats_window + 1)
+  return after_backward((update_statistics, refactorise), stats)
 
 
 def ema_update(ema: jax.Array, updates: jax.Array, batch_value: jax.Array, decay: float):
@@ -174,8 +178,8 @@ def state_name(key) -> str:
   return layer_name(key)
 
 
-def after_backward(predicate: jax.Array, stats: Mapping[Any, Any]) -> jax.Array:
-  """``predicate``, made available only once every layer's cotangents exist.
+def after_backward(predicate: Any, stats: Mapping[Any, Any]) -> Any:
+  """``predicate`` (an array or a tuple of them), available once every layer's cotangents exist.
 
   A conditional can start only when its predicate is known; a predicate that
   depends on the step counter alone lets XLA place it before the backward

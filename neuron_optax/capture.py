@@ -310,12 +310,6 @@ def _conv_input(x: jax.Array, key: LayerKey, *, kernel_size, strides, padding, i
   return x, ConvGeometry(kernel_size, strides, padding, input_dilation, kernel_dilation, n_examples)
 
 
-def _conv_rows(x: jax.Array, key: LayerKey, **conv) -> jax.Array:
-  """im2col patches ``(n, P, prod(window) * C_in)`` of one call, in the kernel's flattening order."""
-  prepared, geometry = _conv_input(x, key, **conv)
-  return geometry.rows(prepared)
-
-
 def _layer_rows(module: nn.Module, x: jax.Array, key: LayerKey) -> jax.Array | tuple[jax.Array, ConvGeometry]:
   """Dense rows ``(n, P, d_in)``, or a convolution's ``(prepared input, geometry)``."""
   if isinstance(module, nn.Conv):

@@ -113,7 +113,6 @@ def foof(
       the inverses are all-gathered, as kfac-jax distributes its inverses.
       ``None`` (default): every device factorises every layer. Layers of equal
       ``d_in`` always share one batched Cholesky call.
-
     phase: ``"auto"`` (default) picks the step's kind from the step counter
       inside the compiled step (``jax.lax.cond``). ``"plain"``,
       ``"statistics"`` or ``"inversion"`` fix it: compile one step per phase
@@ -122,6 +121,7 @@ def foof(
       states are interchangeable and the trajectory is the same. On a GPU each
       conditional makes the host wait for its predicate, so a fixed-phase
       plain step keeps the device queue full.
+
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
     ``update(grads, state, params, stats=stats)`` with ``stats`` from
@@ -149,9 +149,7 @@ def foof(
     names = {key: _factors.state_name(key) for key in stats}
     for key in stats:
       _factors.check_state_layer("foof", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
-    update_statistics, refactorise = (
-        _factors.after_backward(flag, stats)
-        for flag in _factors.schedule(state.count, inverse_every, stats_window, phase))
+    update_statistics, refactorise = _factors.schedule(state.count, inverse_every, stats_window, phase, stats)
 
     def accumulate():
       new = {}

@@ -209,15 +209,10 @@ def kfac(
       factorises a share of the equal-sized factors; results are
       all-gathered), as in :func:`neuron_optax.foof`. ``None``: every device
       factorises every layer (one batched call per factor size).
+    phase: ``"auto"`` (default), or a fixed ``"plain"``, ``"statistics"`` or
+      ``"inversion"`` step compiled on its own and picked on the host with
+      ``nox.amortisation_phase``, as in :func:`neuron_optax.foof`.
 
-    phase: ``"auto"`` (default) picks the step's kind from the step counter
-      inside the compiled step (``jax.lax.cond``). ``"plain"``,
-      ``"statistics"`` or ``"inversion"`` fix it: compile one step per phase
-      and pick it on the host with
-      ``nox.amortisation_phase(step, inverse_every, stats_window)``; the
-      states are interchangeable and the trajectory is the same. On a GPU each
-      conditional makes the host wait for its predicate, so a fixed-phase
-      plain step keeps the device queue full.
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
     ``update(grads, state, params, stats=stats)`` with ``stats`` from
@@ -255,9 +250,7 @@ def kfac(
     shapes = _params.candidate_layers(updates, kernel_input_ndim)
     stats = _params.check_stats(stats, shapes, "kfac")
     names = {key: _factors.state_name(key) for key in stats}
-    update_statistics, refactor_now = (
-        _factors.after_backward(flag, stats)
-        for flag in _factors.schedule(state.count, inverse_every, stats_window, phase))
+    update_statistics, refactor_now = _factors.schedule(state.count, inverse_every, stats_window, phase, stats)
 
     def accumulate():
       new = {}
