@@ -1,8 +1,9 @@
 """Helpers shared by the benchmarks: methods, machine description, timing and FLOP counting.
 
-Methods (:data:`METHODS`): every optimiser of the benchmarks as an
+Methods (:data:`METHODS`, :class:`Method`): every optimiser of the benchmarks as an
 ``optax`` chain ending in the same first-order step, built from a dict of
-hyperparameters and the workload's amortisation.
+hyperparameters and the workload's amortisation; defined once, for the demo and
+the benchmarks, in :mod:`neuron_optax.examples.models`.
 
 FLOP model (:func:`flop_model`): analytic floating-point operation counts of one
 training step, from the layer geometry that ``value_grad_and_stats`` records
@@ -54,15 +55,18 @@ import platform
 import re
 import subprocess
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from neuron_optax.capture import value_grad_and_stats
+import neuron_optax as nox
 
+# The optimisers of the demo and the benchmarks, defined once (re-exported for the scripts).
+from neuron_optax.examples.models import METHODS, Method  # noqa: F401
 
 # --------------------------------------------------------------------------- #
 # Machine
@@ -98,112 +102,31 @@ def machine_info() -> dict[str, Any]:
 
   device = jax.devices()[0]
   return {
-      "device": str(device), "platform": device.platform, "device_kind": device.device_kind,
-      "device_count": jax.device_count(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-      "load_average_1_5_15min": load_average(), "jax": jax.__version__,
-      "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
-      "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
-      "python": platform.python_version(),
-      "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+    "device": str(device),
+    "platform": device.platform,
+    "device_kind": device.device_kind,
+    "device_count": jax.device_count(),
+    "cpu_model": cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "load_average_1_5_15min": load_average(),
+    "jax": jax.__version__,
+    "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "numpy": np.__version__,
+    "python": platform.python_version(),
+    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
   }
 
 
 def _jaxlib_version() -> str | None:
   try:
     import jaxlib
+
     return jaxlib.__version__
   except (ImportError, AttributeError):
     return None
-
-
-# --------------------------------------------------------------------------- #
-# Methods
-# --------------------------------------------------------------------------- #
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """One optimiser: how to build it and which statistics its step captures.
-
-  Attributes:
-    name: command-line name.
-    fisher: ``None`` (plain ``jax.value_and_grad``) or the ``fisher=`` of
-      ``value_grad_and_stats``.
-    make: ``make(hp, inverse_every, stats_window, steps_per_epoch, batch_size)``.
-    amortised: whether the step cost follows the ``inverse_every`` schedule.
-    label: for tables and plots.
-    phased: the Python-level switch, no ``lax.cond`` in any compiled step.
-      FNGD: ``make(..., phase="compute")`` for the computing epoch,
-      ``make(..., phase="reuse")`` afterwards. FOOF/KFAC: one step per
-      ``phase`` in ``("plain", "statistics", "inversion")``, picked on the host
-      with ``nox.amortisation_phase``.
-  """
-
-  name: str
-  fisher: str | None
-  make: Callable[..., optax.GradientTransformation]
-  amortised: bool = False
-  label: str = ""
-  phased: bool = False
-
-
-def momentum(lr: float) -> optax.GradientTransformation:
-  return optax.sgd(lr, momentum=0.9)
-
-
-def _foof(hp, inverse_every=1, stats_window=None, steps_per_epoch=None, batch_size=None, phase="auto"):
-  from neuron_optax.foof import foof
-  return optax.chain(foof(hp["damping"], inverse_every=inverse_every, stats_window=stats_window,
-                          phase=phase), momentum(hp["lr"]))
-
-
-def _kfac(mode):
-  def make(hp, inverse_every=1, stats_window=None, steps_per_epoch=None, batch_size=None, phase="auto"):
-    from neuron_optax.kfac import kfac
-    return optax.chain(kfac(hp["damping"], inverse_every=inverse_every, stats_window=stats_window,
-                            damping_mode=mode, phase=phase), momentum(hp["lr"]))
-  return make
-
-
-def _fngd(share: bool):
-  def make(hp, inverse_every=1, stats_window=None, steps_per_epoch=None, batch_size=None, phase="auto"):
-    from neuron_optax.fngd import fngd
-    if share:
-      tx = fngd(hp["alpha"], steps_per_epoch=steps_per_epoch, batch_size=batch_size, phase=phase)
-    else:
-      tx = fngd(hp["alpha"], share_coefficients=False)
-    return optax.chain(tx, momentum(hp["lr"]))
-  return make
-
-
-def _natural_gradient(block_diagonal: bool):
-  def make(hp, inverse_every=1, stats_window=None, steps_per_epoch=None, batch_size=None):
-    from neuron_optax.natural_gradient import natural_gradient
-    return optax.chain(natural_gradient(hp["damping"], block_diagonal=block_diagonal, max_columns=None),
-                       momentum(hp["lr"]))
-  return make
-
-
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("sgd", None, lambda hp, *a, **k: momentum(hp["lr"]), label="SGD+M"),
-    Method("adam", None, lambda hp, *a, **k: optax.adam(hp["lr"]), label="Adam"),
-    Method("foof", "empirical", _foof, amortised=True, label="FOOF"),
-    Method("kfac", "mc", _kfac("heuristic"), amortised=True, label="KFAC (heuristic damping)"),
-    Method("kfac_standard", "mc", _kfac("standard"), amortised=True, label="KFAC (standard damping)"),
-    Method("kfac_empirical", "empirical", _kfac("heuristic"), amortised=True,
-           label="KFAC (heuristic damping, empirical Fisher)"),
-    Method("foof_phased", "empirical", _foof, amortised=True, phased=True,
-           label="FOOF, one compiled step per phase"),
-    Method("kfac_phased", "mc", _kfac("heuristic"), amortised=True, phased=True,
-           label="KFAC (heuristic), one compiled step per phase"),
-    Method("fngd", "empirical", _fngd(True), label="FNGD (shared coefficients)", phased=True),
-    Method("fngd_auto", "empirical", _fngd(True), label="FNGD (shared, phase='auto': lax.cond)"),
-    Method("fngd_unshared", "empirical", _fngd(False), label="FNGD (w/o sharing)"),
-    Method("natural_gradient", "mc", _natural_gradient(False), label="natural gradient (MC Fisher)"),
-    Method("natural_gradient_block", "mc", _natural_gradient(True),
-           label="natural gradient, block-diagonal (MC Fisher)"),
-)}
 
 
 # --------------------------------------------------------------------------- #
@@ -213,8 +136,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 def step_kind(count: int, inverse_every: int, stats_window: int | None) -> str:
   """``"inversion"``, ``"statistics"`` or ``"plain"`` for the 0-based step ``count``."""
-  from neuron_optax import amortisation_phase
-  return amortisation_phase(count, inverse_every, stats_window)
+  return nox.amortisation_phase(count, inverse_every, stats_window)
 
 
 def kind_counts(inverse_every: int, stats_window: int | None) -> dict[str, int]:
@@ -232,11 +154,9 @@ def set_schedule_count(opt_state, count: int):
   amortisation schedule, so the timing can jump to the statistics window that
   ends with an inversion instead of running the whole period.
   """
-  from neuron_optax.foof import FoofState
-  from neuron_optax.kfac import KfacState
 
   def visit(node):
-    if isinstance(node, (FoofState, KfacState)):
+    if isinstance(node, (nox.FoofState, nox.KfacState)):
       return node._replace(count=jnp.asarray(count, node.count.dtype))
     if isinstance(node, tuple) and not hasattr(node, "_fields"):
       return tuple(visit(x) for x in node)
@@ -265,13 +185,18 @@ class LayerGeometry:
     return self.n * self.positions
 
 
+def layer_name(key: tuple) -> str:
+  """``"Block_0/Dense_1"`` for a layer path (``"<top-level>"`` for ``()``)."""
+  return "/".join(map(str, key)) if key else "<top-level>"
+
+
 def layer_geometry(loss_fn: Callable, params, *args) -> list[LayerGeometry]:
   """Captured layers in call order, from an abstract ``value_grad_and_stats`` (``has_aux`` form)."""
-  from neuron_optax.capture import layer_name
-
-  _, _, stats = jax.eval_shape(value_grad_and_stats(loss_fn, has_aux=True), params, *args)
-  return [LayerGeometry(layer_name(k), s.cotangents.shape[0], s.cotangents.shape[1], s.d_in, s.d_out)
-          for k, s in stats.items()]
+  _, _, stats = jax.eval_shape(nox.value_grad_and_stats(loss_fn, has_aux=True), params, *args)
+  return [
+    LayerGeometry(layer_name(k), s.cotangents.shape[0], s.cotangents.shape[1], s.d_in, s.d_out)
+    for k, s in stats.items()
+  ]
 
 
 def _left(layer: LayerGeometry) -> float:
@@ -317,36 +242,57 @@ def flop_model(layers: Sequence[LayerGeometry], uncaptured_forward: float = 0.0)
     return float(sum(fn(l) for l in layers))
 
   extra = {
-      "sgd": {"step": 0.0, "statistics": 0.0, "inversion": 0.0},
-      "adam": {"step": 0.0, "statistics": 0.0, "inversion": 0.0},
-      "foof": {"step": per(_left), "statistics": per(lambda l: 2 * l.rows * l.d_in**2),
-               "inversion": per(lambda l: CHOLESKY_INVERSE * l.d_in**3)},
-      "kfac": {"step": mc_backward + per(_two_sided),
-               "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
-               "inversion": per(lambda l: CHOLESKY_INVERSE * (l.d_in**3 + l.d_out**3))},
-      "foof_phased": None, "kfac_phased": None,
-      "kfac_empirical": {"step": per(_two_sided),
-                         "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
-                         "inversion": per(lambda l: CHOLESKY_INVERSE * (l.d_in**3 + l.d_out**3))},
-      "kfac_standard": {
-          "step": mc_backward + per(lambda l: _two_sided(l) + 2 * l.d_in**2 * l.d_out + 2 * l.d_in * l.d_out**2),
-          "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
-          "inversion": per(lambda l: EIGH * (l.d_in**3 + l.d_out**3))},
-      "fngd": {"step": per(lambda l: 3 * l.rows * l.d_out), "statistics": 0.0, "inversion": 0.0},
-      "fngd_auto": {"step": per(lambda l: 3 * l.rows * l.d_out), "statistics": 0.0, "inversion": 0.0},
-      "fngd_unshared": {"step": per(lambda l: 3 * l.rows * l.d_out + _gram(l, l.n) + l.n**3 / 3 + 2 * l.n**2),
-                        "statistics": 0.0, "inversion": 0.0},
-      "natural_gradient": {
-          "step": mc_backward + per(lambda l: _gram(l, n) + 4 * l.rows * l.d_in * l.d_out) + n**3 / 3 + 2 * n**2,
-          "statistics": 0.0, "inversion": 0.0},
-      "natural_gradient_block": {
-          "step": mc_backward + per(lambda l: _gram(l, n) + 4 * l.rows * l.d_in * l.d_out + n**3 / 3 + 2 * n**2),
-          "statistics": 0.0, "inversion": 0.0},
+    "sgd": {"step": 0.0, "statistics": 0.0, "inversion": 0.0},
+    "adam": {"step": 0.0, "statistics": 0.0, "inversion": 0.0},
+    "foof": {
+      "step": per(_left),
+      "statistics": per(lambda l: 2 * l.rows * l.d_in**2),
+      "inversion": per(lambda l: CHOLESKY_INVERSE * l.d_in**3),
+    },
+    "kfac": {
+      "step": mc_backward + per(_two_sided),
+      "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
+      "inversion": per(lambda l: CHOLESKY_INVERSE * (l.d_in**3 + l.d_out**3)),
+    },
+    "foof_phased": None,
+    "kfac_phased": None,
+    "kfac_empirical": {
+      "step": per(_two_sided),
+      "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
+      "inversion": per(lambda l: CHOLESKY_INVERSE * (l.d_in**3 + l.d_out**3)),
+    },
+    "kfac_standard": {
+      "step": mc_backward + per(lambda l: _two_sided(l) + 2 * l.d_in**2 * l.d_out + 2 * l.d_in * l.d_out**2),
+      "statistics": per(lambda l: 2 * l.rows * (l.d_in**2 + l.d_out**2)),
+      "inversion": per(lambda l: EIGH * (l.d_in**3 + l.d_out**3)),
+    },
+    "fngd": {"step": per(lambda l: 3 * l.rows * l.d_out), "statistics": 0.0, "inversion": 0.0},
+    "fngd_auto": {"step": per(lambda l: 3 * l.rows * l.d_out), "statistics": 0.0, "inversion": 0.0},
+    "fngd_unshared": {
+      "step": per(lambda l: 3 * l.rows * l.d_out + _gram(l, l.n) + l.n**3 / 3 + 2 * l.n**2),
+      "statistics": 0.0,
+      "inversion": 0.0,
+    },
+    "natural_gradient": {
+      "step": mc_backward + per(lambda l: _gram(l, n) + 4 * l.rows * l.d_in * l.d_out) + n**3 / 3 + 2 * n**2,
+      "statistics": 0.0,
+      "inversion": 0.0,
+    },
+    "natural_gradient_block": {
+      "step": mc_backward + per(lambda l: _gram(l, n) + 4 * l.rows * l.d_in * l.d_out + n**3 / 3 + 2 * n**2),
+      "statistics": 0.0,
+      "inversion": 0.0,
+    },
   }
   extra["foof_phased"], extra["kfac_phased"] = extra["foof"], extra["kfac"]
   fngd_first_epoch = per(lambda l: _gram(l, l.n) + l.n**3 / 3 + 2 * l.n**2)
-  return {"forward": float(forward), "model": float(model), "mc_backward": float(mc_backward),
-          "extra": extra, "fngd_computing_epoch_extra": fngd_first_epoch}
+  return {
+    "forward": float(forward),
+    "model": float(model),
+    "mc_backward": float(mc_backward),
+    "extra": extra,
+    "fngd_computing_epoch_extra": fngd_first_epoch,
+  }
 
 
 def floor_ratios(flops: dict[str, Any], method: str, inverse_every: int, stats_window: int | None) -> dict[str, float]:
@@ -358,7 +304,9 @@ def floor_ratios(flops: dict[str, Any], method: str, inverse_every: int, stats_w
     return {"step": step, "period_mean": step}
   counts = kind_counts(inverse_every, stats_window)
   stat_steps = counts["statistics"] + counts["inversion"]
-  mean_extra = extra["step"] + (stat_steps * extra["statistics"] + counts["inversion"] * extra["inversion"]) / inverse_every
+  mean_extra = (
+    extra["step"] + (stat_steps * extra["statistics"] + counts["inversion"] * extra["inversion"]) / inverse_every
+  )
   return {"step": step, "period_mean": (model + mean_extra) / model}
 
 

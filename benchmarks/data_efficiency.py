@@ -66,18 +66,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import models  # noqa: E402
-from neuron_optax import data as nox_data  # noqa: E402
+
+from neuron_optax.examples import data as nox_data  # noqa: E402
 
 # Grids, most promising point first (--grid N keeps the first N). Mini-batch points around the
 # best of neuron_optax.demo's sweep on this data (200 steps, batch 100, inverse_every=10).
 MINIBATCH_GRIDS: dict[str, list[dict[str, float]]] = {
-    "sgd": [{"lr": 0.03}, {"lr": 0.1}, {"lr": 0.01}],
-    "adam": [{"lr": 3e-4}, {"lr": 1e-3}, {"lr": 1e-4}],
-    "foof": [{"lr": 0.1, "damping": 1.0}, {"lr": 0.03, "damping": 0.3}, {"lr": 0.3, "damping": 3.0}],
-    "kfac": [{"lr": 0.3, "damping": 10.0}, {"lr": 0.1, "damping": 1.0}, {"lr": 1.0, "damping": 100.0}],
-    "kfac_standard": [{"lr": 0.1, "damping": 1.0}, {"lr": 0.3, "damping": 10.0}, {"lr": 0.03, "damping": 0.1}],
-    "fngd": [{"lr": 0.03, "alpha": 1.0}, {"lr": 0.03, "alpha": 0.1}, {"lr": 0.1, "alpha": 1.0}],
-    "natural_gradient": [{"lr": 1.0, "damping": 30.0}, {"lr": 0.3, "damping": 10.0}, {"lr": 3.0, "damping": 100.0}],
+  "sgd": [{"lr": 0.03}, {"lr": 0.1}, {"lr": 0.01}],
+  "adam": [{"lr": 3e-4}, {"lr": 1e-3}, {"lr": 1e-4}],
+  "foof": [{"lr": 0.1, "damping": 1.0}, {"lr": 0.03, "damping": 0.3}, {"lr": 0.3, "damping": 3.0}],
+  "kfac": [{"lr": 0.3, "damping": 10.0}, {"lr": 0.1, "damping": 1.0}, {"lr": 1.0, "damping": 100.0}],
+  "kfac_standard": [{"lr": 0.1, "damping": 1.0}, {"lr": 0.3, "damping": 10.0}, {"lr": 0.03, "damping": 0.1}],
+  "fngd": [{"lr": 0.03, "alpha": 1.0}, {"lr": 0.03, "alpha": 0.1}, {"lr": 0.1, "alpha": 1.0}],
+  "natural_gradient": [{"lr": 1.0, "damping": 30.0}, {"lr": 0.3, "damping": 10.0}, {"lr": 3.0, "damping": 100.0}],
 }
 # Full-batch grids per network, around the best points of a sweep of lr in {0.1, 0.3, 1} x damping in
 # {0.1, 1, 10} on seed 0 (1000 images; MLP with 500 hidden units, 60 steps; logistic regression, 100
@@ -85,32 +86,41 @@ MINIBATCH_GRIDS: dict[str, list[dict[str, float]]] = {
 _NATURAL_MLP = [{"lr": 1.0, "damping": 10.0}, {"lr": 0.1, "damping": 1.0}, {"lr": 0.3, "damping": 10.0}]
 _NATURAL_LOGISTIC = [{"lr": 0.3, "damping": 0.1}, {"lr": 1.0, "damping": 1.0}, {"lr": 0.1, "damping": 0.1}]
 FULLBATCH_GRIDS: dict[str, dict[str, list[dict[str, float]]]] = {
-    "mlp": {
-        "sgd": [{"lr": 0.1}, {"lr": 0.03}, {"lr": 0.3}],
-        "foof": [{"lr": 1.0, "damping": 0.1}, {"lr": 0.3, "damping": 0.1}, {"lr": 1.0, "damping": 1.0}],
-        "kfac": [{"lr": 0.3, "damping": 0.1}, {"lr": 1.0, "damping": 1.0}, {"lr": 0.1, "damping": 0.1}],
-        "natural_gradient": _NATURAL_MLP, "natural_gradient_full": _NATURAL_MLP,
-    },
-    "logistic": {
-        "sgd": [{"lr": 1.0}, {"lr": 0.3}, {"lr": 3.0}],
-        "foof": [{"lr": 1.0, "damping": 0.1}, {"lr": 0.3, "damping": 0.1}, {"lr": 1.0, "damping": 1.0}],
-        "kfac": [{"lr": 1.0, "damping": 0.1}, {"lr": 0.3, "damping": 0.1}, {"lr": 1.0, "damping": 1.0}],
-        "natural_gradient": _NATURAL_LOGISTIC, "natural_gradient_full": _NATURAL_LOGISTIC,
-    },
+  "mlp": {
+    "sgd": [{"lr": 0.1}, {"lr": 0.03}, {"lr": 0.3}],
+    "foof": [{"lr": 1.0, "damping": 0.1}, {"lr": 0.3, "damping": 0.1}, {"lr": 1.0, "damping": 1.0}],
+    "kfac": [{"lr": 0.3, "damping": 0.1}, {"lr": 1.0, "damping": 1.0}, {"lr": 0.1, "damping": 0.1}],
+    "natural_gradient": _NATURAL_MLP,
+    "natural_gradient_full": _NATURAL_MLP,
+  },
+  "logistic": {
+    "sgd": [{"lr": 1.0}, {"lr": 0.3}, {"lr": 3.0}],
+    "foof": [{"lr": 1.0, "damping": 0.1}, {"lr": 0.3, "damping": 0.1}, {"lr": 1.0, "damping": 1.0}],
+    "kfac": [{"lr": 1.0, "damping": 0.1}, {"lr": 0.3, "damping": 0.1}, {"lr": 1.0, "damping": 1.0}],
+    "natural_gradient": _NATURAL_LOGISTIC,
+    "natural_gradient_full": _NATURAL_LOGISTIC,
+  },
 }
 MINIBATCH_METHODS = ("sgd", "adam", "foof", "kfac", "fngd")
 FULLBATCH_METHODS = ("sgd", "foof", "kfac", "natural_gradient")
-LABELS = {"sgd": "SGD+M", "adam": "Adam", "foof": "FOOF", "kfac": "KFAC (heuristic)",
-          "kfac_standard": "KFAC (standard damping)", "fngd": "FNGD (shared)",
-          "natural_gradient": "natural gradient (MC Fisher, exact)",
-          "natural_gradient_full": "natural gradient (full Fisher, exact)"}
+LABELS = {
+  "sgd": "SGD+M",
+  "adam": "Adam",
+  "foof": "FOOF",
+  "kfac": "KFAC (heuristic)",
+  "kfac_standard": "KFAC (standard damping)",
+  "fngd": "FNGD (shared)",
+  "natural_gradient": "natural gradient (MC Fisher, exact)",
+  "natural_gradient_full": "natural gradient (full Fisher, exact)",
+}
 
 
 def make_tx(method: str, hp: dict[str, float], *, inverse_every: int, steps_per_epoch: int, batch_size: int):
   if method == "natural_gradient_full":
     method = "natural_gradient"
-  return common.METHODS[method].make(hp, inverse_every=inverse_every, stats_window=None,
-                                     steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+  return common.METHODS[method].make(
+    hp, inverse_every=inverse_every, stats_window=None, steps_per_epoch=steps_per_epoch, batch_size=batch_size
+  )
 
 
 def fisher_of(method: str) -> str | None:
@@ -126,14 +136,24 @@ def make_evaluate(model, chunk: int = 1000):
   def evaluate(params, dataset: nox_data.Dataset) -> float:
     total = 0.0
     for start in range(0, len(dataset), chunk):  # datasets here are multiples of the chunk or smaller
-      total += float(chunk_loss(params, dataset.images[start:start + chunk], dataset.labels[start:start + chunk]))
+      total += float(chunk_loss(params, dataset.images[start : start + chunk], dataset.labels[start : start + chunk]))
     return total / len(dataset)
 
   return evaluate
 
 
-def train(method: str, hp: dict[str, float], model, train_set: nox_data.Dataset, *, batch_size: int,
-          epochs: int, seed: int, inverse_every: int, evaluate) -> dict[str, Any]:
+def train(
+  method: str,
+  hp: dict[str, float],
+  model,
+  train_set: nox_data.Dataset,
+  *,
+  batch_size: int,
+  epochs: int,
+  seed: int,
+  inverse_every: int,
+  evaluate,
+) -> dict[str, Any]:
   """One run: per-step mini-batch losses, the final whole-training-set loss, time per step."""
   steps_per_epoch = train_set.steps_per_epoch(batch_size)
   tx = make_tx(method, hp, inverse_every=inverse_every, steps_per_epoch=steps_per_epoch, batch_size=batch_size)
@@ -153,9 +173,17 @@ def train(method: str, hp: dict[str, float], model, train_set: nox_data.Dataset,
       break
   seconds = time.perf_counter() - start
   final = evaluate(params, train_set) if math.isfinite(losses[-1]) else math.nan
-  return {"method": method, "hyperparameters": hp, "seed": seed, "losses": losses, "final_loss": final,
-          "diverged": not math.isfinite(final), "compile_seconds": compile_s,
-          "seconds_per_step": seconds / max(1, len(losses) - 1), "steps_per_epoch": steps_per_epoch}
+  return {
+    "method": method,
+    "hyperparameters": hp,
+    "seed": seed,
+    "losses": losses,
+    "final_loss": final,
+    "diverged": not math.isfinite(final),
+    "compile_seconds": compile_s,
+    "seconds_per_step": seconds / max(1, len(losses) - 1),
+    "steps_per_epoch": steps_per_epoch,
+  }
 
 
 def run_method(method: str, grid: list[dict[str, float]], seeds: int, log_prefix: str, **kwargs) -> dict[str, Any]:
@@ -164,18 +192,26 @@ def run_method(method: str, grid: list[dict[str, float]], seeds: int, log_prefix
   for hp in grid:
     run = train(method, hp, seed=0, **kwargs)
     tuning.append(run)
-    print(f"  {log_prefix}{method:22s} {fmt_hp(hp):28s} seed 0: final loss {run['final_loss']:.4g} "
-          f"({run['seconds_per_step'] * 1e3:.0f} ms/step, compile {run['compile_seconds']:.1f} s)", flush=True)
+    print(
+      f"  {log_prefix}{method:22s} {fmt_hp(hp):28s} seed 0: final loss {run['final_loss']:.4g} "
+      f"({run['seconds_per_step'] * 1e3:.0f} ms/step, compile {run['compile_seconds']:.1f} s)",
+      flush=True,
+    )
   best = min(tuning, key=lambda r: r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf)
   runs = [best]
   for seed in range(1, seeds):
     run = train(method, best["hyperparameters"], seed=seed, **kwargs)
     runs.append(run)
-    print(f"  {log_prefix}{method:22s} {fmt_hp(best['hyperparameters']):28s} seed {seed}: final loss "
-          f"{run['final_loss']:.4g}", flush=True)
-  return {"best_hyperparameters": best["hyperparameters"],
-          "grid": [{"hyperparameters": r["hyperparameters"], "final_loss": r["final_loss"]} for r in tuning],
-          "runs": runs}
+    print(
+      f"  {log_prefix}{method:22s} {fmt_hp(best['hyperparameters']):28s} seed {seed}: final loss "
+      f"{run['final_loss']:.4g}",
+      flush=True,
+    )
+  return {
+    "best_hyperparameters": best["hyperparameters"],
+    "grid": [{"hyperparameters": r["hyperparameters"], "final_loss": r["final_loss"]} for r in tuning],
+    "runs": runs,
+  }
 
 
 def fmt_hp(hp: dict[str, float]) -> str:
@@ -196,17 +232,22 @@ def curve_stats(result: dict[str, Any], window: int) -> dict[str, np.ndarray]:
   length = max(len(r["losses"]) for r in runs)
   table = np.full((len(runs), length), np.nan)
   for i, r in enumerate(runs):
-    table[i, :len(r["losses"])] = smooth(np.asarray(r["losses"], np.float64), window) if window > 1 else r["losses"]
+    table[i, : len(r["losses"])] = smooth(np.asarray(r["losses"], np.float64), window) if window > 1 else r["losses"]
   spe = runs[0]["steps_per_epoch"]
-  return {"epoch": (np.arange(length) + 1) / spe, "mean": np.nanmean(table, 0), "std": np.nanstd(table, 0),
-          "min": np.nanmin(table, 0),
-          "final_mean": float(np.nanmean([r["final_loss"] for r in runs])),
-          "final_std": float(np.nanstd([r["final_loss"] for r in runs]))}
+  return {
+    "epoch": (np.arange(length) + 1) / spe,
+    "mean": np.nanmean(table, 0),
+    "std": np.nanstd(table, 0),
+    "min": np.nanmin(table, 0),
+    "final_mean": float(np.nanmean([r["final_loss"] for r in runs])),
+    "final_std": float(np.nanstd([r["final_loss"] for r in runs])),
+  }
 
 
 def plot(panels: list[tuple[str, dict[str, Any], int]], path: str, suptitle: str) -> bool:
   try:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
@@ -217,7 +258,7 @@ def plot(panels: list[tuple[str, dict[str, Any], int]], path: str, suptitle: str
     for method, result in results.items():
       c = curve_stats(result, window)
       label = f"{LABELS.get(method, method)} ({fmt_hp(result['best_hyperparameters'])})"
-      line, = ax.plot(c["epoch"], c["mean"], label=label)
+      (line,) = ax.plot(c["epoch"], c["mean"], label=label)
       # mean ± std on a log axis: where mean - std <= 0 the band stops at the lowest seed's value.
       lower = np.where(c["mean"] - c["std"] > 0, c["mean"] - c["std"], c["min"])
       ax.fill_between(c["epoch"], lower, c["mean"] + c["std"], color=line.get_color(), alpha=0.2)
@@ -242,13 +283,18 @@ def make_plots(output: dict[str, Any], output_dir: str, suffix: str) -> dict[str
     part = output["parts"]["minibatch"]
     path = os.path.join(output_dir, f"data_efficiency_minibatch{suffix}.png")
     title = part.get("title") or f"{part['model']}, MNIST subset, batch {output['args']['batch_size']}"
-    if plot([(title, part["results"], window)], path,
-            f"Training loss, mean ± std over {seeds} seeds (cf. Benzing 2022, Fig. 1A/4B)"):
+    if plot(
+      [(title, part["results"], window)],
+      path,
+      f"Training loss, mean ± std over {seeds} seeds (cf. Benzing 2022, Fig. 1A/4B)",
+    ):
       plots["minibatch"] = path
   if "fullbatch" in output["parts"]:
     images = output["parts"]["fullbatch"]["images"]
-    panels = [(m.get("title") or f"{label}, {images} images, full batch", m["results"], 1)
-              for label, m in output["parts"]["fullbatch"]["models"].items()]
+    panels = [
+      (m.get("title") or f"{label}, {images} images, full batch", m["results"], 1)
+      for label, m in output["parts"]["fullbatch"]["models"].items()
+    ]
     path = os.path.join(output_dir, f"data_efficiency_fullbatch{suffix}.png")
     if plot(panels, path, f"Full-batch training loss, mean ± std over {seeds} seeds"):
       plots["fullbatch"] = path
@@ -271,8 +317,11 @@ def parse_args(argv=None):
   parser.add_argument("--parts", default="minibatch,fullbatch")
   parser.add_argument("--methods", default=",".join(MINIBATCH_METHODS), help="mini-batch methods")
   parser.add_argument("--control-methods", default=",".join(FULLBATCH_METHODS), help="full-batch methods")
-  parser.add_argument("--full-fisher", action="store_true",
-                      help="add the exact natural gradient of the full Fisher to the full-batch controls")
+  parser.add_argument(
+    "--full-fisher",
+    action="store_true",
+    help="add the exact natural gradient of the full Fisher to the full-batch controls",
+  )
   parser.add_argument("--width", type=int, default=None, help="hidden units of the mini-batch MLP (1000)")
   parser.add_argument("--epochs", type=int, default=None, help="mini-batch epochs (default 5; paper 10)")
   parser.add_argument("--batch-size", type=int, default=100)
@@ -313,14 +362,21 @@ def main(argv=None) -> dict[str, Any]:
   if args.replot:
     return {"plots": replot(args.replot)}
   info = common.machine_info()
-  print(f"{info['device']} ({info['cpu_model']}), jax {info['jax']}, load average "
-        f"{info['load_average_1_5_15min']}", flush=True)
+  print(
+    f"{info['device']} ({info['cpu_model']}), jax {info['jax']}, load average {info['load_average_1_5_15min']}",
+    flush=True,
+  )
   started = time.perf_counter()
   dataset = nox_data.load("mnist_subset")
   suffix = "_quick" if args.quick else ""
   os.makedirs(args.output_dir, exist_ok=True)
-  output: dict[str, Any] = {"machine": info, "setting": "quick" if args.quick else "default", "args": vars(args),
-                            "dataset": f"{dataset.name}: {len(dataset)} images, standardised", "parts": {}}
+  output: dict[str, Any] = {
+    "machine": info,
+    "setting": "quick" if args.quick else "default",
+    "args": vars(args),
+    "dataset": f"{dataset.name}: {len(dataset)} images, standardised",
+    "parts": {},
+  }
   csv_rows: list[dict[str, Any]] = []
 
   if "minibatch" in args.parts:
@@ -331,38 +387,72 @@ def main(argv=None) -> dict[str, Any]:
     evaluate = make_evaluate(model)
     results = {}
     for method in args.methods:
-      results[method] = run_method(method, MINIBATCH_GRIDS[method][:args.grid], args.seeds, "", model=model,
-                                   train_set=dataset, batch_size=args.batch_size, epochs=args.epochs,
-                                   inverse_every=args.inverse_every, evaluate=evaluate)
+      results[method] = run_method(
+        method,
+        MINIBATCH_GRIDS[method][: args.grid],
+        args.seeds,
+        "",
+        model=model,
+        train_set=dataset,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        inverse_every=args.inverse_every,
+        evaluate=evaluate,
+      )
     output["parts"]["minibatch"] = {
-        "model": name, "results": results,
-        "title": f"{name}, MNIST subset ({len(dataset)} images), batch {args.batch_size}"}
+      "model": name,
+      "results": results,
+      "title": f"{name}, MNIST subset ({len(dataset)} images), batch {args.batch_size}",
+    }
     for method, result in results.items():
       for run in result["runs"]:
         spe = run["steps_per_epoch"]
-        csv_rows += [{"part": "minibatch", "model": name, "method": method, "seed": run["seed"],
-                      "epoch": (i + 1) / spe, "loss": loss} for i, loss in enumerate(run["losses"])]
+        csv_rows += [
+          {
+            "part": "minibatch",
+            "model": name,
+            "method": method,
+            "seed": run["seed"],
+            "epoch": (i + 1) / spe,
+            "loss": loss,
+          }
+          for i, loss in enumerate(run["losses"])
+        ]
   if "fullbatch" in args.parts:
     subset = dataset.take(args.control_images, seed=0)
-    panels, part = [], {}
-    for label, kind, features in ((f"mlp784-{args.control_width}x3-10", "mlp", (args.control_width,) * 3 + (10,)),
-                                  ("logistic_regression", "logistic", (10,))):
+    part = {}
+    for label, kind, features in (
+      (f"mlp784-{args.control_width}x3-10", "mlp", (args.control_width,) * 3 + (10,)),
+      ("logistic_regression", "logistic", (10,)),
+    ):
       model = models.MLP(features)
       print(f"\n== full batch: {label}, {len(subset)} images, {args.control_epochs} steps", flush=True)
       evaluate = make_evaluate(model)
       results = {}
       for method in args.control_methods:
-        results[method] = run_method(method, FULLBATCH_GRIDS[kind][method][:args.grid], args.seeds, f"[{label}] ",
-                                     model=model, train_set=subset, batch_size=len(subset),
-                                     epochs=args.control_epochs, inverse_every=1, evaluate=evaluate)
+        results[method] = run_method(
+          method,
+          FULLBATCH_GRIDS[kind][method][: args.grid],
+          args.seeds,
+          f"[{label}] ",
+          model=model,
+          train_set=subset,
+          batch_size=len(subset),
+          epochs=args.control_epochs,
+          inverse_every=1,
+          evaluate=evaluate,
+        )
       part[label] = {"results": results}
       for method, result in results.items():
         for run in result["runs"]:
-          csv_rows += [{"part": "fullbatch", "model": label, "method": method, "seed": run["seed"],
-                        "epoch": i + 1, "loss": loss} for i, loss in enumerate(run["losses"])]
+          csv_rows += [
+            {"part": "fullbatch", "model": label, "method": method, "seed": run["seed"], "epoch": i + 1, "loss": loss}
+            for i, loss in enumerate(run["losses"])
+          ]
       title = "MLP 784-" + "-".join(map(str, features)) if len(features) > 1 else "logistic regression (784-10)"
-      part[label]["title"] = (f"{title}, {len(subset)} images, full batch "
-                              f"(cf. Fig. {'1D' if len(features) > 1 else '2A'})")
+      part[label]["title"] = (
+        f"{title}, {len(subset)} images, full batch (cf. Fig. {'1D' if len(features) > 1 else '2A'})"
+      )
     output["parts"]["fullbatch"] = {"images": len(subset), "models": part}
 
   output["plots"] = make_plots(output, args.output_dir, suffix)
@@ -377,20 +467,26 @@ def main(argv=None) -> dict[str, Any]:
     writer = csv.DictWriter(f, fieldnames=("part", "model", "method", "seed", "epoch", "loss"))
     writer.writeheader()
     writer.writerows(csv_rows)
-  print(f"\ntotal {output['total_seconds']:.0f} s; wrote data_efficiency{suffix}.json/.csv and {list(output['plots'].values())}")
+  print(
+    f"\ntotal {output['total_seconds']:.0f} s; wrote data_efficiency{suffix}.json/.csv and {list(output['plots'].values())}"
+  )
   return output
 
 
 def summary_table(output: dict[str, Any], window: int) -> str:
-  lines = ["| part | model | method | best hyperparameters | final training loss (mean ± std) | ms/step |",
-           "|---|---|---|---|---:|---:|"]
+  lines = [
+    "| part | model | method | best hyperparameters | final training loss (mean ± std) | ms/step |",
+    "|---|---|---|---|---:|---:|",
+  ]
 
   def add(part, model, results):
     for method, result in results.items():
       c = curve_stats(result, window)
       ms = np.mean([r["seconds_per_step"] for r in result["runs"]]) * 1e3
-      lines.append(f"| {part} | {model} | {method} | {fmt_hp(result['best_hyperparameters'])} | "
-                   f"{c['final_mean']:.4g} ± {c['final_std']:.2g} | {ms:.0f} |")
+      lines.append(
+        f"| {part} | {model} | {method} | {fmt_hp(result['best_hyperparameters'])} | "
+        f"{c['final_mean']:.4g} ± {c['final_std']:.2g} | {ms:.0f} |"
+      )
 
   if "minibatch" in output["parts"]:
     add("mini-batch", output["parts"]["minibatch"]["model"], output["parts"]["minibatch"]["results"])

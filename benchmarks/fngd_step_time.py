@@ -47,8 +47,7 @@ import optax  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from neuron_optax.capture import value_grad_and_stats  # noqa: E402
-from neuron_optax.fngd import fngd  # noqa: E402
+from neuron_optax import fngd, value_grad_and_stats  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -78,6 +77,7 @@ def make_steps(model, lr, alpha, steps_per_epoch, batch_size):
       loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
+
     return jax.jit(step, donate_argnums=(0, 1))
 
   def fngd_step_fn(tx):
@@ -85,18 +85,22 @@ def make_steps(model, lr, alpha, steps_per_epoch, batch_size):
       loss, grads, stats = value_grad_and_stats(loss_fn)(params, x, y)
       updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
       return optax.apply_updates(params, updates), opt_state, loss
+
     return jax.jit(step, donate_argnums=(0, 1))
 
   sgd = optax.sgd(lr, momentum=0.9)
-  shared = optax.chain(fngd(alpha, steps_per_epoch=steps_per_epoch, batch_size=batch_size),
-                       optax.sgd(lr, momentum=0.9))
+  shared = optax.chain(fngd(alpha, steps_per_epoch=steps_per_epoch, batch_size=batch_size), optax.sgd(lr, momentum=0.9))
   computing = optax.chain(
-      fngd(alpha, steps_per_epoch=steps_per_epoch, batch_size=batch_size, refresh_every_epochs=1),
-      optax.sgd(lr, momentum=0.9))
+    fngd(alpha, steps_per_epoch=steps_per_epoch, batch_size=batch_size, refresh_every_epochs=1),
+    optax.sgd(lr, momentum=0.9),
+  )
   unshared = optax.chain(fngd(alpha, share_coefficients=False), optax.sgd(lr, momentum=0.9))
-  return {"sgd": (sgd, sgd_step_fn(sgd)), "fngd_shared": (shared, fngd_step_fn(shared)),
-          "fngd_computing": (computing, fngd_step_fn(computing)),
-          "fngd_unshared": (unshared, fngd_step_fn(unshared))}
+  return {
+    "sgd": (sgd, sgd_step_fn(sgd)),
+    "fngd_shared": (shared, fngd_step_fn(shared)),
+    "fngd_computing": (computing, fngd_step_fn(computing)),
+    "fngd_unshared": (unshared, fngd_step_fn(unshared)),
+  }
 
 
 class Runner:
@@ -135,8 +139,10 @@ def main():
   rounds = args.rounds or (20 if args.quick else 6)
   model = MLP(widths)
   keys = jax.random.split(jax.random.PRNGKey(0), 2 * steps_per_epoch + 1)
-  data = [(jax.random.normal(keys[2 * k], (batch_size, 784)),
-           jax.random.randint(keys[2 * k + 1], (batch_size,), 0, 10)) for k in range(steps_per_epoch)]
+  data = [
+    (jax.random.normal(keys[2 * k], (batch_size, 784)), jax.random.randint(keys[2 * k + 1], (batch_size,), 0, 10))
+    for k in range(steps_per_epoch)
+  ]
   params = model.init(keys[-1], data[0][0][:1])["params"]
   steps = make_steps(model, args.lr, args.alpha, steps_per_epoch, batch_size)
   runners = {name: Runner(tx, step, params, data) for name, (tx, step) in steps.items()}
@@ -152,16 +158,22 @@ def main():
   ratios = {name: medians[name] / medians["sgd"] for name in medians if name != "sgd"}
 
   result = {
-      "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
-      "jax": jax.__version__, "python": platform.python_version(),
-      "setting": "quick" if args.quick else "full",
-      "model": "MLP 784-" + "-".join(map(str, widths)) + "-10", "batch_size": batch_size,
-      "steps_per_epoch": steps_per_epoch, "alpha": args.alpha,
-      "timed_steps": {name: len(t) for name, t in times.items()},
-      "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-      "median_step_seconds": medians, "ratio_to_sgd": ratios,
-      "last_loss": {name: float(runner.step(runner.params, runner.opt_state, *data[0])[2])
-                     for name, runner in runners.items()},
+    "device": str(jax.devices()[0]),
+    "device_kind": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "setting": "quick" if args.quick else "full",
+    "model": "MLP 784-" + "-".join(map(str, widths)) + "-10",
+    "batch_size": batch_size,
+    "steps_per_epoch": steps_per_epoch,
+    "alpha": args.alpha,
+    "timed_steps": {name: len(t) for name, t in times.items()},
+    "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+    "median_step_seconds": medians,
+    "ratio_to_sgd": ratios,
+    "last_loss": {
+      name: float(runner.step(runner.params, runner.opt_state, *data[0])[2]) for name, runner in runners.items()
+    },
   }
   print(f"{result['model']}, batch {batch_size}, {result['device']}")
   for name, seconds in medians.items():
@@ -169,8 +181,10 @@ def main():
     print(f"  {name:18s} {1e3 * seconds:9.2f} ms/step{ratio}")
 
   output = args.output or os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), "results",
-      f"fngd_step_time_{device_slug()}{'_quick' if args.quick else ''}.json")
+    os.path.dirname(os.path.abspath(__file__)),
+    "results",
+    f"fngd_step_time_{device_slug()}{'_quick' if args.quick else ''}.json",
+  )
   os.makedirs(os.path.dirname(output), exist_ok=True)
   with open(output, "w") as f:
     json.dump(result, f, indent=2)

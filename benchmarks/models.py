@@ -1,7 +1,8 @@
 """Models shared by the benchmarks, and the loss/step builders that train them.
 
 * :class:`MLP`: the paper's ReLU MLP (Benzing 2022, App. D.5: 784-1000-1000-1000-10;
-  here with biases and He initialisation, the library's convention).
+  here with biases and He initialisation), the demo's, from
+  :mod:`neuron_optax.examples.models`.
 * :class:`ResNet18`: the CIFAR variant of ResNet-18 (3x3 stem, no max-pool, four
   stages of two basic blocks, BatchNorm, global average pooling); ``width`` is the
   first stage's channel count (64 in the standard network).
@@ -20,29 +21,16 @@ mutable ``batch_stats`` collection.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from neuron_optax.capture import value_grad_and_stats
-
-
-class MLP(nn.Module):
-  """ReLU MLP with He-initialised dense layers; ``features`` ends with the classes."""
-
-  features: Sequence[int]
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    del train
-    x = x.reshape(x.shape[0], -1)
-    init = nn.initializers.he_normal()
-    for width in self.features[:-1]:
-      x = nn.relu(nn.Dense(width, kernel_init=init)(x))
-    return nn.Dense(self.features[-1], kernel_init=init)(x)
+import neuron_optax as nox
+from neuron_optax.examples.models import MLP
 
 
 class BasicBlock(nn.Module):
@@ -150,36 +138,81 @@ class Workload:
     return isinstance(self.model, ResNet18)
 
 
-def mlp_workload(batch_size: int, widths: Sequence[int] = (1000, 1000, 1000), *,
-                 inverse_every: int = 100, stats_window: int = 50, name: str | None = None) -> Workload:
+def mlp_workload(
+  batch_size: int,
+  widths: Sequence[int] = (1000, 1000, 1000),
+  *,
+  inverse_every: int = 100,
+  stats_window: int = 50,
+  name: str | None = None,
+) -> Workload:
   features = tuple(widths) + (10,)
   label = name or f"mlp{'-'.join(map(str, (784,) + features))}_b{batch_size}"
-  return Workload(label, MLP(features), (784,), batch_size, inverse_every, stats_window, True, 0.0,
-                  f"MLP 784-{'-'.join(map(str, features))}, batch {batch_size}, T={inverse_every}, "
-                  f"S={stats_window}")
+  return Workload(
+    label,
+    MLP(features),
+    (784,),
+    batch_size,
+    inverse_every,
+    stats_window,
+    True,
+    0.0,
+    f"MLP 784-{'-'.join(map(str, features))}, batch {batch_size}, T={inverse_every}, S={stats_window}",
+  )
 
 
-def resnet_workload(batch_size: int = 128, width: int = 64, *, inverse_every: int = 390,
-                    stats_window: int = 10, stage_sizes: Sequence[int] = (2, 2, 2, 2),
-                    name: str | None = None) -> Workload:
+def resnet_workload(
+  batch_size: int = 128,
+  width: int = 64,
+  *,
+  inverse_every: int = 390,
+  stats_window: int = 10,
+  stage_sizes: Sequence[int] = (2, 2, 2, 2),
+  name: str | None = None,
+) -> Workload:
   depth = 2 + 2 * sum(stage_sizes)
   label = name or f"resnet{depth}_w{width}_b{batch_size}"
-  return Workload(label, ResNet18(width, stage_sizes=tuple(stage_sizes)), (32, 32, 3), batch_size,
-                  inverse_every, stats_window, False, 0.0,
-                  f"ResNet-{depth} (CIFAR, BatchNorm) width {width}, 32x32x3, batch {batch_size}, "
-                  f"T={inverse_every}, S={stats_window}")
+  return Workload(
+    label,
+    ResNet18(width, stage_sizes=tuple(stage_sizes)),
+    (32, 32, 3),
+    batch_size,
+    inverse_every,
+    stats_window,
+    False,
+    0.0,
+    f"ResNet-{depth} (CIFAR, BatchNorm) width {width}, 32x32x3, batch {batch_size}, "
+    f"T={inverse_every}, S={stats_window}",
+  )
 
 
-def transformer_workload(batch_size: int = 32, tokens: int = 64, d_model: int = 256, heads: int = 4,
-                         depth: int = 4, features: int = 64, *, inverse_every: int = 100,
-                         stats_window: int = 50, name: str | None = None) -> Workload:
+def transformer_workload(
+  batch_size: int = 32,
+  tokens: int = 64,
+  d_model: int = 256,
+  heads: int = 4,
+  depth: int = 4,
+  features: int = 64,
+  *,
+  inverse_every: int = 100,
+  stats_window: int = 50,
+  name: str | None = None,
+) -> Workload:
   label = name or f"transformer_d{d_model}_l{depth}_t{tokens}_b{batch_size}"
   # Q Kᵀ and (softmax) V: 2 matmuls of tokens x tokens x d_model per block and example.
   attention = depth * batch_size * 2 * (2 * tokens * tokens * d_model)
-  return Workload(label, Transformer(d_model, heads, depth), (tokens, features), batch_size,
-                  inverse_every, stats_window, True, float(attention),
-                  f"Transformer {depth} blocks, d_model {d_model}, {heads} heads, {tokens} tokens of "
-                  f"{features} features, batch {batch_size}, T={inverse_every}, S={stats_window}")
+  return Workload(
+    label,
+    Transformer(d_model, heads, depth),
+    (tokens, features),
+    batch_size,
+    inverse_every,
+    stats_window,
+    True,
+    float(attention),
+    f"Transformer {depth} blocks, d_model {d_model}, {heads} heads, {tokens} tokens of "
+    f"{features} features, batch {batch_size}, T={inverse_every}, S={stats_window}",
+  )
 
 
 def init_variables(workload: Workload, seed: int = 0) -> dict[str, Any]:
@@ -204,8 +237,7 @@ def make_loss_fn(workload_or_model) -> Callable:
   return loss_fn
 
 
-def make_step(workload_or_model, tx: optax.GradientTransformation, fisher: str | None,
-              seed: int = 0) -> Callable:
+def make_step(workload_or_model, tx: optax.GradientTransformation, fisher: str | None, seed: int = 0) -> Callable:
   """``step(params, model_state, opt_state, x, y, step_index) -> (params, model_state, opt_state, loss)``.
 
   Not jitted. ``fisher=None``: ``jax.value_and_grad`` and ``tx.update(grads,
@@ -215,15 +247,18 @@ def make_step(workload_or_model, tx: optax.GradientTransformation, fisher: str |
   """
   loss_fn = make_loss_fn(workload_or_model)
   if fisher is None:
+
     def step(params, model_state, opt_state, x, y, step_index):
       del step_index
       (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state, x, y)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), model_state, opt_state, loss
+
     return step
 
-  capture = value_grad_and_stats(loss_fn, has_aux=True, fisher=fisher,
-                                 likelihood=None if fisher == "empirical" else "categorical")
+  capture = nox.value_grad_and_stats(
+    loss_fn, has_aux=True, fisher=fisher, likelihood=None if fisher == "empirical" else "categorical"
+  )
   base_key = jax.random.key(seed)
 
   def step(params, model_state, opt_state, x, y, step_index):
@@ -231,4 +266,5 @@ def make_step(workload_or_model, tx: optax.GradientTransformation, fisher: str |
     (loss, model_state), grads, stats = capture(params, model_state, x, y, **kwargs)
     updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
     return optax.apply_updates(params, updates), model_state, opt_state, loss
+
   return step

@@ -48,15 +48,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from flax.traverse_util import flatten_dict  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import models  # noqa: E402
-from neuron_optax import _params, data as nox_data, linalg  # noqa: E402
-from neuron_optax.capture import layer_name, value_grad_and_stats  # noqa: E402
-from neuron_optax.kfac import batch_factors, heuristic_pi, kfac_foof_similarity  # noqa: E402
+
+import neuron_optax as nox  # noqa: E402
+from neuron_optax import linalg  # noqa: E402
+from neuron_optax.examples import data as nox_data  # noqa: E402
 
 MODES = ("heuristic", "standard", "gradient")
 
@@ -76,13 +78,15 @@ def train_a_bit(model, dataset, steps: int, batch_size: int, lr: float, seed: in
 
 def layer_factors(grads, stats) -> dict[str, tuple]:
   """Per layer: the gradient matrix and the batch's ``A``, ``G`` (λ-independent)."""
-  shapes = _params.candidate_layers(grads)
-  flat = _params._flat(grads)
+  flat = flatten_dict(grads)
   out = {}
   for key, s in stats.items():
-    gradient = _params.gradient_matrix(flat, key, shapes[key]).astype(jnp.float32)
-    a, g = batch_factors(s, jnp.float32)
-    out[layer_name(key)] = (gradient, a, g)
+    # The layer's (d_in + 1, d_out) gradient matrix: the Dense kernel with the bias as last row.
+    kernel = flat[key + ("kernel",)].reshape(-1, s.d_out)
+    gradient = jnp.concatenate([kernel, flat[key + ("bias",)].reshape(1, s.d_out)]).astype(jnp.float32)
+    a = linalg.second_moment(s.augmented_inputs(jnp.float32))  # the batch's A and G, as kfac's
+    g = linalg.cotangent_second_moment(s.per_example_cotangents(jnp.float32))
+    out[common.layer_name(key)] = (gradient, a, g)
   return out
 
 
@@ -97,7 +101,7 @@ def layer_cosines(gradient, a, g, a_eigh, g_eigh, damping):
   The heuristic one is ``kfac_foof_similarity``'s formula (checked against it
   in :func:`similarities`); the standard one uses ``kfac``'s eigenbasis solve.
   """
-  pi = heuristic_pi(a, g)
+  pi = jnp.sqrt((jnp.trace(a) / a.shape[0]) / (jnp.trace(g) / g.shape[0]))  # Martens & Grosse's π
   root = jnp.sqrt(damping)
   a_inverse = linalg.damped_inverse(a, pi * root)
   foof = a_inverse @ gradient
@@ -121,7 +125,7 @@ def similarities(grads, stats, dampings, check: bool = False) -> tuple[dict, flo
   if check:
     deviation = 0.0
     for i in sorted({0, len(dampings) // 2, len(dampings) - 1}):
-      reference = kfac_foof_similarity(grads, stats, float(dampings[i]))
+      reference = nox.kfac_foof_similarity(grads, stats, float(dampings[i]))
       for layer, value in reference.items():
         deviation = max(deviation, abs(float(value) - out["heuristic"][layer][i]))
   return out, deviation
@@ -130,6 +134,7 @@ def similarities(grads, stats, dampings, check: bool = False) -> tuple[dict, flo
 def plot(summary: dict[str, Any], dampings, path: str, title: str) -> bool:
   try:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
@@ -137,9 +142,11 @@ def plot(summary: dict[str, Any], dampings, path: str, title: str) -> bool:
     return False
   layers = list(summary["heuristic"])
   fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.6), squeeze=False, sharey=True)
-  styles = {"heuristic": ("KFAC, heuristic damping", "-", "tab:blue"),
-            "standard": ("KFAC, standard damping", "--", "tab:red"),
-            "gradient": ("gradient (SGD direction)", ":", "tab:gray")}
+  styles = {
+    "heuristic": ("KFAC, heuristic damping", "-", "tab:blue"),
+    "standard": ("KFAC, standard damping", "--", "tab:red"),
+    "gradient": ("gradient (SGD direction)", ":", "tab:gray"),
+  }
   for ax, layer in zip(axes[0], layers):
     for mode in MODES:
       label, style, color = styles[mode]
@@ -198,8 +205,11 @@ def main(argv=None) -> dict[str, Any]:
     logits = model.apply({"params": params}, images)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  capture = jax.jit(value_grad_and_stats(loss_fn, fisher=args.fisher,
-                                         likelihood=None if args.fisher == "empirical" else "categorical"))
+  capture = jax.jit(
+    nox.value_grad_and_stats(
+      loss_fn, fisher=args.fisher, likelihood=None if args.fisher == "empirical" else "categorical"
+    )
+  )
   batches = nox_data.batches(dataset, args.batch_size, seed=args.seed + 1, epochs=None)
   per_batch, check = [], None
   for b in range(args.batches):
@@ -211,12 +221,22 @@ def main(argv=None) -> dict[str, Any]:
     if deviation is not None:
       check = deviation
       print(f"  heuristic cosines vs nox.kfac_foof_similarity: max |difference| {deviation:.2e}", flush=True)
-    print(f"  batch {b}: " + ", ".join(f"{layer} {v[0]:.2f}..{v[-1]:.2f}"
-                                        for layer, v in per_batch[-1]["heuristic"].items()), flush=True)
+    print(
+      f"  batch {b}: "
+      + ", ".join(f"{layer} {v[0]:.2f}..{v[-1]:.2f}" for layer, v in per_batch[-1]["heuristic"].items()),
+      flush=True,
+    )
 
-  summary = {mode: {layer: {"mean": list(np.mean([pb[mode][layer] for pb in per_batch], 0)),
-                            "std": list(np.std([pb[mode][layer] for pb in per_batch], 0))}
-                    for layer in per_batch[0][mode]} for mode in MODES}
+  summary = {
+    mode: {
+      layer: {
+        "mean": list(np.mean([pb[mode][layer] for pb in per_batch], 0)),
+        "std": list(np.std([pb[mode][layer] for pb in per_batch], 0)),
+      }
+      for layer in per_batch[0][mode]
+    }
+    for mode in MODES
+  }
   suffix = "_quick" if args.quick else ""
   os.makedirs(args.output_dir, exist_ok=True)
   base = os.path.join(args.output_dir, f"similarity{suffix}")
@@ -227,13 +247,22 @@ def main(argv=None) -> dict[str, Any]:
       for mode in MODES:
         for layer, values in pb[mode].items():
           writer.writerows([mode, layer, d, b, v] for d, v in zip(args.dampings, values))
-  title = (f"KFAC vs FOOF cosine similarity, {name} after {args.train_steps} SGD steps, {args.fisher} Fisher, "
-           f"mean ± std over {args.batches} batches of {args.batch_size} (cf. Benzing 2022, Fig. 3B)")
+  title = (
+    f"KFAC vs FOOF cosine similarity, {name} after {args.train_steps} SGD steps, {args.fisher} Fisher, "
+    f"mean ± std over {args.batches} batches of {args.batch_size} (cf. Benzing 2022, Fig. 3B)"
+  )
   plotted = plot(summary, args.dampings, base + ".png", title)
-  result = {"machine": info, "args": vars(args), "model": name, "train_loss": train_loss,
-            "dampings": args.dampings, "summary": summary,
-            "max_difference_from_kfac_foof_similarity": check, "plot": base + ".png" if plotted else None,
-            "total_seconds": time.perf_counter() - started}
+  result = {
+    "machine": info,
+    "args": vars(args),
+    "model": name,
+    "train_loss": train_loss,
+    "dampings": args.dampings,
+    "summary": summary,
+    "max_difference_from_kfac_foof_similarity": check,
+    "plot": base + ".png" if plotted else None,
+    "total_seconds": time.perf_counter() - started,
+  }
   with open(base + ".json", "w") as f:
     json.dump(result, f, indent=1, default=float)
   print("\n| layer | mode | " + " | ".join(f"λ={d:.0e}" for d in args.dampings[::3]) + " |")

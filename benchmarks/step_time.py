@@ -103,13 +103,19 @@ MODEL_NAMES = ("mlp_b100", "mlp_b1000", "resnet18", "transformer")
 # Hyperparameters only matter for timing insofar as the run must stay finite (a non-finite
 # Cholesky would take the eigendecomposition fallback); small steps on random data do.
 HYPERPARAMETERS = {
-    "sgd": {"lr": 1e-3}, "adam": {"lr": 1e-4},
-    "foof": {"lr": 1e-3, "damping": 1.0}, "kfac": {"lr": 1e-3, "damping": 1.0},
-    "kfac_standard": {"lr": 1e-3, "damping": 1.0}, "kfac_empirical": {"lr": 1e-3, "damping": 1.0},
-    "foof_phased": {"lr": 1e-3, "damping": 1.0}, "kfac_phased": {"lr": 1e-3, "damping": 1.0},
-    "fngd": {"lr": 1e-3, "alpha": 0.1}, "fngd_auto": {"lr": 1e-3, "alpha": 0.1},
-    "fngd_unshared": {"lr": 1e-3, "alpha": 0.1},
-    "natural_gradient": {"lr": 1e-3, "damping": 1.0}, "natural_gradient_block": {"lr": 1e-3, "damping": 1.0},
+  "sgd": {"lr": 1e-3},
+  "adam": {"lr": 1e-4},
+  "foof": {"lr": 1e-3, "damping": 1.0},
+  "kfac": {"lr": 1e-3, "damping": 1.0},
+  "kfac_standard": {"lr": 1e-3, "damping": 1.0},
+  "kfac_empirical": {"lr": 1e-3, "damping": 1.0},
+  "foof_phased": {"lr": 1e-3, "damping": 1.0},
+  "kfac_phased": {"lr": 1e-3, "damping": 1.0},
+  "fngd": {"lr": 1e-3, "alpha": 0.1},
+  "fngd_auto": {"lr": 1e-3, "alpha": 0.1},
+  "fngd_unshared": {"lr": 1e-3, "alpha": 0.1},
+  "natural_gradient": {"lr": 1e-3, "damping": 1.0},
+  "natural_gradient_block": {"lr": 1e-3, "damping": 1.0},
 }
 
 
@@ -118,21 +124,23 @@ def workloads(args) -> dict[str, models.Workload]:
   if args.quick:
     t, s = 10, 5
     out = {
-        "mlp_b100": models.mlp_workload(100, (256, 256), inverse_every=t, stats_window=s),
-        "mlp_b1000": models.mlp_workload(1000, (256, 256), inverse_every=t, stats_window=s),
-        "resnet18": models.resnet_workload(args.resnet_batch or 16, args.resnet_width or 8,
-                                           inverse_every=t, stats_window=s, stage_sizes=(1, 1, 1, 1)),
-        "transformer": models.transformer_workload(16, tokens=16, d_model=64, heads=4, depth=1, features=32,
-                                                   inverse_every=t, stats_window=s),
+      "mlp_b100": models.mlp_workload(100, (256, 256), inverse_every=t, stats_window=s),
+      "mlp_b1000": models.mlp_workload(1000, (256, 256), inverse_every=t, stats_window=s),
+      "resnet18": models.resnet_workload(
+        args.resnet_batch or 16, args.resnet_width or 8, inverse_every=t, stats_window=s, stage_sizes=(1, 1, 1, 1)
+      ),
+      "transformer": models.transformer_workload(
+        16, tokens=16, d_model=64, heads=4, depth=1, features=32, inverse_every=t, stats_window=s
+      ),
     }
   else:
     width = args.resnet_width or (16 if on_cpu else 64)
     batch = args.resnet_batch or (32 if on_cpu else 128)
     out = {
-        "mlp_b100": models.mlp_workload(100),
-        "mlp_b1000": models.mlp_workload(1000),
-        "resnet18": models.resnet_workload(batch, width),
-        "transformer": models.transformer_workload(32, tokens=64, d_model=256, heads=4, depth=4, features=64),
+      "mlp_b100": models.mlp_workload(100),
+      "mlp_b1000": models.mlp_workload(1000),
+      "resnet18": models.resnet_workload(batch, width),
+      "transformer": models.transformer_workload(32, tokens=64, d_model=256, heads=4, depth=4, features=64),
     }
   return {name: out[name] for name in args.models}
 
@@ -149,9 +157,13 @@ class Runner:
     self.name, self.workload, self.batches = name, workload, batches
     method = common.METHODS[name]
     self.amortised = method.amortised
-    tx = method.make(HYPERPARAMETERS[name], inverse_every=workload.inverse_every,
-                     stats_window=workload.stats_window, steps_per_epoch=fngd_epoch,
-                     batch_size=workload.batch_size)
+    tx = method.make(
+      HYPERPARAMETERS[name],
+      inverse_every=workload.inverse_every,
+      stats_window=workload.stats_window,
+      steps_per_epoch=fngd_epoch,
+      batch_size=workload.batch_size,
+    )
     self.params = jax.tree.map(jnp.copy, variables["params"])
     self.model_state = jax.tree.map(jnp.copy, {k: v for k, v in variables.items() if k != "params"})
     self.opt_state = tx.init(self.params)
@@ -162,23 +174,36 @@ class Runner:
 
       def compile_step(tx):
         step = models.make_step(workload, tx, method.fisher)
-        return jax.jit(step, donate_argnums=(0, 1, 2)).lower(
-            self.params, self.model_state, self.opt_state, x, y, np.int32(0)).compile()
+        return (
+          jax.jit(step, donate_argnums=(0, 1, 2))
+          .lower(self.params, self.model_state, self.opt_state, x, y, np.int32(0))
+          .compile()
+        )
 
       self.by_phase = {}
       if method.phased and method.amortised:  # FOOF/KFAC: one compiled step per phase
         self.warmup_steps = 0
-        self.by_phase = {phase: compile_step(method.make(
-            HYPERPARAMETERS[name], inverse_every=workload.inverse_every,
-            stats_window=workload.stats_window, phase=phase))
-            for phase in ("plain", "statistics", "inversion")}
+        self.by_phase = {
+          phase: compile_step(
+            method.make(
+              HYPERPARAMETERS[name],
+              inverse_every=workload.inverse_every,
+              stats_window=workload.stats_window,
+              phase=phase,
+            )
+          )
+          for phase in ("plain", "statistics", "inversion")
+        }
       elif method.phased:  # FNGD's Python-level switch: computing epoch, then the reusing step
         self.warmup_steps = fngd_epoch
-        self.warmup_compiled = compile_step(method.make(
-            HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch, batch_size=workload.batch_size,
-            phase="compute"))
-        tx = method.make(HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch,
-                         batch_size=workload.batch_size, phase="reuse")
+        self.warmup_compiled = compile_step(
+          method.make(
+            HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch, batch_size=workload.batch_size, phase="compute"
+          )
+        )
+        tx = method.make(
+          HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch, batch_size=workload.batch_size, phase="reuse"
+        )
       else:
         self.warmup_steps = 0
       self.compiled = self.by_phase["plain"] if self.by_phase else compile_step(tx)
@@ -207,7 +232,8 @@ class Runner:
     """Enqueues the next step (not waited for) and returns its loss."""
     x, y = self.batches[self.count % len(self.batches)]
     self.params, self.model_state, self.opt_state, loss = self.step_function()(
-        self.params, self.model_state, self.opt_state, x, y, np.int32(self.count))
+      self.params, self.model_state, self.opt_state, x, y, np.int32(self.count)
+    )
     self.count += 1
     return loss
 
@@ -293,11 +319,11 @@ def summarise(runner: Runner, contiguous: bool) -> dict[str, Any]:
   times = runner.times
   medians = {k: statistics.median(v) for k, v in times.items() if v}
   out: dict[str, Any] = {
-      "timed_steps": {k: len(v) for k, v in times.items()},
-      "median_seconds_by_kind": medians,
-      "compile_seconds": runner.compile_seconds,
-      "xla_flops": runner.xla_flops,
-      "final_loss": runner.loss,
+    "timed_steps": {k: len(v) for k, v in times.items()},
+    "median_seconds_by_kind": medians,
+    "compile_seconds": runner.compile_seconds,
+    "xla_flops": runner.xla_flops,
+    "final_loss": runner.loss,
   }
   out["median_step_seconds"] = medians.get("plain", statistics.median(runner.sequence))
   if runner.amortised:
@@ -318,8 +344,13 @@ def summarise(runner: Runner, contiguous: bool) -> dict[str, Any]:
 def synthetic_batches(w: models.Workload, count: int) -> list[tuple[jax.Array, jax.Array]]:
   """``count`` batches of standard-normal inputs and uniform labels of 10 classes, on the device."""
   keys = jax.random.split(jax.random.key(1), 2 * count)
-  return [(jax.random.normal(keys[2 * i], (w.batch_size,) + w.input_shape, jnp.float32),
-           jax.random.randint(keys[2 * i + 1], (w.batch_size,), 0, 10)) for i in range(count)]
+  return [
+    (
+      jax.random.normal(keys[2 * i], (w.batch_size,) + w.input_shape, jnp.float32),
+      jax.random.randint(keys[2 * i + 1], (w.batch_size,), 0, 10),
+    )
+    for i in range(count)
+  ]
 
 
 def benchmark_workload(name: str, w: models.Workload, methods: list[str], args) -> dict[str, Any]:
@@ -341,8 +372,9 @@ def benchmark_workload(name: str, w: models.Workload, methods: list[str], args) 
   for m, r in runners.items():  # warm-up: first re-factorisation, FNGD's computing epoch
     r.run(args.fngd_epoch + 2 if m.startswith("fngd") else 2, record=False)
 
-  steps = args.steps or (2 * w.inverse_every if args.quick else
-                         (w.inverse_every if w.inverse_every <= 100 else 6 * w.stats_window))
+  steps = args.steps or (
+    2 * w.inverse_every if args.quick else (w.inverse_every if w.inverse_every <= 100 else 6 * w.stats_window)
+  )
   contiguous = steps >= w.inverse_every
   if contiguous:
     steps = math.ceil(steps / w.inverse_every) * w.inverse_every  # whole periods
@@ -362,7 +394,7 @@ def benchmark_workload(name: str, w: models.Workload, methods: list[str], args) 
     for m, r in runners.items():
       step, fraction = pipelined(r, 1, args.pipelined_steps)
       results[m].setdefault("_pipelined", []).append((step, fraction))
-  for m, res in results.items():
+  for res in results.values():
     samples = res.pop("_pipelined")
     res["pipelined_step_seconds"] = statistics.median(t for t, _ in samples)
     res["dispatch_fraction"] = statistics.median(f for _, f in samples)
@@ -374,25 +406,34 @@ def benchmark_workload(name: str, w: models.Workload, methods: list[str], args) 
     if sgd:
       res["ratio_median"] = res["median_step_seconds"] / sgd["median_step_seconds"]
       res["ratio_pipelined"] = res["pipelined_step_seconds"] / sgd["pipelined_step_seconds"]
-      res["ratio_period_mean"] = (res["period_mean_seconds"] / sgd["median_step_seconds"]
-                                  if res["period_mean_seconds"] else None)
-      res["measured_over_floor"] = (res["ratio_period_mean"] / floors["period_mean"]
-                                    if res["ratio_period_mean"] else None)
+      res["ratio_period_mean"] = (
+        res["period_mean_seconds"] / sgd["median_step_seconds"] if res["period_mean_seconds"] else None
+      )
+      res["measured_over_floor"] = (
+        res["ratio_period_mean"] / floors["period_mean"] if res["ratio_period_mean"] else None
+      )
       if res["xla_flops"] and sgd["xla_flops"]:
         res["xla_flops_ratio"] = res["xla_flops"] / sgd["xla_flops"]
   xla_model = sgd["xla_flops"] / flops["model"] if sgd and sgd["xla_flops"] else None
   return {
-      "description": w.description, "batch_size": w.batch_size, "inverse_every": w.inverse_every,
-      "xla_over_analytic_model_flops": xla_model,
-      "stats_window": w.stats_window, "timed_steps_per_method": steps,
-      "timing": "consecutive whole periods" if contiguous else "rounds jumping to the statistics window",
-      "timing_seconds": timing_seconds,
-      "analytic_flops": {"model_step": flops["model"], "forward": flops["forward"],
-                         "mc_extra_backward": flops["mc_backward"],
-                         "fngd_computing_epoch_extra_per_step": flops["fngd_computing_epoch_extra"],
-                         "extra": flops["extra"]},
-      "layers": [vars(l) for l in geometry],
-      "skipped_methods": skipped, "methods": results,
+    "description": w.description,
+    "batch_size": w.batch_size,
+    "inverse_every": w.inverse_every,
+    "xla_over_analytic_model_flops": xla_model,
+    "stats_window": w.stats_window,
+    "timed_steps_per_method": steps,
+    "timing": "consecutive whole periods" if contiguous else "rounds jumping to the statistics window",
+    "timing_seconds": timing_seconds,
+    "analytic_flops": {
+      "model_step": flops["model"],
+      "forward": flops["forward"],
+      "mc_extra_backward": flops["mc_backward"],
+      "fngd_computing_epoch_extra_per_step": flops["fngd_computing_epoch_extra"],
+      "extra": flops["extra"],
+    },
+    "layers": [vars(l) for l in geometry],
+    "skipped_methods": skipped,
+    "methods": results,
   }
 
 
@@ -400,24 +441,44 @@ def benchmark_workload(name: str, w: models.Workload, methods: list[str], args) 
 # Output
 # --------------------------------------------------------------------------- #
 
-COLUMNS = ("model", "method", "median_ms", "period_mean_ms", "pipelined_ms", "ratio_median", "ratio_period_mean",
-           "ratio_pipelined",
-           "floor_step", "floor_period_mean", "measured_over_floor", "xla_flops_ratio", "compile_s")
+COLUMNS = (
+  "model",
+  "method",
+  "median_ms",
+  "period_mean_ms",
+  "pipelined_ms",
+  "ratio_median",
+  "ratio_period_mean",
+  "ratio_pipelined",
+  "floor_step",
+  "floor_period_mean",
+  "measured_over_floor",
+  "xla_flops_ratio",
+  "compile_s",
+)
 
 
 def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
   out = []
   for model, wres in result["workloads"].items():
     for m, r in wres["methods"].items():
-      out.append({
-          "model": model, "method": m, "median_ms": 1e3 * r["median_step_seconds"],
+      out.append(
+        {
+          "model": model,
+          "method": m,
+          "median_ms": 1e3 * r["median_step_seconds"],
           "period_mean_ms": 1e3 * r["period_mean_seconds"] if r["period_mean_seconds"] else None,
           "pipelined_ms": 1e3 * r["pipelined_step_seconds"],
-          "ratio_median": r.get("ratio_median"), "ratio_period_mean": r.get("ratio_period_mean"),
+          "ratio_median": r.get("ratio_median"),
+          "ratio_period_mean": r.get("ratio_period_mean"),
           "ratio_pipelined": r.get("ratio_pipelined"),
-          "floor_step": r["floor_step"], "floor_period_mean": r["floor_period_mean"],
-          "measured_over_floor": r.get("measured_over_floor"), "xla_flops_ratio": r.get("xla_flops_ratio"),
-          "compile_s": r["compile_seconds"]})
+          "floor_step": r["floor_step"],
+          "floor_period_mean": r["floor_period_mean"],
+          "measured_over_floor": r.get("measured_over_floor"),
+          "xla_flops_ratio": r.get("xla_flops_ratio"),
+          "compile_s": r["compile_seconds"],
+        }
+      )
   return out
 
 
@@ -428,28 +489,35 @@ def fmt(value, spec: str) -> str:
 def print_table(result: dict[str, Any]) -> str:
   lines = []
   for model, wres in result["workloads"].items():
-    lines.append(f"\n{model}: {wres['description']}  ({wres['timing']}, {wres['timed_steps_per_method']} "
-                 "timed steps per method)")
-    lines.append("| method | median ms | period-mean ms | pipelined ms | ratio (median) | ratio (mean) | "
-                 "ratio (pipelined) | floor (step) | floor (mean) | measured/floor | XLA FLOPs ratio | "
-                 "dispatch fraction |")
+    lines.append(
+      f"\n{model}: {wres['description']}  ({wres['timing']}, {wres['timed_steps_per_method']} timed steps per method)"
+    )
+    lines.append(
+      "| method | median ms | period-mean ms | pipelined ms | ratio (median) | ratio (mean) | "
+      "ratio (pipelined) | floor (step) | floor (mean) | measured/floor | XLA FLOPs ratio | "
+      "dispatch fraction |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m, r in wres["methods"].items():
       lines.append(
-          f"| {m} | {fmt(1e3 * r['median_step_seconds'], '.2f')} | "
-          f"{fmt(r['period_mean_seconds'] and 1e3 * r['period_mean_seconds'], '.2f')} | "
-          f"{fmt(1e3 * r['pipelined_step_seconds'], '.2f')} | "
-          f"{fmt(r.get('ratio_median'), '.2f')} | {fmt(r.get('ratio_period_mean'), '.2f')} | "
-          f"{fmt(r.get('ratio_pipelined'), '.2f')} | "
-          f"{fmt(r['floor_step'], '.2f')} | {fmt(r['floor_period_mean'], '.2f')} | "
-          f"{fmt(r.get('measured_over_floor'), '.2f')} | {fmt(r.get('xla_flops_ratio'), '.2f')} | "
-          f"{fmt(r.get('dispatch_fraction'), '.2f')} |")
+        f"| {m} | {fmt(1e3 * r['median_step_seconds'], '.2f')} | "
+        f"{fmt(r['period_mean_seconds'] and 1e3 * r['period_mean_seconds'], '.2f')} | "
+        f"{fmt(1e3 * r['pipelined_step_seconds'], '.2f')} | "
+        f"{fmt(r.get('ratio_median'), '.2f')} | {fmt(r.get('ratio_period_mean'), '.2f')} | "
+        f"{fmt(r.get('ratio_pipelined'), '.2f')} | "
+        f"{fmt(r['floor_step'], '.2f')} | {fmt(r['floor_period_mean'], '.2f')} | "
+        f"{fmt(r.get('measured_over_floor'), '.2f')} | {fmt(r.get('xla_flops_ratio'), '.2f')} | "
+        f"{fmt(r.get('dispatch_fraction'), '.2f')} |"
+      )
     if wres["xla_over_analytic_model_flops"]:
-      lines.append(f"XLA cost analysis of the SGD step / analytic model FLOPs "
-                   f"({wres['analytic_flops']['model_step']:.3g}): {wres['xla_over_analytic_model_flops']:.3f}")
+      lines.append(
+        f"XLA cost analysis of the SGD step / analytic model FLOPs "
+        f"({wres['analytic_flops']['model_step']:.3g}): {wres['xla_over_analytic_model_flops']:.3f}"
+      )
     if wres["skipped_methods"]:
-      lines.append(f"(not run here: {', '.join(wres['skipped_methods'])} — m x m systems over conv "
-                   "positions are not affordable)")
+      lines.append(
+        f"(not run here: {', '.join(wres['skipped_methods'])} — m x m systems over conv positions are not affordable)"
+      )
   text = "\n".join(lines)
   print(text, flush=True)
   return text
@@ -459,16 +527,25 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="small models, T=10, S=5 (< 2 min on 2 CPU cores)")
   parser.add_argument("--models", default=",".join(MODEL_NAMES), help=f"comma-separated from {MODEL_NAMES}")
-  parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                      help=f"comma-separated from {tuple(common.METHODS)} (sgd is always added)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="timed steps per method (default: one period T, 2T with --quick; ResNet 6S)")
+  parser.add_argument(
+    "--methods",
+    default=",".join(DEFAULT_METHODS),
+    help=f"comma-separated from {tuple(common.METHODS)} (sgd is always added)",
+  )
+  parser.add_argument(
+    "--steps", type=int, default=None, help="timed steps per method (default: one period T, 2T with --quick; ResNet 6S)"
+  )
   parser.add_argument("--block", type=int, default=5, help="steps per interleaved timing block")
   parser.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled through")
-  parser.add_argument("--pipelined-blocks", type=int, default=5,
-                      help="blocks of back-to-back (not waited-for) steps per method")
-  parser.add_argument("--pipelined-steps", type=int, default=20,
-                      help="steps per pipelined block (FOOF/KFAC: at most the plain steps before the window)")
+  parser.add_argument(
+    "--pipelined-blocks", type=int, default=5, help="blocks of back-to-back (not waited-for) steps per method"
+  )
+  parser.add_argument(
+    "--pipelined-steps",
+    type=int,
+    default=20,
+    help="steps per pipelined block (FOOF/KFAC: at most the plain steps before the window)",
+  )
   parser.add_argument("--fngd-epoch", type=int, default=5, help="FNGD steps_per_epoch (computing epoch, untimed)")
   parser.add_argument("--resnet-width", type=int, default=None, help="ResNet first-stage channels")
   parser.add_argument("--resnet-batch", type=int, default=None, help="ResNet batch size")
@@ -490,19 +567,30 @@ def parse_args(argv=None):
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
   info = common.machine_info()
-  print(f"{info['device']} ({info['cpu_model']}, {info['cpu_count']} CPUs), jax {info['jax']}, "
-        f"load average {info['load_average_1_5_15min']}", flush=True)
+  print(
+    f"{info['device']} ({info['cpu_model']}, {info['cpu_count']} CPUs), jax {info['jax']}, "
+    f"load average {info['load_average_1_5_15min']}",
+    flush=True,
+  )
   started = time.perf_counter()
-  result = {"machine": info, "setting": "quick" if args.quick else "full", "args": vars(args),
-            "hyperparameters": HYPERPARAMETERS, "workloads": {}}
+  result = {
+    "machine": info,
+    "setting": "quick" if args.quick else "full",
+    "args": vars(args),
+    "hyperparameters": HYPERPARAMETERS,
+    "workloads": {},
+  }
   for name, w in workloads(args).items():
     result["workloads"][name] = benchmark_workload(name, w, list(args.methods), args)
   result["total_seconds"] = time.perf_counter() - started
   result["machine"]["load_average_at_end"] = common.load_average()
   result["table_markdown"] = print_table(result)
 
-  base = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"step_time_{common.device_slug()}{'_quick' if args.quick else ''}")
+  base = args.output or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    "results",
+    f"step_time_{common.device_slug()}{'_quick' if args.quick else ''}",
+  )
   os.makedirs(os.path.dirname(base), exist_ok=True)
   with open(base + ".json", "w") as f:
     json.dump(result, f, indent=2, default=float)
@@ -510,8 +598,10 @@ def main(argv=None) -> dict[str, Any]:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows(result))
-  print(f"\ntotal {result['total_seconds']:.0f} s; load average {info['load_average_1_5_15min']} -> "
-        f"{result['machine']['load_average_at_end']}; wrote {base}.json and .csv")
+  print(
+    f"\ntotal {result['total_seconds']:.0f} s; load average {info['load_average_1_5_15min']} -> "
+    f"{result['machine']['load_average_at_end']}; wrote {base}.json and .csv"
+  )
   return result
 
 

@@ -35,7 +35,8 @@ them in a table of shape ``(steps_per_epoch, batch_size)`` per layer, and at
 step ``k`` of a later epoch reuses row ``k mod steps_per_epoch`` with the *new*
 batch's inputs and cotangents: a fixed weighted sum, as cheap as SGD's mean.
 The Gram matrix and its solve run inside a ``jax.lax.cond`` branch that is only
-taken in computing epochs, so shared steps never execute them.
+taken in computing epochs, so shared steps never execute them; the schedule and
+the conditional are the shared ones of :mod:`neuron_optax.amortisation`.
 ``refresh_every_epochs=R`` recomputes the table during epochs ``0, R, 2R, …``;
 ``share_coefficients=False`` recomputes every step (the "w/o sharing" ablation,
 exact block-diagonal damped empirical-Fisher NGD up to the scale above).
@@ -65,12 +66,14 @@ Design decisions:
 * If a computing step's coefficients are not finite (non-finite statistics),
   the stored row falls back to the SGD coefficients ``1/n`` so one bad batch
   does not poison all later epochs. That step's own direction is built from
-  the non-finite rows; the shared layer mapping (``_params.map_layers``)
+  the non-finite rows; the shared layer mapping (``param_layout.map_layers``)
   replaces a non-finite direction by zeros, so the layer takes no step.
 * The Gram matrix is normalised by its largest entry before ``λ`` and the
   solve (``c`` is unchanged mathematically), so tiny or huge gradients neither
   underflow nor overflow the norm. ``I + K/λ`` has eigenvalues in
-  ``[1, 1 + 1/α]``, so the Cholesky solve is well conditioned for any ``α``.
+  ``[1, 1 + 1/α]``, so the Cholesky solve (the shared
+  :func:`neuron_optax.linalg.damped_solve`, with its eigendecomposition
+  fallback) is well conditioned for any ``α``.
 * A layer whose Gram matrix is zero (all per-example gradients zero) gets the
   limit ``c = 1/n``.
 
@@ -87,14 +90,14 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.scipy import linalg as jsl
 
-from neuron_optax import _factors, _params, linalg
-from neuron_optax.capture import LayerKey, LayerStats, Stats, layer_name
+from neuron_optax import amortisation, hyperparams, linalg, param_layout
+from neuron_optax.layer_stats import LayerKey, LayerStats, Stats, layer_name
 
-
-Phase = Literal["auto", "compute", "reuse"]
-_PHASES = ("auto", "compute", "reuse")
+Phase = Literal["auto", "plain", "inversion", "compute", "reuse"]
+# FNGD's steps solve for their coefficients ("inversion") or reuse the stored ones ("plain");
+# "compute" and "reuse" are the names of earlier releases.
+_PHASE_ALIASES = {"compute": "inversion", "reuse": "plain"}
 
 
 class FngdLayerState(NamedTuple):
@@ -106,37 +109,28 @@ class FngdState(NamedTuple):
   layers: dict[str, FngdLayerState]  # empty without sharing
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs,
-              phase) -> None:
-  if phase not in _PHASES:
-    raise ValueError(f"fngd: phase must be 'auto', 'compute' or 'reuse', got {phase!r}.")
+def _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs, phase) -> None:
+  amortisation.validate_phase("fngd", phase, ("auto", "plain", "inversion") + tuple(_PHASE_ALIASES))
+  hyperparams.check_bool("fngd", "share_coefficients", share_coefficients)
   if phase != "auto" and not share_coefficients:
-    raise ValueError("fngd: phase only applies with share_coefficients=True (without sharing every "
-                     "step computes its coefficients).")
-  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < float("inf"):
-    raise ValueError(f"fngd: alpha must be a positive finite number (λ = α‖K‖_F), got {alpha!r}.")
-  if not isinstance(share_coefficients, bool):
-    raise ValueError(f"fngd: share_coefficients must be True or False, got {share_coefficients!r}.")
+    raise ValueError(
+      "fngd: phase only applies with share_coefficients=True (without sharing every step computes its coefficients)."
+    )
+  hyperparams.check_positive("fngd", "alpha", alpha, finite=True, explain=" (λ = α‖K‖_F)")
   for name, value in (("steps_per_epoch", steps_per_epoch), ("batch_size", batch_size)):
-    if value is None:
-      if share_coefficients:
-        raise ValueError(
-            f"fngd: {name} is required with share_coefficients=True: the coefficient table has one "
-            "row per step of an epoch and one entry per example of a batch, and its shape is fixed "
-            "at init. Pass steps_per_epoch=<batches per epoch>, batch_size=<examples per batch>.")
-    elif not _is_int(value) or value < 1:
-      raise ValueError(f"fngd: {name} must be an integer >= 1, got {value!r}.")
-  if refresh_every_epochs is not None:
-    if not share_coefficients:
-      raise ValueError("fngd: refresh_every_epochs only applies with share_coefficients=True "
-                       "(without sharing the coefficients are recomputed every step).")
-    if not _is_int(refresh_every_epochs) or refresh_every_epochs < 1:
+    if value is None and share_coefficients:
       raise ValueError(
-          f"fngd: refresh_every_epochs must be None or an integer >= 1, got {refresh_every_epochs!r}.")
+        f"fngd: {name} is required with share_coefficients=True: the coefficient table has one "
+        "row per step of an epoch and one entry per example of a batch, and its shape is fixed "
+        "at init. Pass steps_per_epoch=<batches per epoch>, batch_size=<examples per batch>."
+      )
+    hyperparams.check_integer("fngd", name, value, optional=True)
+  if refresh_every_epochs is not None and not share_coefficients:
+    raise ValueError(
+      "fngd: refresh_every_epochs only applies with share_coefficients=True "
+      "(without sharing the coefficients are recomputed every step)."
+    )
+  hyperparams.check_integer("fngd", "refresh_every_epochs", refresh_every_epochs, optional=True)
 
 
 def empirical_rows(stats: LayerStats, dtype) -> tuple[jax.Array, jax.Array]:
@@ -157,9 +151,7 @@ def coefficients(gram: jax.Array, alpha: float) -> jax.Array:
   scale = jnp.max(jnp.abs(gram))
   gram = gram / jnp.where(scale > 0, scale, 1)
   lam = alpha * jnp.sqrt(jnp.sum(gram * gram))
-  system = (gram + gram.T) / (2 * jnp.where(lam > 0, lam, 1)) + jnp.eye(n, dtype=gram.dtype)
-  factor = jsl.cho_factor(system, lower=True)
-  return jsl.cho_solve(factor, jnp.full((n,), 1 / n, gram.dtype))
+  return linalg.damped_solve(gram / jnp.where(lam > 0, lam, 1), 1.0, jnp.full((n,), 1 / n, gram.dtype))
 
 
 def layer_coefficients(stats: LayerStats, alpha: float, dtype) -> jax.Array:
@@ -186,14 +178,14 @@ def weighted_direction(stats: LayerStats, weights: jax.Array, dtype) -> jax.Arra
 
 
 def fngd(
-    alpha: float,
-    *,
-    steps_per_epoch: int | None = None,
-    batch_size: int | None = None,
-    share_coefficients: bool = True,
-    refresh_every_epochs: int | None = None,
-    phase: Phase = "auto",
-    kernel_input_ndim: _params.KernelInputNdim = None,
+  alpha: float,
+  *,
+  steps_per_epoch: int | None = None,
+  batch_size: int | None = None,
+  share_coefficients: bool = True,
+  refresh_every_epochs: int | None = None,
+  phase: Phase = "auto",
+  kernel_input_ndim: param_layout.KernelInputNdim = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FNGD preconditioner ``D = Σ_i c_i ā_i g_iᵀ`` per captured layer.
 
@@ -220,13 +212,15 @@ def fngd(
     refresh_every_epochs: ``R``: recompute the table during epochs
       ``0, R, 2R, …``; ``None``: only during epoch 0.
     phase: ``"auto"`` decides per step from the step counter, inside the
-      compiled step (``jax.lax.cond``). ``"compute"`` always computes and
-      stores the current row, ``"reuse"`` always reuses it: both states have
-      the same structure, so a training loop can compile one step with each
-      and switch in Python after the computing epoch; the reusing step then
-      holds no conditional and no Gram-matrix code at all (on CPU the
-      conditional alone costs about 10 % of an MLP step). Same trajectory as
-      ``"auto"`` when the switch follows the schedule.
+      compiled step (``jax.lax.cond``). ``"inversion"`` always solves for
+      and stores the current row, ``"plain"`` always reuses it (the phase
+      names of :func:`neuron_optax.foof`; ``"compute"``/``"reuse"`` are
+      accepted as aliases): both states have the same structure, so a
+      training loop can compile one step with each and pick it on the host
+      with ``nox.coefficient_phase(step, steps_per_epoch,
+      refresh_every_epochs)``; the reusing step then holds no conditional and
+      no Gram-matrix code at all (on CPU the conditional alone costs about
+      10 % of an MLP step). Same trajectory as ``"auto"``.
     kernel_input_ndim: per-layer number of kernel input axes where it is not
       "all but the last" (as in :func:`neuron_optax.foof`).
 
@@ -238,29 +232,21 @@ def fngd(
   """
   _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs, phase)
   alpha = float(alpha)
+  phase = _PHASE_ALIASES.get(phase, phase)
 
   def init_fn(params) -> FngdState:
     layers = {}
     if share_coefficients:
-      flat = _params._flat(params)
-      for key in _params.candidate_layers(params, kernel_input_ndim):
-        dtype = _params.statistics_dtype(flat[key + ("kernel",)].dtype)
-        layers[_factors.state_name(key)] = FngdLayerState(
-            coefficients=jnp.zeros((steps_per_epoch, batch_size), dtype))
+      for key in param_layout.candidate_layers(params, kernel_input_ndim):
+        dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
+        layers[layer_name(key)] = FngdLayerState(coefficients=jnp.zeros((steps_per_epoch, batch_size), dtype))
     return FngdState(count=jnp.zeros([], jnp.int32), layers=layers)
-
-  def computing_step(count: jax.Array) -> jax.Array:
-    epoch = count // steps_per_epoch
-    if refresh_every_epochs is None:
-      return epoch == 0
-    return epoch % refresh_every_epochs == 0
 
   def update_fn(updates, state: FngdState, params=None, *, stats: Stats | None = None, **extra_args):
     del params, extra_args
-    shapes = _params.candidate_layers(updates, kernel_input_ndim)
-    stats = _params.check_stats(stats, shapes, "fngd")
-    flat = _params._flat(updates)
-    dtypes = {key: _params.statistics_dtype(flat[key + ("kernel",)].dtype) for key in stats}
+    shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
+    stats = param_layout.check_stats(stats, shapes, "fngd")
+    dtypes = {key: param_layout.statistics_dtype(param_layout.kernel_dtype(updates, key)) for key in stats}
 
     if not share_coefficients:
       coeffs = {key: layer_coefficients(stats[key], alpha, dtypes[key]) for key in stats}
@@ -270,8 +256,13 @@ def fngd(
       row = state.count % steps_per_epoch
 
       def stored():
-        return ({key: jax.lax.dynamic_index_in_dim(table, row, keepdims=False)[:stats[key].batch_size]
-                 for key, table in tables.items()}, tables)
+        return (
+          {
+            key: jax.lax.dynamic_index_in_dim(table, row, keepdims=False)[: stats[key].batch_size]
+            for key, table in tables.items()
+          },
+          tables,
+        )
 
       def compute():
         fresh, new_tables = {}, {}
@@ -284,34 +275,33 @@ def fngd(
           new_tables[key] = jax.lax.dynamic_update_index_in_dim(table, padded, row, axis=0)
         return fresh, new_tables
 
-      if phase == "auto":
-        computing = _factors.after_backward(computing_step(state.count), stats)
-        coeffs, tables = jax.lax.cond(computing, compute, stored)
-      else:
-        coeffs, tables = compute() if phase == "compute" else stored()
+      computing = amortisation.coefficient_schedule(state.count, steps_per_epoch, refresh_every_epochs, phase, stats)
+      coeffs, tables = amortisation.maybe(computing, compute, stored())
       layers = dict(state.layers)
       for key, table in tables.items():
-        layers[_factors.state_name(key)] = FngdLayerState(coefficients=table)
+        layers[layer_name(key)] = FngdLayerState(coefficients=table)
 
-    directions = _params.map_layers(
-        updates, shapes, stats.keys(),
-        lambda key, grad: weighted_direction(stats[key], coeffs[key], dtypes[key]))
+    directions = param_layout.map_layers(
+      updates, shapes, stats.keys(), lambda key, grad: weighted_direction(stats[key], coeffs[key], dtypes[key])
+    )
     return directions, FngdState(count=optax.safe_int32_increment(state.count), layers=layers)
 
   def _tables(state: FngdState, stats: Stats) -> dict[LayerKey, jax.Array]:
     tables = {}
     for key, s in stats.items():
-      name = _factors.state_name(key)
+      name = layer_name(key)
       if name not in state.layers:
         raise ValueError(
-            f"fngd: the state has no coefficient table for layer {name!r} (tables: "
-            f"{sorted(state.layers)}). Initialise the optimizer with the same params it updates.")
+          f"fngd: the state has no coefficient table for layer {name!r} (tables: "
+          f"{sorted(state.layers)}). Initialise the optimizer with the same params it updates."
+        )
       table = state.layers[name].coefficients
       if s.batch_size > table.shape[1]:
         raise ValueError(
-            f"fngd: layer {layer_name(key)!r} sees a batch of {s.batch_size} examples, but the "
-            f"coefficient table was built for batch_size={table.shape[1]}. Pass the largest batch "
-            "size to fngd(batch_size=...) (smaller batches use the first entries of their row).")
+          f"fngd: layer {layer_name(key)!r} sees a batch of {s.batch_size} examples, but the "
+          f"coefficient table was built for batch_size={table.shape[1]}. Pass the largest batch "
+          "size to fngd(batch_size=...) (smaller batches use the first entries of their row)."
+        )
       tables[key] = table
     return tables
 

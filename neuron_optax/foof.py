@@ -20,16 +20,15 @@ Approximate Second-Order Optimization", ICML 2022, eqs. 5-6 and Algorithm 1.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from neuron_optax import _factors, _params, linalg
-from neuron_optax.capture import LayerStats, Stats
-
-Contraction = Literal["auto", "gradient", "rows"]
+from neuron_optax import amortisation, factorisation, hyperparams, linalg, param_layout
+from neuron_optax.contraction import Contraction, left_precondition, validate_contraction
+from neuron_optax.layer_stats import Stats, layer_name
 
 
 class FoofLayerState(NamedTuple):
@@ -43,51 +42,16 @@ class FoofState(NamedTuple):
   layers: dict[str, FoofLayerState]
 
 
-def validate_contraction(transform: str, contraction: str) -> None:
-  if contraction not in ("auto", "gradient", "rows"):
-    raise ValueError(f"{transform}: contraction must be 'auto', 'gradient' or 'rows', got {contraction!r}.")
-
-
-def use_rows(stats: LayerStats, contraction: Contraction) -> bool:
-  """Whether ``(M āᵀ) cot`` is cheaper than ``M ∇W`` for a ``d_in × d_in`` matrix ``M``.
-
-  ``(M Āᵀ) Cot`` costs ``rows · d_in · (d_in + d_out)`` multiply-adds and
-  recomputes the gradient from the recorded rows; ``M ∇W`` costs
-  ``d_in² · d_out`` and uses the incoming gradient.
-  """
-  if contraction != "auto":
-    return contraction == "rows"
-  rows = stats.num_rows
-  return rows * (stats.d_in + stats.d_out) < stats.d_in * stats.d_out
-
-
-def left_precondition(matrix: jax.Array, gradient: jax.Array, stats: LayerStats,
-                      contraction: Contraction) -> jax.Array:
-  """``matrix @ ∇W`` in the cheaper contraction order."""
-  if use_rows(stats, contraction):
-    a = stats.augmented_inputs(matrix.dtype).reshape(-1, stats.d_in)
-    cot = stats.cotangents.astype(matrix.dtype).reshape(-1, stats.d_out)
-    return (matrix @ a.T) @ cot
-  gradient = gradient.astype(matrix.dtype)
-  if not stats.has_bias or jax.default_backend() == "cpu":
-    return matrix @ gradient
-  # On accelerators M [K; bᵀ] = M[:, :-1] K + M[:, -1] bᵀ: the kernel and bias gradients arrive as
-  # separate leaves and are never copied into one (d_in+1)-row matrix, and the GEMM has aligned
-  # d_in-sized operands (H200, MLP 3x1000: FOOF's plain step 371 -> 291 µs of kernels). XLA:CPU runs
-  # the single product faster (the split form cost 15-25 % more there).
-  return matrix[:, :-1] @ gradient[:-1] + matrix[:, -1:] * gradient[-1:]
-
-
 def foof(
-    damping: float,
-    *,
-    ema_decay: float = 0.95,
-    inverse_every: int = 1,
-    stats_window: int | None = None,
-    contraction: Contraction = "auto",
-    kernel_input_ndim: _params.KernelInputNdim = None,
-    distribute_factorisations: _factors.Distribution | None = None,
-    phase: _factors.Phase = "auto",
+  damping: float,
+  *,
+  ema_decay: float = 0.95,
+  inverse_every: int = 1,
+  stats_window: int | None = None,
+  contraction: Contraction = "auto",
+  kernel_input_ndim: param_layout.KernelInputNdim = None,
+  distribute_factorisations: factorisation.Distribution | None = None,
+  phase: amortisation.Phase = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF preconditioner ``D = (A + λI)⁻¹ ∇W`` per captured layer (Benzing 2022).
 
@@ -127,52 +91,60 @@ def foof(
     ``update(grads, state, params, stats=stats)`` with ``stats`` from
     :func:`neuron_optax.value_grad_and_stats`.
   """
-  _factors.validate_amortisation("foof", damping, ema_decay, inverse_every, stats_window)
+  hyperparams.check_positive("foof", "damping", damping)
+  amortisation.validate_amortisation("foof", ema_decay, inverse_every, stats_window)
   validate_contraction("foof", contraction)
-  _factors.validate_distribution("foof", distribute_factorisations)
-  _factors.validate_phase("foof", phase)
+  factorisation.validate_distribution("foof", distribute_factorisations)
+  amortisation.validate_phase("foof", phase)
 
   def init_fn(params) -> FoofState:
     layers = {}
-    for key, shape in _params.candidate_layers(params, kernel_input_ndim).items():
-      dtype = _params.statistics_dtype(_params._flat(params)[key + ("kernel",)].dtype)
-      layers[_factors.state_name(key)] = FoofLayerState(
-          a_ema=jnp.zeros((shape.d_in, shape.d_in), dtype),
-          a_updates=jnp.zeros([], jnp.int32),
-          a_inverse=jnp.eye(shape.d_in, dtype=dtype) / damping)
+    for key, shape in param_layout.candidate_layers(params, kernel_input_ndim).items():
+      dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
+      layers[layer_name(key)] = FoofLayerState(
+        a_ema=jnp.zeros((shape.d_in, shape.d_in), dtype),
+        a_updates=jnp.zeros([], jnp.int32),
+        a_inverse=jnp.eye(shape.d_in, dtype=dtype) / damping,
+      )
     return FoofState(count=jnp.zeros([], jnp.int32), layers=layers)
 
   def update_fn(updates, state: FoofState, params=None, *, stats: Stats | None = None, **extra_args):
     del params, extra_args
-    shapes = _params.candidate_layers(updates, kernel_input_ndim)
-    stats = _params.check_stats(stats, shapes, "foof")
-    names = {key: _factors.state_name(key) for key in stats}
+    shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
+    stats = param_layout.check_stats(stats, shapes, "foof")
+    names = {key: layer_name(key) for key in stats}
     for key in stats:
-      _factors.check_state_layer("foof", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
-    update_statistics, refactorise = _factors.schedule(state.count, inverse_every, stats_window, phase, stats)
+      amortisation.check_state_layer("foof", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
+    update_statistics, refactorise = amortisation.schedule(state.count, inverse_every, stats_window, phase, stats)
 
     def accumulate():
       new = {}
       for key, name in names.items():
         layer = state.layers[name]
         a_batch = linalg.second_moment(stats[key].augmented_inputs(layer.a_ema.dtype))
-        new[name] = _factors.ema_update(layer.a_ema, layer.a_updates, a_batch, ema_decay)
+        new[name] = amortisation.ema_update(layer.a_ema, layer.a_updates, a_batch, ema_decay)
       return new
 
     current = {name: (state.layers[name].a_ema, state.layers[name].a_updates) for name in names.values()}
-    averages = _factors.maybe(update_statistics, accumulate, current)
+    averages = amortisation.maybe(update_statistics, accumulate, current)
 
     def refactor():
-      operands = {name: (_factors.debiased(ema, k, ema_decay), jnp.asarray(damping, ema.dtype))
-                  for name, (ema, k) in averages.items()}
-      return _factors.factorise_by_shape(linalg.damped_inverse, operands, distribute_factorisations)
+      operands = {
+        name: (amortisation.debiased(ema, k, ema_decay), jnp.asarray(damping, ema.dtype))
+        for name, (ema, k) in averages.items()
+      }
+      return factorisation.factorise_by_shape(linalg.damped_inverse, operands, distribute_factorisations)
 
-    inverses = _factors.maybe(refactorise, refactor,
-                              {name: state.layers[name].a_inverse for name in names.values()})
+    inverses = amortisation.maybe(
+      refactorise, refactor, {name: state.layers[name].a_inverse for name in names.values()}
+    )
 
-    directions = _params.map_layers(
-        updates, shapes, stats.keys(),
-        lambda key, grad: left_precondition(inverses[names[key]], grad, stats[key], contraction))
+    directions = param_layout.map_layers(
+      updates,
+      shapes,
+      stats.keys(),
+      lambda key, grad: left_precondition(inverses[names[key]], grad, stats[key], contraction),
+    )
     layers = dict(state.layers)
     for name in names.values():
       layers[name] = FoofLayerState(averages[name][0], averages[name][1], inverses[name])

@@ -23,7 +23,7 @@ Martens & Grosse's default) or ``"full"`` (all labels, ``√p`` folded into the
 cotangents so that ``Σ_s`` is the expectation over labels).
 
 Design decisions:
-  * Amortisation and averaging are FOOF's (``neuron_optax._factors``):
+  * Amortisation and averaging are shared with FOOF (``neuron_optax.amortisation``):
     ``inverse_every=T`` re-factorises at steps ``0, T, 2T, …`` and
     ``stats_window=S`` updates both moving averages only in the ``S`` steps
     that end with a re-factorisation; batches with non-finite statistics are
@@ -63,9 +63,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from neuron_optax import _factors, _params, linalg
-from neuron_optax.capture import LayerStats, Stats, layer_name
-from neuron_optax.foof import Contraction, left_precondition, validate_contraction
+from neuron_optax import amortisation, factorisation, hyperparams, kronecker, linalg, param_layout
+from neuron_optax.contraction import Contraction, left_precondition, two_sided_precondition, validate_contraction
+from neuron_optax.layer_stats import LayerStats, Stats, layer_name
 
 DampingMode = Literal["heuristic", "standard"]
 _DAMPING_MODES = ("heuristic", "standard")
@@ -100,81 +100,37 @@ class KfacState(NamedTuple):
   layers: dict[str, KfacLayerState]
 
 
-def heuristic_pi(a: jax.Array, g: jax.Array) -> jax.Array:
-  """``π = sqrt((tr A / dim A) / (tr G / dim G))``; 1 where either trace is not positive."""
-  mean_a = jnp.trace(a) / a.shape[0]
-  mean_g = jnp.trace(g) / g.shape[0]
-  valid = (mean_a > 0) & (mean_g > 0)
-  ratio = jnp.where(valid, mean_a, 1) / jnp.where(valid, mean_g, 1)
-  valid &= jnp.isfinite(ratio) & (ratio > 0)
-  return jnp.sqrt(jnp.where(valid, ratio, 1))
-
-
-def heuristic_dampings(a: jax.Array, g: jax.Array, damping: float) -> tuple[jax.Array, jax.Array]:
-  """``(π√λ, √λ/π)``, the dampings of ``A`` and ``G`` (Martens & Grosse 2015, section 6.3)."""
-  pi = heuristic_pi(a, g)
-  root = math.sqrt(damping)
-  return pi * root, root / pi
-
-
-def batch_factors(stats: LayerStats, dtype) -> tuple[jax.Array, jax.Array]:
-  """``(A_batch, G_batch)`` of one layer's recorded rows."""
-  a = linalg.second_moment(stats.augmented_inputs(dtype))
-  g = linalg.cotangent_second_moment(stats.per_example_cotangents(dtype))
-  return a, g
-
-
-def _both_sides_from_rows(stats: LayerStats, contraction: Contraction) -> bool:
-  """Whether ``(A⁻¹Āᵀ)(Cot G⁻¹)`` is the cheapest order of ``A⁻¹ ∇W G⁻¹``.
-
-  Multiply-adds with ``R`` rows: ``R(d_in² + d_out² + d_in·d_out)`` for both
-  sides from the rows, against ``d_in·d_out·(d_in + d_out)`` from the gradient
-  and ``R·d_in(d_in + d_out) + d_in·d_out²`` with only the ``A`` side from the
-  rows; it wins when the batch has fewer rows than the layer has inputs and
-  outputs (an MLP at batch 100).
-  """
-  if contraction == "gradient":
-    return False
-  rows = stats.num_rows
-  d_in, d_out = stats.d_in, stats.d_out
-  both = rows * (d_in * d_in + d_out * d_out + d_in * d_out)
-  left = rows * d_in * (d_in + d_out) + d_in * d_out * d_out
-  if contraction == "rows":
-    return both < left
-  return both < min(left, d_in * d_out * (d_in + d_out))
-
-
-def precondition(factors: HeuristicFactors | EigenFactors, gradient: jax.Array, stats: LayerStats,
-                 damping: float, contraction: Contraction) -> jax.Array:
+def precondition(
+  factors: HeuristicFactors | EigenFactors,
+  gradient: jax.Array,
+  stats: LayerStats,
+  damping: float,
+  contraction: Contraction,
+) -> jax.Array:
   """The KFAC direction ``D`` of one layer from its stored factorisation."""
   if isinstance(factors, HeuristicFactors):
-    if _both_sides_from_rows(stats, contraction):
-      a = stats.augmented_inputs(factors.a_inverse.dtype).reshape(-1, stats.d_in)
-      cot = stats.cotangents.astype(factors.g_inverse.dtype).reshape(-1, stats.d_out)
-      return (factors.a_inverse @ a.T) @ (cot @ factors.g_inverse)
-    return left_precondition(factors.a_inverse, gradient, stats, contraction) @ factors.g_inverse
+    return two_sided_precondition(factors.a_inverse, gradient, factors.g_inverse, stats, contraction)
   rotated = left_precondition(factors.a_eigenvectors.T, gradient, stats, contraction)
   return linalg.kronecker_eigen_solve(
-      (factors.a_eigenvalues, factors.a_eigenvectors), (factors.g_eigenvalues, factors.g_eigenvectors),
-      rotated, damping, a_rotated=True)
-
-
-def _validate_damping_mode(damping_mode: str) -> None:
-  if damping_mode not in _DAMPING_MODES:
-    raise ValueError(f"kfac: damping_mode must be 'heuristic' or 'standard', got {damping_mode!r}.")
+    (factors.a_eigenvalues, factors.a_eigenvectors),
+    (factors.g_eigenvalues, factors.g_eigenvectors),
+    rotated,
+    damping,
+    a_rotated=True,
+  )
 
 
 def kfac(
-    damping: float,
-    *,
-    ema_decay: float = 0.95,
-    inverse_every: int = 1,
-    stats_window: int | None = None,
-    damping_mode: DampingMode = "heuristic",
-    contraction: Contraction = "auto",
-    kernel_input_ndim: _params.KernelInputNdim = None,
-    distribute_factorisations: _factors.Distribution | None = None,
-    phase: _factors.Phase = "auto",
+  damping: float,
+  *,
+  ema_decay: float = 0.95,
+  inverse_every: int = 1,
+  stats_window: int | None = None,
+  damping_mode: DampingMode = "heuristic",
+  contraction: Contraction = "auto",
+  kernel_input_ndim: param_layout.KernelInputNdim = None,
+  distribute_factorisations: factorisation.Distribution | None = None,
+  phase: amortisation.Phase = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """KFAC preconditioner per captured layer (Martens & Grosse 2015; Benzing 2022 eqs. 2-4).
 
@@ -219,74 +175,88 @@ def kfac(
     :func:`neuron_optax.value_grad_and_stats` (its ``fisher=`` argument picks
     the empirical, Monte-Carlo or full Fisher for ``G``).
   """
-  _factors.validate_amortisation("kfac", damping, ema_decay, inverse_every, stats_window)
+  hyperparams.check_positive("kfac", "damping", damping)
+  amortisation.validate_amortisation("kfac", ema_decay, inverse_every, stats_window)
   validate_contraction("kfac", contraction)
-  _validate_damping_mode(damping_mode)
-  _factors.validate_distribution("kfac", distribute_factorisations)
-  _factors.validate_phase("kfac", phase)
+  hyperparams.check_choice("kfac", "damping_mode", damping_mode, _DAMPING_MODES)
+  factorisation.validate_distribution("kfac", distribute_factorisations)
+  amortisation.validate_phase("kfac", phase)
   heuristic = damping_mode == "heuristic"
 
   def initial_factors(d_in: int, d_out: int, dtype) -> HeuristicFactors | EigenFactors:
     # What refactorise gives for A = G = 0 (π = 1), without running the factorisations.
     if heuristic:
-      return HeuristicFactors(jnp.eye(d_in, dtype=dtype) / math.sqrt(damping),
-                              jnp.eye(d_out, dtype=dtype) / math.sqrt(damping))
-    return EigenFactors(jnp.zeros([d_in], dtype), jnp.eye(d_in, dtype=dtype),
-                        jnp.zeros([d_out], dtype), jnp.eye(d_out, dtype=dtype))
+      return HeuristicFactors(
+        jnp.eye(d_in, dtype=dtype) / math.sqrt(damping), jnp.eye(d_out, dtype=dtype) / math.sqrt(damping)
+      )
+    return EigenFactors(
+      jnp.zeros([d_in], dtype), jnp.eye(d_in, dtype=dtype), jnp.zeros([d_out], dtype), jnp.eye(d_out, dtype=dtype)
+    )
 
   def init_fn(params) -> KfacState:
     layers = {}
-    flat = _params._flat(params)
-    for key, shape in _params.candidate_layers(params, kernel_input_ndim).items():
-      dtype = _params.statistics_dtype(flat[key + ("kernel",)].dtype)
-      layers[_factors.state_name(key)] = KfacLayerState(
-          a_ema=jnp.zeros((shape.d_in, shape.d_in), dtype), a_updates=jnp.zeros([], jnp.int32),
-          g_ema=jnp.zeros((shape.d_out, shape.d_out), dtype), g_updates=jnp.zeros([], jnp.int32),
-          factors=initial_factors(shape.d_in, shape.d_out, dtype))
+    for key, shape in param_layout.candidate_layers(params, kernel_input_ndim).items():
+      dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
+      layers[layer_name(key)] = KfacLayerState(
+        a_ema=jnp.zeros((shape.d_in, shape.d_in), dtype),
+        a_updates=jnp.zeros([], jnp.int32),
+        g_ema=jnp.zeros((shape.d_out, shape.d_out), dtype),
+        g_updates=jnp.zeros([], jnp.int32),
+        factors=initial_factors(shape.d_in, shape.d_out, dtype),
+      )
     return KfacState(count=jnp.zeros([], jnp.int32), layers=layers)
 
   def update_fn(updates, state: KfacState, params=None, *, stats: Stats | None = None, **extra_args):
     del params, extra_args
-    shapes = _params.candidate_layers(updates, kernel_input_ndim)
-    stats = _params.check_stats(stats, shapes, "kfac")
-    names = {key: _factors.state_name(key) for key in stats}
-    update_statistics, refactor_now = _factors.schedule(state.count, inverse_every, stats_window, phase, stats)
+    shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
+    stats = param_layout.check_stats(stats, shapes, "kfac")
+    names = {key: layer_name(key) for key in stats}
+    update_statistics, refactor_now = amortisation.schedule(state.count, inverse_every, stats_window, phase, stats)
 
     def accumulate():
       new = {}
       for key, name in names.items():
         layer = state.layers[name]
-        a_batch, g_batch = batch_factors(stats[key], layer.a_ema.dtype)
-        new[name] = (_factors.ema_update(layer.a_ema, layer.a_updates, a_batch, ema_decay),
-                     _factors.ema_update(layer.g_ema, layer.g_updates, g_batch, ema_decay))
+        a_batch, g_batch = kronecker.batch_factors(stats[key], layer.a_ema.dtype)
+        new[name] = (
+          amortisation.ema_update(layer.a_ema, layer.a_updates, a_batch, ema_decay),
+          amortisation.ema_update(layer.g_ema, layer.g_updates, g_batch, ema_decay),
+        )
       return new
 
-    current = {name: ((state.layers[name].a_ema, state.layers[name].a_updates),
-                      (state.layers[name].g_ema, state.layers[name].g_updates))
-               for name in names.values()}
-    averages = _factors.maybe(update_statistics, accumulate, current)
+    current = {
+      name: (
+        (state.layers[name].a_ema, state.layers[name].a_updates),
+        (state.layers[name].g_ema, state.layers[name].g_updates),
+      )
+      for name in names.values()
+    }
+    averages = amortisation.maybe(update_statistics, accumulate, current)
 
     def refactor():
       operands = {}
       for name, (a_avg, g_avg) in averages.items():
-        a, g = _factors.debiased(*a_avg, ema_decay), _factors.debiased(*g_avg, ema_decay)
+        a, g = amortisation.debiased(*a_avg, ema_decay), amortisation.debiased(*g_avg, ema_decay)
         if heuristic:
-          a_damping, g_damping = heuristic_dampings(a, g, damping)
+          a_damping, g_damping = kronecker.heuristic_dampings(a, g, damping)
           operands[name, "a"], operands[name, "g"] = (a, a_damping), (g, g_damping)
         else:
           operands[name, "a"], operands[name, "g"] = (a,), (g,)
-      solved = _factors.factorise_by_shape(linalg.damped_inverse if heuristic else linalg.sym_eigh,
-                                           operands, distribute_factorisations)
+      solved = factorisation.factorise_by_shape(
+        linalg.damped_inverse if heuristic else linalg.sym_eigh, operands, distribute_factorisations
+      )
       if heuristic:
         return {name: HeuristicFactors(solved[name, "a"], solved[name, "g"]) for name in averages}
       return {name: EigenFactors(*solved[name, "a"], *solved[name, "g"]) for name in averages}
 
-    factors = _factors.maybe(refactor_now, refactor,
-                             {name: state.layers[name].factors for name in names.values()})
+    factors = amortisation.maybe(refactor_now, refactor, {name: state.layers[name].factors for name in names.values()})
 
-    directions = _params.map_layers(
-        updates, shapes, stats.keys(),
-        lambda key, grad: precondition(factors[names[key]], grad, stats[key], damping, contraction))
+    directions = param_layout.map_layers(
+      updates,
+      shapes,
+      stats.keys(),
+      lambda key, grad: precondition(factors[names[key]], grad, stats[key], damping, contraction),
+    )
     layers = dict(state.layers)
     for name in names.values():
       (a_ema, a_updates), (g_ema, g_updates) = averages[name]
@@ -294,70 +264,3 @@ def kfac(
     return directions, KfacState(count=optax.safe_int32_increment(state.count), layers=layers)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_positive(name: str, value) -> None:
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-    raise ValueError(f"kfac_foof_similarity: {name} must be a positive number, got {value!r}.")
-
-
-def _cosine(x: jax.Array, y: jax.Array) -> jax.Array:
-  norms = jnp.linalg.norm(x) * jnp.linalg.norm(y)
-  return jnp.where(norms > 0, jnp.vdot(x, y) / jnp.where(norms > 0, norms, 1), jnp.nan)
-
-
-def kfac_foof_similarity(
-    grads,
-    stats: Stats | None,
-    damping: float,
-    *,
-    foof_damping: float | None = None,
-    kernel_input_ndim: _params.KernelInputNdim = None,
-) -> dict[str, jax.Array]:
-  """Per-layer cosine similarity of the KFAC and FOOF directions on one batch (Benzing 2022, Fig. 3B).
-
-  Both directions precondition the same gradient with factors from this
-  batch alone (no moving average)::
-
-      KFAC = (A + π√λ I)⁻¹ ∇W (G + √λ/π I)⁻¹      (heuristic damping)
-      FOOF = (A + λ_F I)⁻¹ ∇W,   λ_F = π√λ (default) or foof_damping
-      similarity = <KFAC, FOOF> / (‖KFAC‖ ‖FOOF‖)
-
-  With the default ``λ_F = π√λ`` FOOF uses the same damped first factor as
-  KFAC (the FOOF variant of the paper's App. D.9), so the similarity measures
-  how far KFAC's second factor turns the update: as ``λ`` grows the second
-  factor tends to a multiple of the identity and the similarity to 1.
-
-  Args:
-    grads: the gradients (``params``-shaped), as from
-      :func:`neuron_optax.value_grad_and_stats`.
-    stats: the layer statistics from the same call; its ``fisher=`` choice
-      sets ``G``.
-    damping: KFAC's ``λ > 0``.
-    foof_damping: a fixed FOOF damping ``λ_F > 0`` instead of KFAC's ``π√λ``.
-    kernel_input_ndim: as in :func:`kfac`.
-
-  Returns:
-    ``{layer name: scalar}`` for every layer in ``stats`` (names as in the
-    optimiser states, e.g. ``"Dense_0"``, ``"block/conv"``); NaN for a layer
-    whose gradient is zero. Jit-compatible.
-  """
-  _check_positive("damping", damping)
-  if foof_damping is not None:
-    _check_positive("foof_damping", foof_damping)
-  shapes = _params.candidate_layers(grads, kernel_input_ndim)
-  stats = _params.check_stats(stats, shapes, "kfac_foof_similarity")
-  flat = _params._flat(grads)
-  similarity = {}
-  for key, layer_stats in stats.items():
-    gradient = _params.gradient_matrix(flat, key, shapes[key])
-    dtype = _params.statistics_dtype(gradient.dtype)
-    gradient = gradient.astype(dtype)
-    a, g = batch_factors(layer_stats, dtype)
-    a_damping, g_damping = heuristic_dampings(a, g, damping)
-    a_inverse = linalg.damped_inverse(a, a_damping)
-    kfac_direction = a_inverse @ gradient @ linalg.damped_inverse(g, g_damping)
-    if foof_damping is not None:
-      a_inverse = linalg.damped_inverse(a, foof_damping)
-    similarity[layer_name(key)] = _cosine(kfac_direction, a_inverse @ gradient)
-  return similarity

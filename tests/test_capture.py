@@ -6,15 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_stats_match_grads, init_f64
+from numpy_reference import im2col, same_padding
 
 import neuron_optax as nox
-from conftest import assert_stats_match_grads, init_f64
-from numpy_reference import augment, im2col, same_padding
 
 
 def _xent(model, x, y):
   def loss_fn(params):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, x), y).mean()
+
   return loss_fn
 
 
@@ -41,7 +42,7 @@ def test_dense_rows_and_cotangents_match_numpy(x64):
   p /= p.sum(1, keepdims=True)
   onehot = np.eye(3)[np.asarray(y)]
   cot_out = (p - onehot) / 7
-  cot_hidden = (cot_out @ w2.T) * (1 - h ** 2)
+  cot_hidden = (cot_out @ w2.T) * (1 - h**2)
   np.testing.assert_allclose(loss, -np.log(p[np.arange(7), np.asarray(y)]).mean(), rtol=1e-12)
   np.testing.assert_allclose(stats[("hidden",)].inputs[:, 0], np.asarray(x), rtol=1e-12)
   np.testing.assert_allclose(stats[("out",)].inputs[:, 0], h, rtol=1e-12)
@@ -108,14 +109,17 @@ def test_dense_general_multi_axis(x64):
   assert_stats_match_grads(grads, stats)
 
 
-@pytest.mark.parametrize("case", [
+@pytest.mark.parametrize(
+  "case",
+  [
     dict(kernel_size=(3, 3), strides=(1, 1), padding="SAME"),
     dict(kernel_size=(3, 2), strides=(2, 1), padding="VALID"),
     dict(kernel_size=(3, 3), strides=(2, 2), padding=((1, 0), (2, 1))),
     dict(kernel_size=(2, 2), strides=(1, 1), padding=1, kernel_dilation=(2, 1)),
     dict(kernel_size=(3,), strides=(2,), padding="SAME"),
     dict(kernel_size=(2, 2, 2), strides=(1, 2, 1), padding="VALID"),
-])
+  ],
+)
 def test_conv_im2col_matches_explicit_patches(x64, case):
   rank = len(case["kernel_size"])
   spatial = (7, 6, 5)[:rank]
@@ -154,13 +158,15 @@ def test_conv_special_paddings_reproduce_gradient(x64, padding):
   x = jnp.asarray(rng.normal(size=(2, 9, 3)))
   conv = nn.Conv(2, (3,), padding=padding, kernel_dilation=2)
   params = init_f64(conv, x, seed=0)
-  _, grads, stats = nox.value_grad_and_stats(
-      lambda p: jnp.mean(jnp.tanh(conv.apply({"params": p}, x)) ** 2))(params)
+  _, grads, stats = nox.value_grad_and_stats(lambda p: jnp.mean(jnp.tanh(conv.apply({"params": p}, x)) ** 2))(params)
   s = stats[()]
   out = conv.apply({"params": params}, x)
   np.testing.assert_allclose(
-      np.asarray(s.inputs) @ np.asarray(params["kernel"]).reshape(-1, 2) + np.asarray(params["bias"]),
-      np.asarray(out).reshape(2, -1, 2), rtol=1e-10, atol=1e-12)
+    np.asarray(s.inputs) @ np.asarray(params["kernel"]).reshape(-1, 2) + np.asarray(params["bias"]),
+    np.asarray(out).reshape(2, -1, 2),
+    rtol=1e-10,
+    atol=1e-12,
+  )
   assert_stats_match_grads(grads, stats, [()])
 
 
@@ -200,7 +206,7 @@ def test_full_fisher_cotangents_of_a_linear_softmax_model(x64):
   s = stats[()]
   logits = np.asarray(x) @ np.asarray(params["kernel"]) + np.asarray(params["bias"])
   p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-  expected = np.stack([np.sqrt(p[:, c:c + 1]) * (p - np.eye(5)[c]) for c in range(5)])
+  expected = np.stack([np.sqrt(p[:, c : c + 1]) * (p - np.eye(5)[c]) for c in range(5)])
   np.testing.assert_allclose(s.fisher_cotangents[:, :, 0], expected, rtol=1e-10, atol=1e-14)
   # Σ_c over sets equals the exact expectation E_y[g gᵀ] per example
   g = np.asarray(s.fisher_cotangents[:, :, 0])

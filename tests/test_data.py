@@ -1,4 +1,4 @@
-"""neuron_optax.data: file formats written here, embedded sets, preprocessing, batches, errors."""
+"""neuron_optax.examples.data: file formats written here, embedded sets, preprocessing, batches, errors."""
 
 import gzip
 import pickle
@@ -10,14 +10,20 @@ import jax
 import numpy as np
 import pytest
 
-from neuron_optax import data
+from neuron_optax.examples import data
 
 # --------------------------------------------------------------------------- #
 # Helpers that write the real on-disk formats
 # --------------------------------------------------------------------------- #
 
-_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
-              np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+_IDX_CODES = {
+  np.dtype(np.uint8): 0x08,
+  np.dtype(np.int8): 0x09,
+  np.dtype(">i2"): 0x0B,
+  np.dtype(">i4"): 0x0C,
+  np.dtype(">f4"): 0x0D,
+  np.dtype(">f8"): 0x0E,
+}
 
 
 def write_idx(path, array, compress=False):
@@ -76,7 +82,7 @@ def cifar_nhwc_reference(rows):
   for i, row in enumerate(rows):
     for c in range(3):
       for h in range(32):
-        out[i, h, :, c] = row[c * 1024 + h * 32: c * 1024 + h * 32 + 32]
+        out[i, h, :, c] = row[c * 1024 + h * 32 : c * 1024 + h * 32 + 32]
   return out
 
 
@@ -129,8 +135,12 @@ def test_read_idx_errors(tmp_path):
 
 def test_mnist_npz(tmp_path):
   rng = np.random.default_rng(0)
-  arrays = dict(x_train=rng.integers(0, 256, (5, 3, 3), dtype=np.uint8), y_train=np.arange(5, dtype=np.uint8),
-                x_test=rng.integers(0, 256, (2, 3, 3), dtype=np.uint8), y_test=np.array([7, 8], np.uint8))
+  arrays = dict(
+    x_train=rng.integers(0, 256, (5, 3, 3), dtype=np.uint8),
+    y_train=np.arange(5, dtype=np.uint8),
+    x_test=rng.integers(0, 256, (2, 3, 3), dtype=np.uint8),
+    y_test=np.array([7, 8], np.uint8),
+  )
   np.savez(tmp_path / "mnist.npz", **arrays)
   train = data.load("mnist", data_dir=tmp_path, standardize="feature", layout="nhwc")
   x = arrays["x_train"].astype(np.float64)
@@ -177,8 +187,13 @@ def test_cifar10_tarball_and_npz(tmp_path):
   npz_dir = tmp_path / "npz"
   npz_dir.mkdir()
   nhwc = cifar_nhwc_reference(parts["test_batch"][0])
-  np.savez(npz_dir / "cifar10.npz", x_train=nhwc, y_train=np.array([[1], [2]]),
-           x_test=nhwc.transpose(0, 3, 1, 2), y_test=np.array([[3], [4]]))  # NCHW is transposed back
+  np.savez(
+    npz_dir / "cifar10.npz",
+    x_train=nhwc,
+    y_train=np.array([[1], [2]]),
+    x_test=nhwc.transpose(0, 3, 1, 2),
+    y_test=np.array([[3], [4]]),
+  )  # NCHW is transposed back
   for split, labels in (("train", [1, 2]), ("test", [3, 4])):
     loaded = data.load("cifar10", data_dir=npz_dir, split=split, standardize=None, layout="nhwc")
     np.testing.assert_array_equal(loaded.images, nhwc)
@@ -270,12 +285,12 @@ def test_tfds_loader(monkeypatch, tmp_path):
 
   def load(name, *, split, batch_size, with_info, **kwargs):
     calls.update(name=name, split=split, batch_size=batch_size, with_info=with_info, **kwargs)
-    info = types.SimpleNamespace(supervised_keys=("image", "label"),
-                                 features={"label": types.SimpleNamespace(num_classes=7)})
+    info = types.SimpleNamespace(
+      supervised_keys=("image", "label"), features={"label": types.SimpleNamespace(num_classes=7)}
+    )
     return {"image": images, "label": np.array([1, 6])}, info
 
-  monkeypatch.setitem(sys.modules, "tensorflow_datasets",
-                      types.SimpleNamespace(load=load, as_numpy=lambda tree: tree))
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(load=load, as_numpy=lambda tree: tree))
   loaded = data.load("tfds:toy", split="test", data_dir=tmp_path, standardize=None)
   assert calls == dict(name="toy", split="test", batch_size=-1, with_info=True, data_dir=str(tmp_path))
   assert loaded.num_classes == 7 and loaded.images.shape == (2, 9)
@@ -370,8 +385,14 @@ def test_batches_errors():
 
 
 def test_dataset_take_and_split():
-  ds = data.Dataset(images=np.arange(20, dtype=np.float32).reshape(10, 2), labels=np.arange(10, dtype=np.int32),
-                    num_classes=10, name="toy", mean=np.float32(0), std=np.float32(1))
+  ds = data.Dataset(
+    images=np.arange(20, dtype=np.float32).reshape(10, 2),
+    labels=np.arange(10, dtype=np.int32),
+    num_classes=10,
+    name="toy",
+    mean=np.float32(0),
+    std=np.float32(1),
+  )
   assert len(ds) == 10 and ds.num_features == 2 and ds.steps_per_epoch(3) == 3
   assert ds.steps_per_epoch(3, drop_last=False) == 4
   sub = ds.take(4, seed=0)

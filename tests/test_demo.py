@@ -7,15 +7,31 @@ import math
 import numpy as np
 import pytest
 
-from neuron_optax import demo
+from neuron_optax.examples import demo
 
 pytest.importorskip("mlxtend")
 
 
 def test_quick_demo_runs_every_method(tmp_path, capsys):
   out = tmp_path / "results"
-  result = demo.main(["--quick", "--steps", "12", "--train-size", "400", "--batch-size", "50",
-                      "--hidden", "32", "--grid-size", "1", "--out", str(out), "--no-progress"])
+  result = demo.main(
+    [
+      "--quick",
+      "--steps",
+      "12",
+      "--train-size",
+      "400",
+      "--batch-size",
+      "50",
+      "--hidden",
+      "32",
+      "--grid-size",
+      "1",
+      "--out",
+      str(out),
+      "--no-progress",
+    ]
+  )
   printed = capsys.readouterr().out
 
   methods = list(demo.METHODS)
@@ -34,7 +50,7 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
   window, target = result["config"]["smoothing_window"], result["config"]["target_loss"]
 
   def smoothed(losses):
-    return [np.mean(losses[max(0, i + 1 - window):i + 1]) for i in range(len(losses))]
+    return [np.mean(losses[max(0, i + 1 - window) : i + 1]) for i in range(len(losses))]
 
   assert target == pytest.approx(smoothed(result["best"]["sgd"]["losses"])[-1])  # SGD's final loss
   sgd_median = np.median(result["best"]["sgd"]["step_seconds"])
@@ -65,8 +81,26 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
 
 
 def test_best_run_is_lowest_final_loss(tmp_path):
-  result = demo.main(["--quick", "--steps", "5", "--train-size", "200", "--batch-size", "50", "--hidden", "16",
-                      "--methods", "sgd", "--grid-size", "3", "--out", str(tmp_path), "--no-progress"])
+  result = demo.main(
+    [
+      "--quick",
+      "--steps",
+      "5",
+      "--train-size",
+      "200",
+      "--batch-size",
+      "50",
+      "--hidden",
+      "16",
+      "--methods",
+      "sgd",
+      "--grid-size",
+      "3",
+      "--out",
+      str(tmp_path),
+      "--no-progress",
+    ]
+  )
   runs = result["runs"]
   assert len(runs) == 3
   finals = [r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf for r in runs]
@@ -90,3 +124,11 @@ def test_command_line_errors():
   args = demo.parse_args([])
   assert args.hidden == demo.FULL_FEATURES[:-1] and args.steps == demo.DEFAULT_STEPS
   assert args.methods == list(demo.METHODS) and args.out == "demo_results"
+
+
+def test_demo_methods_are_the_shared_registry():
+  from neuron_optax.examples import models
+
+  assert list(demo.METHODS) == list(models.DEMO_METHODS)
+  assert all(demo.METHODS[name] is models.METHODS[name] and demo.METHODS[name].grid for name in demo.METHODS)
+  assert demo.MLP is models.MLP

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from neuron_optax.capture import value_grad_and_stats
+from neuron_optax import value_grad_and_stats
 from neuron_optax.fngd import FngdState, coefficients, fngd
 
 RTOL = 1e-9
@@ -78,6 +78,7 @@ def mean_loss(model):
   def loss_fn(params, x, y):
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
   return loss_fn
 
 
@@ -101,6 +102,7 @@ def mean_gradients(model, params, x, y):
 def all_per_example_gradients(model, params, x, y):
   def single(p, xi, yi):
     return mean_loss(model)(p, xi[None], yi[None])
+
   return jax.vmap(jax.grad(single), in_axes=(None, 0, 0))(params, x, y)
 
 
@@ -146,9 +148,9 @@ def run_steps(tx, model, params, batches, fisher="empirical"):
 
 
 CASES = {
-    "dense": (MLP(), (4,), ["Dense_0", "Dense_1"]),
-    "tokens": (TokenMLP(), (3, 4), ["Dense_0", "Dense_1"]),
-    "conv": (ConvNet(), (3, 3, 2), ["Conv_0", "Dense_0"]),
+  "dense": (MLP(), (4,), ["Dense_0", "Dense_1"]),
+  "tokens": (TokenMLP(), (3, 4), ["Dense_0", "Dense_1"]),
+  "conv": (ConvNet(), (3, 3, 2), ["Conv_0", "Dense_0"]),
 }
 
 
@@ -170,8 +172,7 @@ def test_first_step_coefficients_table_and_direction(case):
     c, _ = reference_coefficients(psi, alpha)
     # the coefficients are far from SGD's 1/n, so the checks below are not vacuous
     assert np.max(np.abs(c * n - 1)) > 1e-2
-    np.testing.assert_allclose(direction_matrix(updates, name), reference_direction(psi, c),
-                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(direction_matrix(updates, name), reference_direction(psi, c), rtol=RTOL, atol=ATOL)
     table = np.asarray(state.layers[name].coefficients)
     assert table.shape == (3, n)
     np.testing.assert_allclose(table[0], c, rtol=RTOL, atol=ATOL)
@@ -215,8 +216,7 @@ def test_large_alpha_gives_the_mean_gradient(case):
   grads = mean_gradients(model, params, x, y)
   (updates,), _ = run_steps(fngd(1e12, steps_per_epoch=2, batch_size=6), model, params, [(x, y)])
   for name in names:
-    np.testing.assert_allclose(direction_matrix(updates, name), direction_matrix(grads, name),
-                               rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(direction_matrix(updates, name), direction_matrix(grads, name), rtol=1e-9, atol=1e-14)
 
 
 @pytest.mark.usefixtures("x64")
@@ -229,8 +229,7 @@ def test_fisher_cotangents_are_ignored():
   (empirical,), _ = run_steps(tx, model, params, [(x, y)])
   (mc,), _ = run_steps(tx, model, params, [(x, y)], fisher="mc")
   for name in names:
-    np.testing.assert_allclose(direction_matrix(mc, name), direction_matrix(empirical, name),
-                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(direction_matrix(mc, name), direction_matrix(empirical, name), rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.usefixtures("x64")
@@ -264,9 +263,9 @@ def expected_sharing(model, params, batches, names, alpha, computed_at):
   for step, source in enumerate(computed_at):
     if source == step:
       coeffs[step] = {name: reference_coefficients(psis[step][name], alpha)[0] for name in names}
-    directions.append({
-        name: reference_direction(psi, coeffs[source][name][:len(psi)])
-        for name, psi in psis[step].items()})
+    directions.append(
+      {name: reference_direction(psi, coeffs[source][name][: len(psi)]) for name, psi in psis[step].items()}
+    )
   return coeffs, directions
 
 
@@ -282,13 +281,11 @@ def test_coefficients_are_reused_across_epochs_with_new_batches(case):
   coeffs, expected = expected_sharing(model, params, batches, names, alpha, [0, 1, 0, 1, 0])
   for step in range(5):
     for name in names:
-      np.testing.assert_allclose(direction_matrix(updates[step], name), expected[step][name],
-                                 rtol=RTOL, atol=ATOL)
+      np.testing.assert_allclose(direction_matrix(updates[step], name), expected[step][name], rtol=RTOL, atol=ATOL)
   for name in names:
     table = np.stack([coeffs[0][name], coeffs[1][name]])
     for state in states[1:]:
-      np.testing.assert_allclose(np.asarray(state.layers[name].coefficients), table,
-                                 rtol=RTOL, atol=ATOL)
+      np.testing.assert_allclose(np.asarray(state.layers[name].coefficients), table, rtol=RTOL, atol=ATOL)
     # fresh coefficients of step 2's batch differ: reuse is observable
     psi = per_example_gradients(model, params, *batches[2], name)
     fresh = reference_direction(psi, reference_coefficients(psi, alpha)[0])
@@ -308,11 +305,14 @@ def test_refresh_every_epochs_recomputes_the_table():
   coeffs, expected = expected_sharing(model, params, batches, names, alpha, [0, 1, 0, 1, 4, 5, 4])
   for step in range(7):
     for name in names:
-      np.testing.assert_allclose(direction_matrix(updates[step], name), expected[step][name],
-                                 rtol=RTOL, atol=ATOL)
+      np.testing.assert_allclose(direction_matrix(updates[step], name), expected[step][name], rtol=RTOL, atol=ATOL)
   for name in names:
-    np.testing.assert_allclose(np.asarray(states[-1].layers[name].coefficients),
-                               np.stack([coeffs[4][name], coeffs[5][name]]), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+      np.asarray(states[-1].layers[name].coefficients),
+      np.stack([coeffs[4][name], coeffs[5][name]]),
+      rtol=RTOL,
+      atol=ATOL,
+    )
 
 
 @pytest.mark.usefixtures("x64")
@@ -326,8 +326,7 @@ def test_smaller_last_batch_uses_the_first_entries_of_its_row():
   coeffs, expected = expected_sharing(model, params, batches, names, alpha, [0, 1, 0, 1])
   for step in range(4):
     for name in names:
-      np.testing.assert_allclose(direction_matrix(updates[step], name), expected[step][name],
-                                 rtol=RTOL, atol=ATOL)
+      np.testing.assert_allclose(direction_matrix(updates[step], name), expected[step][name], rtol=RTOL, atol=ATOL)
   for name in names:
     row = np.asarray(states[-1].layers[name].coefficients)[1]
     np.testing.assert_allclose(row[:3], coeffs[1][name], rtol=RTOL, atol=ATOL)
@@ -343,8 +342,7 @@ def test_non_finite_batch_stores_sgd_coefficients():
   x2, y2 = make_batch(41, n, shape)
   params = init(model, x)
   bad = x.at[0, 0].set(jnp.nan)
-  updates, states = run_steps(fngd(0.1, steps_per_epoch=2, batch_size=n), model, params,
-                              [(bad, y), (x, y), (x2, y2)])
+  updates, states = run_steps(fngd(0.1, steps_per_epoch=2, batch_size=n), model, params, [(bad, y), (x, y), (x2, y2)])
   grads = mean_gradients(model, params, x2, y2)
   for name in names:
     np.testing.assert_array_equal(np.asarray(states[0].layers[name].coefficients)[0], np.full(n, 1 / n))
@@ -352,8 +350,7 @@ def test_non_finite_batch_stores_sgd_coefficients():
     direction = direction_matrix(updates[0], name)
     assert not np.any(np.isfinite(direction) & (direction != 0))
     # step 2 reuses row 0: the SGD coefficients give the mean gradient of the new batch
-    np.testing.assert_allclose(direction_matrix(updates[2], name), direction_matrix(grads, name),
-                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(direction_matrix(updates[2], name), direction_matrix(grads, name), rtol=RTOL, atol=ATOL)
 
 
 def test_gram_and_solve_only_run_inside_the_cond_branch():
@@ -381,8 +378,7 @@ def test_gram_and_solve_only_run_inside_the_cond_branch():
 
   def equations(tx):
     state = tx.init(params)
-    return found(jax.make_jaxpr(lambda g, s, st: tx.update(g, s, params, stats=st))(
-        grads, state, stats).jaxpr, False)
+    return found(jax.make_jaxpr(lambda g, s, st: tx.update(g, s, params, stats=st))(grads, state, stats).jaxpr, False)
 
   shared = equations(fngd(0.1, steps_per_epoch=3, batch_size=n))
   assert any(name == "cholesky" and inside for name, _, inside in shared)
@@ -421,11 +417,13 @@ def test_python_phase_switch_gives_the_auto_trajectory_without_a_cond():
     np.testing.assert_array_equal(state.layers[name].coefficients, auto_states[-1].layers[name].coefficients)
 
   _, grads, stats = compute(params, *batches[0])
-  jaxpr = str(jax.make_jaxpr(lambda g, s, st: reuse_tx.update(g, s, params, stats=st))(
-      grads, reuse_tx.init(params), stats))
+  jaxpr = str(
+    jax.make_jaxpr(lambda g, s, st: reuse_tx.update(g, s, params, stats=st))(grads, reuse_tx.init(params), stats)
+  )
   assert "cond" not in jaxpr and "cholesky" not in jaxpr
-  jaxpr = str(jax.make_jaxpr(lambda g, s, st: compute_tx.update(g, s, params, stats=st))(
-      grads, compute_tx.init(params), stats))
+  jaxpr = str(
+    jax.make_jaxpr(lambda g, s, st: compute_tx.update(g, s, params, stats=st))(grads, compute_tx.init(params), stats)
+  )
   assert "cholesky" in jaxpr
 
 
@@ -470,8 +468,7 @@ def test_jit_training_with_sgd_reduces_the_loss():
   inputs = [jax.random.normal(jax.random.PRNGKey(70 + k), (n, 4)) for k in range(steps_per_epoch)]
   data = [(x, jnp.argmax(x @ teacher, axis=-1)) for x in inputs]
   params = init(model, data[0][0])
-  tx = optax.chain(fngd(0.1, steps_per_epoch=steps_per_epoch, batch_size=n),
-                   optax.sgd(0.3, momentum=0.9))
+  tx = optax.chain(fngd(0.1, steps_per_epoch=steps_per_epoch, batch_size=n), optax.sgd(0.3, momentum=0.9))
   opt_state = tx.init(params)
   loss_fn = mean_loss(model)
 
@@ -496,7 +493,9 @@ def test_jit_training_with_sgd_reduces_the_loss():
   assert dataset_loss(params) < 0.5 * initial
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(alpha=0.0, steps_per_epoch=2, batch_size=4), "alpha"),
     (dict(alpha=-1.0, steps_per_epoch=2, batch_size=4), "alpha"),
     (dict(alpha=float("inf"), steps_per_epoch=2, batch_size=4), "alpha"),
@@ -514,7 +513,8 @@ def test_jit_training_with_sgd_reduces_the_loss():
     (dict(alpha=0.1, share_coefficients=1, steps_per_epoch=2, batch_size=4), "share_coefficients"),
     (dict(alpha=0.1, steps_per_epoch=2, batch_size=4, phase="shared"), "phase must be"),
     (dict(alpha=0.1, share_coefficients=False, phase="reuse"), "phase only applies"),
-])
+  ],
+)
 def test_bad_arguments(kwargs, match):
   alpha = kwargs.pop("alpha")
   with pytest.raises(ValueError, match=match):

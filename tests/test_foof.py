@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import neuron_optax as nox
 from conftest import init_f64
 from numpy_reference import augment, foof_directions, im2col, same_padding
+
+import neuron_optax as nox
 
 
 class MLP(nn.Module):
@@ -52,11 +52,19 @@ def _matrix(grads, name):
 
 
 @pytest.mark.parametrize("net", ["mlp", "conv"])
-@pytest.mark.parametrize("inverse_every,stats_window,contraction,backend", [
-    (1, None, "auto", "cpu"), (3, None, "rows", "cpu"), (3, 2, "gradient", "cpu"), (4, 1, "auto", "cpu"),
-    (3, 2, "gradient", "gpu")])
-def test_foof_matches_numpy_reference_over_steps(x64, monkeypatch, net, inverse_every, stats_window,
-                                                 contraction, backend):
+@pytest.mark.parametrize(
+  "inverse_every,stats_window,contraction,backend",
+  [
+    (1, None, "auto", "cpu"),
+    (3, None, "rows", "cpu"),
+    (3, 2, "gradient", "cpu"),
+    (4, 1, "auto", "cpu"),
+    (3, 2, "gradient", "gpu"),
+  ],
+)
+def test_foof_matches_numpy_reference_over_steps(
+  x64, monkeypatch, net, inverse_every, stats_window, contraction, backend
+):
   # backend="gpu" traces the accelerator code paths (A⁻¹[:, :-1]∇K + A⁻¹[:, -1]∇bᵀ, batched
   # factorisations) on the CPU.
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
@@ -69,8 +77,9 @@ def test_foof_matches_numpy_reference_over_steps(x64, monkeypatch, net, inverse_
   ys = [rng.integers(0, 2, size=shape[0]) for _ in range(7)]
   params = init_f64(model, jnp.asarray(xs[0]))
   damping, decay = 0.3, 0.8
-  tx = nox.foof(damping, ema_decay=decay, inverse_every=inverse_every, stats_window=stats_window,
-                contraction=contraction)
+  tx = nox.foof(
+    damping, ema_decay=decay, inverse_every=inverse_every, stats_window=stats_window, contraction=contraction
+  )
   state = tx.init(params)
 
   @jax.jit
@@ -86,11 +95,11 @@ def test_foof_matches_numpy_reference_over_steps(x64, monkeypatch, net, inverse_
     a_batches.append(a_fn(params, x))
     grad_mats.append(grads)
   for name in params:
-    expected = foof_directions([a[name] for a in a_batches], [_matrix(g, name) for g in grad_mats],
-                               damping, decay, inverse_every, stats_window)
+    expected = foof_directions(
+      [a[name] for a in a_batches], [_matrix(g, name) for g in grad_mats], damping, decay, inverse_every, stats_window
+    )
     for t, (out, exp) in enumerate(zip(outputs, expected)):
-      np.testing.assert_allclose(_matrix(out, name), exp, rtol=1e-8, atol=1e-12,
-                                 err_msg=f"layer {name}, step {t}")
+      np.testing.assert_allclose(_matrix(out, name), exp, rtol=1e-8, atol=1e-12, err_msg=f"layer {name}, step {t}")
   assert int(state.count) == 7
 
 
@@ -184,8 +193,9 @@ def test_kernel_input_ndim_for_multi_axis_dense_general(x64):
   tx = nox.foof(0.1, kernel_input_ndim={"proj": 1})
   direction, _ = tx.update(grads, tx.init(params), params, stats=stats)
   a = augment(np.asarray(x))
-  grad = np.concatenate([np.asarray(grads["proj"]["kernel"]).reshape(4, 6),
-                         np.asarray(grads["proj"]["bias"]).reshape(1, 6)])
+  grad = np.concatenate(
+    [np.asarray(grads["proj"]["kernel"]).reshape(4, 6), np.asarray(grads["proj"]["bias"]).reshape(1, 6)]
+  )
   expected = np.linalg.solve(a.T @ a / 5 + 0.1 * np.eye(5), grad)
   np.testing.assert_allclose(direction["proj"]["kernel"].reshape(4, 6), expected[:4], rtol=1e-10)
   np.testing.assert_allclose(direction["proj"]["bias"].reshape(6), expected[4], rtol=1e-10)
@@ -267,16 +277,19 @@ def test_update_errors():
     nox.foof(1.0).update(wrapped, nox.foof(1.0).init({"params": params}), stats=stats)
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda phase: nox.foof(0.3, ema_decay=0.7, inverse_every=4, stats_window=2, phase=phase),
     lambda phase: nox.kfac(0.3, ema_decay=0.7, inverse_every=4, stats_window=2, phase=phase),
-], ids=["foof", "kfac"])
+  ],
+  ids=["foof", "kfac"],
+)
 def test_fixed_phase_steps_chosen_on_the_host_match_auto(x64, make):
   """One compiled step per phase, picked with amortisation_phase: the "auto" trajectory exactly."""
   model = ConvNet()
   rng = np.random.default_rng(11)
-  batches = [(jnp.asarray(rng.normal(size=(3, 5, 5, 2))), jnp.asarray(rng.integers(0, 2, size=3)))
-             for _ in range(9)]
+  batches = [(jnp.asarray(rng.normal(size=(3, 5, 5, 2))), jnp.asarray(rng.integers(0, 2, size=3))) for _ in range(9)]
   params = init_f64(model, batches[0][0])
   capture = nox.value_grad_and_stats(lambda p, x, y: _loss(model, p, x, y))
 
@@ -285,6 +298,7 @@ def test_fixed_phase_steps_chosen_on_the_host_match_auto(x64, make):
     def step(state, x, y):
       _, grads, stats = capture(params, x, y)
       return tx.update(grads, state, params, stats=stats)
+
     return step
 
   auto = stepper(make("auto"))
@@ -318,7 +332,12 @@ def test_fixed_phase_steps_chosen_on_the_host_match_auto(x64, make):
 
 def test_amortisation_phase_schedule():
   assert [nox.amortisation_phase(s, 5, 2) for s in range(6)] == [
-      "inversion", "plain", "plain", "plain", "statistics", "inversion"]
-  assert [nox.amortisation_phase(s, 3) for s in range(4)] == [
-      "inversion", "statistics", "statistics", "inversion"]
+    "inversion",
+    "plain",
+    "plain",
+    "plain",
+    "statistics",
+    "inversion",
+  ]
+  assert [nox.amortisation_phase(s, 3) for s in range(4)] == ["inversion", "statistics", "statistics", "inversion"]
   assert nox.amortisation_phase(7) == "inversion"

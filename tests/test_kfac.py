@@ -15,12 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import init_f64
-from neuron_optax import value_grad_and_stats
-from neuron_optax.kfac import (EigenFactors, HeuristicFactors, KfacState, kfac,
-                               kfac_foof_similarity)
 from numpy_reference import augment, ema_schedule, im2col
+
+from neuron_optax import kfac_foof_similarity, value_grad_and_stats
+from neuron_optax.kfac import EigenFactors, HeuristicFactors, KfacState, kfac
 
 
 @pytest.fixture(autouse=True)
@@ -52,9 +51,9 @@ class WideMLP(nn.Module):
 
 
 MODELS = {
-    "mlp": (MLP, ("hidden",), (6, 4)),
-    "wide": (WideMLP, ("hidden",), (2, 10)),
-    "conv": (ConvNet, ("conv",), (3, 5, 5, 2)),
+  "mlp": (MLP, ("hidden",), (6, 4)),
+  "wide": (WideMLP, ("hidden",), (2, 10)),
+  "conv": (ConvNet, ("conv",), (3, 5, 5, 2)),
 }
 
 
@@ -67,6 +66,7 @@ def _batches(kind, steps, seed=0):
 def _loss(model):
   def loss_fn(params, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, x), y).mean()
+
   return loss_fn
 
 
@@ -96,7 +96,7 @@ def _np_backward(kind, params, h, delta_out):
   """Per-example output cotangents of both layers for the logits' per-example cotangent ``delta_out``."""
   first = MODELS[kind][1][0]
   w2 = np.asarray(params["out"]["kernel"])
-  delta1 = (delta_out @ w2.T).reshape(h.shape) * (1 - h ** 2)
+  delta1 = (delta_out @ w2.T).reshape(h.shape) * (1 - h**2)
   return {first: delta1, "out": delta_out[:, None, :]}
 
 
@@ -166,8 +166,9 @@ def _run_kfac(kind, tx, batches, fisher="empirical"):
   model_cls, _, _ = MODELS[kind]
   model = model_cls()
   params = init_f64(model, jnp.asarray(batches[0][0]), seed=1)
-  grad_fn = value_grad_and_stats(_loss(model), fisher=fisher,
-                                 likelihood=None if fisher == "empirical" else "categorical")
+  grad_fn = value_grad_and_stats(
+    _loss(model), fisher=fisher, likelihood=None if fisher == "empirical" else "categorical"
+  )
 
   @jax.jit
   def step(state, x, y):
@@ -188,7 +189,9 @@ def _run_kfac(kind, tx, batches, fisher="empirical"):
 
 
 @pytest.mark.parametrize("mode", ["heuristic", "standard"])
-@pytest.mark.parametrize("kind, fisher, inverse_every, stats_window, contraction", [
+@pytest.mark.parametrize(
+  "kind, fisher, inverse_every, stats_window, contraction",
+  [
     ("mlp", "empirical", 3, 2, "rows"),
     ("mlp", "full", 3, 2, "gradient"),
     ("conv", "empirical", 3, 2, "gradient"),
@@ -197,34 +200,41 @@ def _run_kfac(kind, tx, batches, fisher="empirical"):
     ("wide", "empirical", 3, 2, "auto"),  # (A⁻¹Āᵀ)(Cot G⁻¹) for heuristic damping
     ("wide", "full", 1, None, "rows"),
     ("mlp", "full", 3, 2, "gpu"),  # the accelerator code paths, traced on the CPU
-])
-def test_directions_match_explicit_kronecker_solve(monkeypatch, kind, mode, fisher, inverse_every,
-                                                   stats_window, contraction):
+  ],
+)
+def test_directions_match_explicit_kronecker_solve(
+  monkeypatch, kind, mode, fisher, inverse_every, stats_window, contraction
+):
   if contraction == "gpu":  # A⁻¹[:, :-1]∇K + A⁻¹[:, -1]∇bᵀ and batched factorisations
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     contraction = "gradient"
   damping, decay, steps = 0.05, 0.8, 6 if inverse_every > 1 else 3
   batches = _batches(kind, steps)
-  tx = kfac(damping, ema_decay=decay, inverse_every=inverse_every, stats_window=stats_window,
-            damping_mode=mode, contraction=contraction)
+  tx = kfac(
+    damping,
+    ema_decay=decay,
+    inverse_every=inverse_every,
+    stats_window=stats_window,
+    damping_mode=mode,
+    contraction=contraction,
+  )
   params, updates, state = _run_kfac(kind, tx, batches, fisher)
 
   per_step = [_np_statistics(kind, params, x, y, fisher) for x, y in batches]
   for name in (MODELS[kind][1][0], "out"):
-    a_batches, g_batches, grads = (
-        [s[name][i] for s in per_step] for i in range(3))
-    expected = _np_kfac_directions(a_batches, g_batches, grads, damping, decay, inverse_every,
-                                   stats_window, mode)
+    a_batches, g_batches, grads = ([s[name][i] for s in per_step] for i in range(3))
+    expected = _np_kfac_directions(a_batches, g_batches, grads, damping, decay, inverse_every, stats_window, mode)
     for t, u in enumerate(updates):
-      np.testing.assert_allclose(_matrix(u, (name,)), expected[t], rtol=1e-8, atol=1e-12,
-                                 err_msg=f"layer {name}, step {t}")
+      np.testing.assert_allclose(
+        _matrix(u, (name,)), expected[t], rtol=1e-8, atol=1e-12, err_msg=f"layer {name}, step {t}"
+      )
   assert int(state.count) == steps
   factors = state.layers["out"].factors
   assert isinstance(factors, HeuristicFactors if mode == "heuristic" else EigenFactors)
 
 
 def test_contraction_order_choice():
-  from neuron_optax.kfac import _both_sides_from_rows
+  from neuron_optax.contraction import both_sides_from_rows as _both_sides_from_rows
 
   model, _, shape = MODELS["wide"]
   x, y = _batches("wide", 1)[0]
@@ -270,6 +280,7 @@ def _mc_g(model, params, x, y, tx):
     _, grads, stats = grad_fn(params, x, y, rng=key)
     _, state = tx.update(grads, tx.init(params), params, stats=stats)
     return {name: layer.g_ema for name, layer in state.layers.items()}  # ema_decay=0: the batch G
+
   return one
 
 
@@ -280,7 +291,8 @@ def test_mc_fisher_g_averages_to_full_fisher_g():
   tx = kfac(1.0, ema_decay=0.0)
   num = 4000
   samples = jax.jit(jax.vmap(_mc_g(model, params, jnp.asarray(x), jnp.asarray(y), tx)))(
-      jax.random.split(jax.random.key(0), num))
+    jax.random.split(jax.random.key(0), num)
+  )
   reference = _np_statistics("mlp", params, x, y, "full")
   empirical = _np_statistics("mlp", params, x, y, "empirical")
   for name in ("hidden", "out"):
@@ -331,9 +343,9 @@ def test_similarity_matches_numpy(foof_damping):
     pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
     a_damping = pi * np.sqrt(damping)
     kfac_dir = np.linalg.solve(a + a_damping * np.eye(a.shape[0]), grad) @ np.linalg.inv(
-        g + np.sqrt(damping) / pi * np.eye(g.shape[0]))
-    foof_dir = np.linalg.solve(a + (a_damping if foof_damping is None else foof_damping) * np.eye(a.shape[0]),
-                               grad)
+      g + np.sqrt(damping) / pi * np.eye(g.shape[0])
+    )
+    foof_dir = np.linalg.solve(a + (a_damping if foof_damping is None else foof_damping) * np.eye(a.shape[0]), grad)
     expected = np.sum(kfac_dir * foof_dir) / np.linalg.norm(kfac_dir) / np.linalg.norm(foof_dir)
     np.testing.assert_allclose(float(got[name]), expected, rtol=1e-9)
 
@@ -399,20 +411,23 @@ def test_uncaptured_leaves_pass_through_and_dtypes():
     assert isinstance(state, KfacState)
     updates, state = jax.jit(lambda g, s, st: tx.update(g, s, params, stats=st))(grads, state, stats)
     for leaf in ("scale", "bias"):
-      np.testing.assert_array_equal(np.asarray(updates["norm"][leaf], np.float32),
-                                    np.asarray(grads["norm"][leaf], np.float32))
+      np.testing.assert_array_equal(
+        np.asarray(updates["norm"][leaf], np.float32), np.asarray(grads["norm"][leaf], np.float32)
+      )
     for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
       assert u.dtype == jnp.bfloat16 and u.shape == g.shape
     for layer in state.layers.values():
       assert {leaf.dtype for leaf in jax.tree.leaves((layer.a_ema, layer.g_ema, layer.factors))} == {
-          jnp.dtype(jnp.float32)}
-    assert not np.allclose(np.asarray(updates["out"]["kernel"], np.float32),
-                           np.asarray(grads["out"]["kernel"], np.float32))
+        jnp.dtype(jnp.float32)
+      }
+    assert not np.allclose(
+      np.asarray(updates["out"]["kernel"], np.float32), np.asarray(grads["out"]["kernel"], np.float32)
+    )
 
 
 def test_non_finite_batch_is_skipped():
   model = MLP()
-  (x, y), = _batches("mlp", 1, seed=2)
+  ((x, y),) = _batches("mlp", 1, seed=2)
   params = init_f64(model, jnp.asarray(x))
   _, grads, stats = jax.jit(value_grad_and_stats(_loss(model)))(params, jnp.asarray(x), jnp.asarray(y))
   tx = kfac(0.1, ema_decay=0.5)
@@ -432,7 +447,9 @@ def test_non_finite_batch_is_skipped():
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(damping=0.0), "damping must be a positive"),
     (dict(damping=-1.0), "damping must be a positive"),
     (dict(damping=1.0, ema_decay=1.0), "ema_decay"),
@@ -440,7 +457,8 @@ def test_non_finite_batch_is_skipped():
     (dict(damping=1.0, inverse_every=2, stats_window=3), "stats_window"),
     (dict(damping=1.0, damping_mode="exact"), "damping_mode"),
     (dict(damping=1.0, contraction="columns"), "contraction"),
-])
+  ],
+)
 def test_construction_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     kfac(**kwargs)
@@ -455,8 +473,12 @@ def test_update_errors():
   other = ConvNet()
   conv_params = init_f64(other, jnp.zeros((1, 5, 5, 2)))
   with pytest.raises(ValueError, match="conv"):
-    tx.update(grads, state, params, stats={("conv",): dataclasses.replace(
-        stats[("hidden",)], kernel_shape=conv_params["conv"]["kernel"].shape)})
+    tx.update(
+      grads,
+      state,
+      params,
+      stats={("conv",): dataclasses.replace(stats[("hidden",)], kernel_shape=conv_params["conv"]["kernel"].shape)},
+    )
   with pytest.raises(ValueError, match="value_grad_and_stats"):
     kfac_foof_similarity(grads, None, 1.0)
   with pytest.raises(ValueError, match="damping must be a positive"):

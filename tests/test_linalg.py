@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neuron_optax import _factors, linalg
+from neuron_optax import factorisation as _factors
+from neuron_optax import linalg
 
 
 @pytest.fixture(autouse=True)

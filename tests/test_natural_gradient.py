@@ -19,7 +19,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from neuron_optax.capture import value_grad_and_stats
+from neuron_optax import value_grad_and_stats
 from neuron_optax.linalg import damped_solve
 from neuron_optax.natural_gradient import natural_gradient
 
@@ -52,14 +52,12 @@ class ConvNet(nn.Module):
 
 
 class Logistic(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     return nn.Dense(3, name="out")(x)
 
 
 class WiderMLP(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(7, name="hidden")(x)
@@ -77,11 +75,11 @@ class Reshaped(nn.Module):
 
 
 MODELS = {
-    "mlp": (MLP(), (6, 4)),
-    "conv": (ConvNet(), (3, 6, 4, 2)),
-    "logistic": (Logistic(), (7, 4)),
-    "wider": (WiderMLP(), (6, 4)),
-    "reshaped": (Reshaped(), (5, 4)),
+  "mlp": (MLP(), (6, 4)),
+  "conv": (ConvNet(), (3, 6, 4, 2)),
+  "logistic": (Logistic(), (7, 4)),
+  "wider": (WiderMLP(), (6, 4)),
+  "reshaped": (Reshaped(), (5, 4)),
 }
 
 
@@ -111,6 +109,7 @@ def ce_loss(model, x, y):
   def loss_fn(params):
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
   return loss_fn
 
 
@@ -119,8 +118,7 @@ def captured(name, fisher="empirical", seed=2, n=None):
   """``(grads, stats)`` from value_grad_and_stats on a batch of model ``name``."""
   x, y = batch(name, seed, n)
   likelihood = None if fisher == "empirical" else "categorical"
-  capture = jax.jit(value_grad_and_stats(ce_loss(MODELS[name][0], x, y), fisher=fisher,
-                                         likelihood=likelihood))
+  capture = jax.jit(value_grad_and_stats(ce_loss(MODELS[name][0], x, y), fisher=fisher, likelihood=likelihood))
   _, grads, stats = capture(parameters(name), **({"rng": jax.random.PRNGKey(7)} if fisher == "mc" else {}))
   return grads, stats
 
@@ -137,8 +135,10 @@ class Reference:
     self.model = MODELS[name][0]
     captured_layers, self.rest = split(parameters(name))
     self.flat, self.unravel = ravel_pytree(captured_layers)
-    ids = {layer: jax.tree_util.tree_map(lambda leaf, i=i: jnp.full(leaf.shape, i), leaves)
-           for i, (layer, leaves) in enumerate(sorted(captured_layers.items()))}
+    ids = {
+      layer: jax.tree_util.tree_map(lambda leaf, i=i: jnp.full(leaf.shape, i), leaves)
+      for i, (layer, leaves) in enumerate(sorted(captured_layers.items()))
+    }
     self.layer_of = np.asarray(ravel_pytree(ids)[0])
 
   def logits(self, flat, x):
@@ -159,6 +159,7 @@ class Reference:
 
   def full_fisher(self, x):
     """``(1/n) Σ_i Σ_c p(c|x_i) ∇(−log p(c|x_i)) ∇(−log p(c|x_i))ᵀ``."""
+
     @jax.jit
     def per_class_gradients_and_probs(flat):
       logits = jax.vmap(lambda xi: self.logits(flat, xi))(x)
@@ -211,8 +212,7 @@ def whole_and_block(name, grads, stats=None, fisher_stats=None, also_without_sta
   @jax.jit
   def run(grads, stats, fisher_stats):
     calls = [(whole, stats), (block, stats)] + [(whole, None)] * also_without_stats
-    outs = [tx.update(grads, tx.init(params), params, stats=s, fisher_stats=fisher_stats)
-            for tx, s in calls]
+    outs = [tx.update(grads, tx.init(params), params, stats=s, fisher_stats=fisher_stats) for tx, s in calls]
     assert all(state == optax.EmptyState() for _, state in outs)
     return [updates for updates, _ in outs]
 
@@ -233,8 +233,9 @@ def test_matches_explicit_fisher(name, fisher):
   assert_close(ref.captured_vector(whole), ref.natural_gradient(f, g))
   assert_close(ref.captured_vector(block), ref.natural_gradient(ref.block_diagonal(f), g))
   # The cross-layer blocks matter here, so the two checks above are distinct.
-  assert (np.linalg.norm(ref.captured_vector(whole) - ref.captured_vector(block))
-          > 0.05 * np.linalg.norm(ref.captured_vector(whole)))
+  assert np.linalg.norm(ref.captured_vector(whole) - ref.captured_vector(block)) > 0.05 * np.linalg.norm(
+    ref.captured_vector(whole)
+  )
   # The uncaptured LayerNorm is not in the Fisher: its gradient passes through untouched.
   for updates in (whole, block):
     assert set(updates) == set(grads)
@@ -283,8 +284,7 @@ def test_fisher_from_independent_batch(name):
   f, _ = explicit(name, "full", seed=3, n=4)
   _, g = explicit(name, "empirical", seed=2)
   ref = reference(name)
-  whole, block, fisher_stats_only = whole_and_block(name, grads, stats, fisher_stats,
-                                                    also_without_stats=True)
+  whole, block, fisher_stats_only = whole_and_block(name, grads, stats, fisher_stats, also_without_stats=True)
   assert_close(ref.captured_vector(whole), ref.natural_gradient(f, g))
   assert_close(ref.captured_vector(block), ref.natural_gradient(ref.block_diagonal(f), g))
   # stats are optional when fisher_stats define the Fisher.
@@ -301,10 +301,10 @@ def test_max_columns(block_diagonal):
   grads, stats = captured("mlp", "full")
   params = parameters("mlp")
   columns = 3 * MODELS["mlp"][1][0]  # classes x examples
-  trace_update(natural_gradient(DAMPING, block_diagonal=block_diagonal, max_columns=columns),
-               grads, params, stats=stats)
-  trace_update(natural_gradient(DAMPING, block_diagonal=block_diagonal, max_columns=None),
-               grads, params, stats=stats)
+  trace_update(
+    natural_gradient(DAMPING, block_diagonal=block_diagonal, max_columns=columns), grads, params, stats=stats
+  )
+  trace_update(natural_gradient(DAMPING, block_diagonal=block_diagonal, max_columns=None), grads, params, stats=stats)
   tx = natural_gradient(DAMPING, block_diagonal=block_diagonal, max_columns=columns - 1)
   with pytest.raises(ValueError, match=f"m = {columns} columns.*fisher='mc'.*fisher_stats.*max_columns"):
     trace_update(tx, grads, params, stats=stats)
@@ -357,8 +357,7 @@ def test_damped_solve_falls_back_when_cholesky_fails():
   solve = jax.jit(damped_solve)
   expected = q @ ((q.T @ rhs) / np.array([shift, shift, 1 + shift, 2 + shift, 3 + shift]))
   np.testing.assert_allclose(solve(indefinite, shift, rhs), expected, rtol=1e-8)
-  np.testing.assert_allclose(solve(psd, shift, rhs), np.linalg.solve(psd + shift * np.eye(5), rhs),
-                             rtol=1e-8)
+  np.testing.assert_allclose(solve(psd, shift, rhs), np.linalg.solve(psd + shift * np.eye(5), rhs), rtol=1e-8)
 
 
 def test_jit_train_step_reduces_loss():
@@ -371,8 +370,9 @@ def test_jit_train_step_reduces_loss():
 
   @jax.jit
   def train_step(params, opt_state, rng):
-    loss, grads, stats = value_grad_and_stats(ce_loss(model, x, y), fisher="mc",
-                                              likelihood="categorical")(params, rng=rng)
+    loss, grads, stats = value_grad_and_stats(ce_loss(model, x, y), fisher="mc", likelihood="categorical")(
+      params, rng=rng
+    )
     updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
     return optax.apply_updates(params, updates), opt_state, loss
 

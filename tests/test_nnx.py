@@ -1,20 +1,18 @@
 """Flax NNX capture and transforms: against linen, float64 NumPy references, and training."""
 
-import warnings
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_stats_match_grads
 from flax import nnx
+from numpy_reference import augment, im2col, same_padding
 
 import neuron_optax as nox
-from neuron_optax import _params
 from neuron_optax import nnx as nox_nnx
-from conftest import assert_stats_match_grads
-from numpy_reference import augment, im2col, same_padding
+from neuron_optax import param_layout as _params
 
 F64 = jnp.float64
 
@@ -37,9 +35,12 @@ def _node(tree, key):
 
 class NnxMLP(nnx.Module):
   def __init__(self, rngs, d_in=4, hidden=5, classes=3, dtype=F64):
-    self.layers = nnx.List([
+    self.layers = nnx.List(
+      [
         nnx.Linear(d_in, hidden, param_dtype=dtype, rngs=rngs),
-        nnx.Linear(hidden, classes, use_bias=False, param_dtype=dtype, rngs=rngs)])
+        nnx.Linear(hidden, classes, use_bias=False, param_dtype=dtype, rngs=rngs),
+      ]
+    )
 
   def __call__(self, x):
     return self.layers[1](jnp.tanh(self.layers[0](x)))
@@ -75,14 +76,17 @@ def test_mlp_stats_match_numpy_and_linen(x64):
   loss, grads, stats = nnx.jit(nox_nnx.value_grad_and_stats(_xent))(model, x, y)
 
   params = _linen_params(model)
-  w1, b1, w2 = (np.asarray(params["hidden"]["kernel"]), np.asarray(params["hidden"]["bias"]),
-                np.asarray(params["out"]["kernel"]))
+  w1, b1, w2 = (
+    np.asarray(params["hidden"]["kernel"]),
+    np.asarray(params["hidden"]["bias"]),
+    np.asarray(params["out"]["kernel"]),
+  )
   h = np.tanh(np.asarray(x) @ w1 + b1)
   logits = h @ w2
   p = np.exp(logits - logits.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
   cot_out = (p - np.eye(3)[np.asarray(y)]) / 7
-  cot_hidden = (cot_out @ w2.T) * (1 - h ** 2)
+  cot_hidden = (cot_out @ w2.T) * (1 - h**2)
   assert list(stats) == [("layers", 0), ("layers", 1)]
   np.testing.assert_allclose(loss, -np.log(p[np.arange(7), np.asarray(y)]).mean(), rtol=1e-12)
   np.testing.assert_allclose(stats[("layers", 0)].inputs[:, 0], np.asarray(x), rtol=1e-12)
@@ -102,11 +106,13 @@ def test_mlp_stats_match_numpy_and_linen(x64):
   # the equivalent linen model records the same rows and cotangents
   linen = LinenMLP()
   _, linen_grads, linen_stats = nox.value_grad_and_stats(
-      lambda p: optax.softmax_cross_entropy_with_integer_labels(linen.apply({"params": p}, x), y).mean())(params)
+    lambda p: optax.softmax_cross_entropy_with_integer_labels(linen.apply({"params": p}, x), y).mean()
+  )(params)
   for key, linen_key in _LINEN_KEY.items():
     for field in ("inputs", "cotangents"):
-      np.testing.assert_allclose(getattr(stats[key], field), getattr(linen_stats[linen_key], field),
-                                 rtol=1e-12, atol=1e-15)
+      np.testing.assert_allclose(
+        getattr(stats[key], field), getattr(linen_stats[linen_key], field), rtol=1e-12, atol=1e-15
+      )
     assert stats[key].kernel_shape == linen_stats[linen_key].kernel_shape
     assert stats[key].kernel_input_ndim == linen_stats[linen_key].kernel_input_ndim
   # the user's model object is left as it was
@@ -118,12 +124,13 @@ def test_fisher_cotangents_match_linen(x64, fisher):
   x, y = _data(1)
   model = NnxMLP(nnx.Rngs(1))
   kw = {"rng": jax.random.key(4)} if fisher == "mc" else {}
-  loss, grads, stats = _jitted(_xent, fisher=fisher, likelihood="categorical")(
-      model, x, y, **kw)
+  loss, grads, stats = _jitted(_xent, fisher=fisher, likelihood="categorical")(model, x, y, **kw)
   linen = LinenMLP()
   linen_loss, linen_grads, linen_stats = nox.value_grad_and_stats(
-      lambda p: optax.softmax_cross_entropy_with_integer_labels(linen.apply({"params": p}, x), y).mean(),
-      fisher=fisher, likelihood="categorical")(_linen_params(model), **kw)
+    lambda p: optax.softmax_cross_entropy_with_integer_labels(linen.apply({"params": p}, x), y).mean(),
+    fisher=fisher,
+    likelihood="categorical",
+  )(_linen_params(model), **kw)
   np.testing.assert_allclose(loss, linen_loss, rtol=1e-12)
   for key, linen_key in _LINEN_KEY.items():
     s, ref = stats[key], linen_stats[linen_key]
@@ -138,8 +145,7 @@ def test_fisher_cotangents_match_linen(x64, fisher):
     p /= p.sum(1, keepdims=True)
     g = np.asarray(stats[("layers", 1)].fisher_cotangents)[:, :, 0]  # (S, n, d_out)
     for i in range(7):
-      np.testing.assert_allclose(g[:, i].T @ g[:, i], np.diag(p[i]) - np.outer(p[i], p[i]),
-                                 rtol=1e-10, atol=1e-14)
+      np.testing.assert_allclose(g[:, i].T @ g[:, i], np.diag(p[i]) - np.outer(p[i], p[i]), rtol=1e-10, atol=1e-14)
 
 
 def test_top_level_linear_with_tokens_and_jax_jit(x64):
@@ -160,12 +166,14 @@ def test_top_level_linear_with_tokens_and_jax_jit(x64):
   np.testing.assert_allclose(s.cotangents, 2 * (pred - np.asarray(target)) / 12, rtol=1e-10)
   assert_stats_match_grads(grads, stats, [()], atol=1e-13)
   # full Gaussian Fisher on a top-level layer: per-example cotangents are the unit vectors / T
-  _, _, fstats = _jitted(lambda m, x: loss_fn(m, x), fisher="full",
-                                              likelihood="gaussian")(model, x)
+  _, _, fstats = _jitted(lambda m, x: loss_fn(m, x), fisher="full", likelihood="gaussian")(model, x)
   g = np.asarray(fstats[()].fisher_cotangents)  # (T*k, n, T, k)
-  np.testing.assert_allclose(np.einsum("snta,snub->ntaub", g, g),
-                             np.broadcast_to(np.eye(8).reshape(4, 2, 4, 2) / 16, (3, 4, 2, 4, 2)),
-                             rtol=1e-12, atol=1e-15)
+  np.testing.assert_allclose(
+    np.einsum("snta,snub->ntaub", g, g),
+    np.broadcast_to(np.eye(8).reshape(4, 2, 4, 2) / 16, (3, 4, 2, 4, 2)),
+    rtol=1e-12,
+    atol=1e-15,
+  )
 
 
 def test_tree_mode_matches_graph_mode(x64):
@@ -178,8 +186,7 @@ def test_tree_mode_matches_graph_mode(x64):
   for key in stats:
     np.testing.assert_allclose(tree_stats[key].cotangents, stats[key].cotangents, rtol=1e-12)
     np.testing.assert_allclose(tree_stats[key].inputs, stats[key].inputs, rtol=1e-12)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), nnx.as_pure(tree_grads),
-               nnx.as_pure(grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), nnx.as_pure(tree_grads), nnx.as_pure(grads))
 
 
 def test_shared_layer_applied_twice_pools_rows(x64):
@@ -225,13 +232,16 @@ def _conv_reference_patches(x, kernel_size, strides, padding, dilation):
   return im2col(x, kernel_size, strides, list(padding), dilation)
 
 
-@pytest.mark.parametrize("case", [
+@pytest.mark.parametrize(
+  "case",
+  [
     dict(kernel_size=(3, 3), strides=(2, 2), padding="SAME"),
     dict(kernel_size=(3, 2), strides=(2, 1), padding="VALID"),
     dict(kernel_size=(2, 2), strides=(1, 1), padding=((1, 0), (2, 1)), kernel_dilation=(2, 1)),
     dict(kernel_size=(3, 3), strides=(1, 1), padding="CIRCULAR"),
     dict(kernel_size=(3,), strides=(1,), padding="CAUSAL", kernel_dilation=(2,)),
-])
+  ],
+)
 def test_conv_im2col_matches_explicit_patches(x64, case):
   rank = len(case["kernel_size"])
   spatial = (7, 6)[:rank]
@@ -305,11 +315,11 @@ def test_kernel_input_ndim_from_the_model_for_multi_axis_outputs(x64):
   tx = nox.foof(1.0, kernel_input_ndim=nox_nnx.kernel_input_ndim(model))
   updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
   a = augment(np.asarray(x))
-  g = np.concatenate([np.asarray(grads["split"]["kernel"][...]).reshape(5, 6),
-                      np.asarray(grads["split"]["bias"][...]).reshape(1, 6)])
+  g = np.concatenate(
+    [np.asarray(grads["split"]["kernel"][...]).reshape(5, 6), np.asarray(grads["split"]["bias"][...]).reshape(1, 6)]
+  )
   expected = np.linalg.solve(a.T @ a / 4 + np.eye(6), g)
-  np.testing.assert_allclose(np.asarray(updates["split"]["kernel"][...]).reshape(5, 6), expected[:5],
-                             rtol=1e-9)
+  np.testing.assert_allclose(np.asarray(updates["split"]["kernel"][...]).reshape(5, 6), expected[:5], rtol=1e-9)
   np.testing.assert_allclose(np.asarray(updates["split"]["bias"][...]).reshape(6), expected[5], rtol=1e-9)
 
 
@@ -343,7 +353,7 @@ def test_einsum_plain_contractions_are_captured(x64):
   h = np.swapaxes(np.tanh(z1), 1, 2)  # (b, t, k)
   z2 = np.einsum("btd,dhk->bthk", h, w2) + b2
   cot2 = np.cos(z2) / z2.size
-  cot1 = np.einsum("bthk,dhk->btd", cot2, w2) * (1 - h ** 2)  # (b, t, k): canonical layout
+  cot1 = np.einsum("bthk,dhk->btd", cot2, w2) * (1 - h**2)  # (b, t, k): canonical layout
   np.testing.assert_allclose(permuted.inputs, np.asarray(x), rtol=1e-12)
   np.testing.assert_allclose(ellipsis.inputs, h, rtol=1e-12)
   np.testing.assert_allclose(ellipsis.cotangents, cot2.reshape(2, 3, 6), rtol=1e-10)
@@ -352,7 +362,9 @@ def test_einsum_plain_contractions_are_captured(x64):
   assert nox_nnx.kernel_input_ndim(model) == {"permuted": 1, "ellipsis": 1}
 
 
-@pytest.mark.parametrize("equation,reason", [
+@pytest.mark.parametrize(
+  "equation,reason",
+  [
     ("nta,hab->nthb", "contracted axes do not all come before"),
     ("btd,bdk->btk", "one kernel per index"),
     ("bd,dk->b", "summed over"),
@@ -360,9 +372,11 @@ def test_einsum_plain_contractions_are_captured(x64):
     ("bd,dd->bd", "repeats"),
     ("db,dk->bk", "first (example) axis is contracted"),
     ("btd,dhk->btkh", "not in the kernel's order"),
-])
+  ],
+)
 def test_einsum_layouts_that_are_not_one_matrix(equation, reason):
   from neuron_optax.nnx import _einsum_layout
+
   lhs, rhs = equation.split("->")[0].split(",")
   layout = _einsum_layout(equation, len(lhs) if "..." not in lhs else 3, len(rhs) if "..." not in rhs else 2)
   assert isinstance(layout, str) and reason in layout
@@ -394,6 +408,7 @@ def test_uncaptured_einsum_warns_and_passes_through(x64):
 def _comparable(state):
   def leaf(v):
     return jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v
+
   return jax.tree.map(leaf, nnx.as_pure(state))
 
 
@@ -416,10 +431,14 @@ def test_state_updates_propagate_like_nnx_value_and_grad(x64):
     loss, grads, stats = _jitted(_xent)(model, x, y)
     ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(_xent))(reference, x, y)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14),
-                 nnx.as_pure(grads), nnx.as_pure(ref_grads))
-    jax.tree.map(np.testing.assert_array_equal, _comparable(nnx.state(model, nnx.Not(nnx.Param))),
-                 _comparable(nnx.state(reference, nnx.Not(nnx.Param))))
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), nnx.as_pure(grads), nnx.as_pure(ref_grads)
+    )
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      _comparable(nnx.state(model, nnx.Not(nnx.Param))),
+      _comparable(nnx.state(reference, nnx.Not(nnx.Param))),
+    )
   assert int(model.drop.rngs.count[...]) == 2
   assert set(stats) == {("linear",), ("out",)}
   assert_stats_match_grads(grads, stats, atol=1e-13)
@@ -429,8 +448,10 @@ def test_params_helpers_accept_nnx_state(x64):
   model = NnxMLP(nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
   pure = nnx.as_pure(state)
-  expected = {("layers", 0): _params.LayerShape(5, 5, True, (4, 5), 1),
-              ("layers", 1): _params.LayerShape(5, 3, False, (5, 3), 1)}
+  expected = {
+    ("layers", 0): _params.LayerShape(5, 5, True, (4, 5), 1),
+    ("layers", 1): _params.LayerShape(5, 3, False, (5, 3), 1),
+  }
   for tree in (state, pure, nnx.to_pure_dict(state)):
     assert _params.candidate_layers(tree) == expected
 
@@ -477,7 +498,8 @@ def test_foof_with_nnx_equals_foof_with_linen(x64, contraction):
   @jax.jit
   def linen_step(params, state, x, y):
     _, grads, stats = nox.value_grad_and_stats(
-        lambda p: optax.softmax_cross_entropy_with_integer_labels(linen.apply({"params": p}, x), y).mean())(params)
+      lambda p: optax.softmax_cross_entropy_with_integer_labels(linen.apply({"params": p}, x), y).mean()
+    )(params)
     return tx.update(grads, state, params, stats=stats)
 
   for step in range(3):
@@ -487,12 +509,14 @@ def test_foof_with_nnx_equals_foof_with_linen(x64, contraction):
     assert isinstance(updates_nnx, nnx.State) and isinstance(updates_nnx["layers"][0]["kernel"], nnx.Param)
     for key, linen_key in _LINEN_KEY.items():
       for leaf in ("kernel", "bias") if key == ("layers", 0) else ("kernel",):
-        np.testing.assert_allclose(_node(updates_nnx, key)[leaf], updates_linen[linen_key[0]][leaf],
-                                   rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(
+          _node(updates_nnx, key)[leaf], updates_linen[linen_key[0]][leaf], rtol=1e-9, atol=1e-14
+        )
     if step == 0:  # independent check: (A + λI)⁻¹ ∇W with the first batch's A
       a = augment(np.asarray(x))
-      grad = np.concatenate([np.asarray(_node(grads, ("layers", 0))["kernel"]),
-                             np.asarray(_node(grads, ("layers", 0))["bias"])[None]])
+      grad = np.concatenate(
+        [np.asarray(_node(grads, ("layers", 0))["kernel"]), np.asarray(_node(grads, ("layers", 0))["bias"])[None]]
+      )
       expected = np.linalg.solve(a.T @ a / len(a) + damping * np.eye(5), grad)
       np.testing.assert_allclose(_node(updates_nnx, ("layers", 0))["kernel"], expected[:4], rtol=1e-9)
       np.testing.assert_allclose(_node(updates_nnx, ("layers", 0))["bias"], expected[4], rtol=1e-9)
@@ -520,14 +544,16 @@ def test_training_loop_with_nnx_optimizer_reduces_loss():
   assert type(model.layers[0]) is nnx.Linear
 
 
-@pytest.mark.parametrize("transform,fisher", [
-    ("kfac", "mc"), ("natural_gradient", "full"), ("fngd", "empirical")])
+@pytest.mark.parametrize("transform,fisher", [("kfac", "mc"), ("natural_gradient", "full"), ("fngd", "empirical")])
 def test_other_transforms_train_nnx_models(transform, fisher):
   import importlib
+
   module = importlib.import_module(f"neuron_optax.{transform}")
-  tx = {"kfac": lambda: module.kfac(1.0),
-        "natural_gradient": lambda: module.natural_gradient(1.0),
-        "fngd": lambda: module.fngd(0.1, steps_per_epoch=1, batch_size=32)}[transform]()
+  tx = {
+    "kfac": lambda: module.kfac(1.0),
+    "natural_gradient": lambda: module.natural_gradient(1.0),
+    "fngd": lambda: module.fngd(0.1, steps_per_epoch=1, batch_size=32),
+  }[transform]()
   rng = np.random.default_rng(15)
   labels = rng.integers(0, 3, size=32)
   x = jnp.asarray(rng.normal(size=(3, 8))[labels] * 2 + rng.normal(size=(32, 8)), jnp.float32)
@@ -538,8 +564,7 @@ def test_other_transforms_train_nnx_models(transform, fisher):
   @nnx.jit
   def train_step(model, optimizer, x, y, key):
     kw = {"rng": key} if fisher == "mc" else {}
-    loss, grads, stats = nox_nnx.value_grad_and_stats(_xent, fisher=fisher, likelihood="categorical")(
-        model, x, y, **kw)
+    loss, grads, stats = nox_nnx.value_grad_and_stats(_xent, fisher=fisher, likelihood="categorical")(model, x, y, **kw)
     optimizer.update(model, grads, stats=stats)
     return loss
 
@@ -549,8 +574,9 @@ def test_other_transforms_train_nnx_models(transform, fisher):
 
 class AttentionBlock(nnx.Module):
   def __init__(self, rngs, dtype=F64):
-    self.attention = nnx.MultiHeadAttention(num_heads=2, in_features=4, qkv_features=4, decode=False,
-                                            param_dtype=dtype, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(
+      num_heads=2, in_features=4, qkv_features=4, decode=False, param_dtype=dtype, rngs=rngs
+    )
     self.head = nnx.Linear(4, 3, param_dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
@@ -604,10 +630,11 @@ def test_errors_are_clear():
   with pytest.raises(TypeError, match="nnx.Module as its first argument"):
     nox_nnx.value_grad_and_stats(lambda p, x: x.sum())({"kernel": jnp.ones((2, 2))}, x)
   with pytest.raises(ValueError, match="found no nnx.Linear"):
-    nox_nnx.value_grad_and_stats(lambda m, x: jnp.sum(x ** 2))(model, x)
+    nox_nnx.value_grad_and_stats(lambda m, x: jnp.sum(x**2))(model, x)
   with pytest.raises(ValueError, match="exactly once"):
-    nox_nnx.value_grad_and_stats(lambda m, x, y: _xent(m, x, y) + _xent(m, x, y), fisher="full",
-                                 likelihood="categorical")(model, x, y)
+    nox_nnx.value_grad_and_stats(
+      lambda m, x, y: _xent(m, x, y) + _xent(m, x, y), fisher="full", likelihood="categorical"
+    )(model, x, y)
 
   # abstract modules (nnx.eval_shape): the errors are raised while tracing, before any compute
   batched = nnx.eval_shape(lambda: nnx.LinearGeneral(4, 2, batch_axis={0: 7}, rngs=nnx.Rngs(0)))

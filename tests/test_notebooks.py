@@ -40,13 +40,19 @@ def test_notebook_executes(path, monkeypatch):
   # The kernel imports neuron_optax from this checkout even when it is not pip-installed.
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
   notebook = nbformat.read(path, as_version=4)
-  client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                   resources={"metadata": {"path": str(ROOT)}})
+  client = nbclient.NotebookClient(
+    notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+  )
   start = time.perf_counter()
   client.execute()  # raises CellExecutionError if any cell (or one of its asserts) fails
   elapsed = time.perf_counter() - start
-  errors = [output for cell in notebook.cells if cell.cell_type == "code"
-            for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+  errors = [
+    output
+    for cell in notebook.cells
+    if cell.cell_type == "code"
+    for output in cell.get("outputs", [])
+    if output.get("output_type") == "error"
+  ]
   assert not errors
   print(f"{path.name}: executed in {elapsed:.1f} s")
 
@@ -64,4 +70,5 @@ def test_notebook_committed_without_outputs_and_in_sync(path):
   if path.name in builders:
     generated = getattr(_generator(), builders[path.name])()
     assert [c.source for c in generated.cells] == [c.source for c in notebook.cells], (
-        f"{path.name} differs from notebooks/build_notebooks.py: run python notebooks/build_notebooks.py")
+      f"{path.name} differs from notebooks/build_notebooks.py: run python notebooks/build_notebooks.py"
+    )

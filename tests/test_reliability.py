@@ -22,12 +22,12 @@ BATCH = 8
 def make_transforms():
   """Each transform at settings that exercise its state mid-period (T=3, S=2; FNGD 3 steps/epoch)."""
   return {
-      "foof": lambda: nox.foof(0.5, inverse_every=3, stats_window=2),
-      "kfac_heuristic": lambda: nox.kfac(0.5, inverse_every=3, stats_window=2),
-      "kfac_standard": lambda: nox.kfac(0.5, inverse_every=3, stats_window=2, damping_mode="standard"),
-      "natural_gradient": lambda: nox.natural_gradient(0.5),
-      "natural_gradient_blocks": lambda: nox.natural_gradient(0.5, block_diagonal=True),
-      "fngd": lambda: nox.fngd(0.1, steps_per_epoch=3, batch_size=BATCH),
+    "foof": lambda: nox.foof(0.5, inverse_every=3, stats_window=2),
+    "kfac_heuristic": lambda: nox.kfac(0.5, inverse_every=3, stats_window=2),
+    "kfac_standard": lambda: nox.kfac(0.5, inverse_every=3, stats_window=2, damping_mode="standard"),
+    "natural_gradient": lambda: nox.natural_gradient(0.5),
+    "natural_gradient_blocks": lambda: nox.natural_gradient(0.5, block_diagonal=True),
+    "fngd": lambda: nox.fngd(0.1, steps_per_epoch=3, batch_size=BATCH),
   }
 
 
@@ -66,6 +66,7 @@ def _trainer(name, dtype=jnp.float32, norm=True, guard=False):
     def loss_fn(p):
       logits = model.apply({"params": p}, x).astype(jnp.float32)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params)
     updates, state = tx.update(grads, state, params, stats=stats)
     return optax.apply_updates(params, updates), state, loss
@@ -119,8 +120,7 @@ def test_orbax_round_trip(name, tmp_path):
 
 
 def _all_finite(tree):
-  return all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
-             if jnp.issubdtype(leaf.dtype, jnp.inexact))
+  return all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact))
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
@@ -167,6 +167,7 @@ def test_bfloat16_tracks_float32(name):
       def loss_fn(p):
         logits = model.apply({"params": p}, x).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
       _, grads, stats = nox.value_grad_and_stats(loss_fn)(params)
       return tx.update(grads, state, params, stats=stats) + (grads,)
 
@@ -264,7 +265,6 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
 def test_batch_sharded_over_8_devices_matches_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
+  result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
   assert result.stdout.count("OK") == 8

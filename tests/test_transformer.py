@@ -6,11 +6,11 @@
   gradient are checked against NumPy built from an explicit forward/backward pass.
 * attention: the query/key/value (3-D kernels, one input axis) and out (two input
   axes) projections of ``nn.MultiHeadDotProductAttention`` vs a NumPy attention.
-* a 2-layer Transformer LM on :mod:`neuron_optax.text` trains with every method,
+* a 2-layer Transformer LM on :mod:`neuron_optax.examples.text` trains with every method,
   and its embedding, positional table and LayerNorm leaves pass through unchanged.
 * blocks inside ``nn.remat`` / a Dense inside ``nn.scan``: a clear ``NotImplementedError``
   while tracing (jitted or not), not a leaked tracer.
-* :mod:`neuron_optax.text`: vocabulary, encode/decode, batch samplers, errors.
+* :mod:`neuron_optax.examples.text`: vocabulary, encode/decode, batch samplers, errors.
 """
 
 import functools
@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import init_f64
 from flax import traverse_util
+from numpy_reference import augment
 
 import neuron_optax as nox
-from conftest import init_f64
-from neuron_optax import text
+from neuron_optax.examples import text
 from neuron_optax.fngd import fngd
-from numpy_reference import augment
 
 # --------------------------------------------------------------------------- #
 # NumPy references
@@ -87,16 +87,18 @@ def _token_mlp_reference(params, x, labels):
   onehot = np.eye(p.shape[-1])[labels]
   loss = -np.mean(np.log(np.sum(p * onehot, -1)))
   cot_out = (p - onehot) / (n * t)
-  cot_hidden = (cot_out @ w2.T) * (1 - h ** 2)
+  cot_hidden = (cot_out @ w2.T) * (1 - h**2)
   layers = {}
   for name, inputs, cot in (("hidden", x, cot_hidden), ("out", h, cot_out)):
     a = augment(inputs)  # (n, T, d_in + 1)
     rows_a, rows_cot = a.reshape(n * t, -1), cot.reshape(n * t, -1)
     layers[name] = dict(
-        a=a, g=n * cot,
-        A=rows_a.T @ rows_a / (n * t),  # mean over batch × tokens of ā āᵀ
-        G=(n * rows_cot).T @ (n * rows_cot) / (n * t),  # mean over rows of g gᵀ, g = n·cot
-        grad=rows_a.T @ rows_cot)
+      a=a,
+      g=n * cot,
+      A=rows_a.T @ rows_a / (n * t),  # mean over batch × tokens of ā āᵀ
+      G=(n * rows_cot).T @ (n * rows_cot) / (n * t),  # mean over rows of g gᵀ, g = n·cot
+      grad=rows_a.T @ rows_cot,
+    )
   return loss, layers
 
 
@@ -149,12 +151,12 @@ def test_dense_on_tokens_matches_numpy_for_every_method(x64):
   params = init_f64(model, jnp.asarray(x))
   foof_damping, kfac_damping, alpha, ng_damping = 0.3, 0.05, 0.2, 0.01
   transforms = {
-      "foof": nox.foof(foof_damping),
-      "kfac_heuristic": nox.kfac(kfac_damping),
-      "kfac_standard": nox.kfac(kfac_damping, damping_mode="standard"),
-      "fngd": fngd(alpha, steps_per_epoch=2, batch_size=n),
-      "natural_gradient": nox.natural_gradient(ng_damping),
-      "natural_gradient_block": nox.natural_gradient(ng_damping, block_diagonal=True),
+    "foof": nox.foof(foof_damping),
+    "kfac_heuristic": nox.kfac(kfac_damping),
+    "kfac_standard": nox.kfac(kfac_damping, damping_mode="standard"),
+    "fngd": fngd(alpha, steps_per_epoch=2, batch_size=n),
+    "natural_gradient": nox.natural_gradient(ng_damping),
+    "natural_gradient_block": nox.natural_gradient(ng_damping, block_diagonal=True),
   }
 
   @jax.jit
@@ -171,9 +173,9 @@ def test_dense_on_tokens_matches_numpy_for_every_method(x64):
     assert stats[(name,)].inputs.shape == (n, t, layer["a"].shape[-1] - 1)  # one row per token
     np.testing.assert_allclose(_matrix(grads, name), layer["grad"], rtol=1e-10, atol=1e-14)
     expected = {
-        "foof": np.linalg.solve(layer["A"] + foof_damping * np.eye(len(layer["A"])), layer["grad"]),
-        "kfac_heuristic": _heuristic_kfac(layer["A"], layer["G"], layer["grad"], kfac_damping),
-        "kfac_standard": _standard_kfac(layer["A"], layer["G"], layer["grad"], kfac_damping),
+      "foof": np.linalg.solve(layer["A"] + foof_damping * np.eye(len(layer["A"])), layer["grad"]),
+      "kfac_heuristic": _heuristic_kfac(layer["A"], layer["G"], layer["grad"], kfac_damping),
+      "kfac_standard": _standard_kfac(layer["A"], layer["G"], layer["grad"], kfac_damping),
     }
     psi = _per_example_gradients(layer)
     np.testing.assert_allclose(psi.mean(0), layer["grad"].reshape(-1), rtol=1e-10, atol=1e-14)
@@ -182,10 +184,12 @@ def test_dense_on_tokens_matches_numpy_for_every_method(x64):
     expected["fngd"] = (c @ psi).reshape(layer["grad"].shape)
     fisher = psi.T @ psi / n
     expected["natural_gradient_block"] = np.linalg.solve(
-        fisher + ng_damping * np.eye(len(fisher)), layer["grad"].reshape(-1)).reshape(layer["grad"].shape)
+      fisher + ng_damping * np.eye(len(fisher)), layer["grad"].reshape(-1)
+    ).reshape(layer["grad"].shape)
     for method, direction in expected.items():
-      np.testing.assert_allclose(_matrix(out[method], name), direction, rtol=1e-8, atol=1e-13,
-                                 err_msg=f"{method}, layer {name}")
+      np.testing.assert_allclose(
+        _matrix(out[method], name), direction, rtol=1e-8, atol=1e-13, err_msg=f"{method}, layer {name}"
+      )
 
   # whole-network natural gradient: one Fisher over both layers' parameters
   psi = np.concatenate([_per_example_gradients(ref[name]) for name in ("hidden", "out")], axis=1)
@@ -224,16 +228,19 @@ def test_attention_projections_match_numpy_foof(x64):
   np.testing.assert_allclose(model.apply({"params": params}, jnp.asarray(x)), output, rtol=1e-10)
   a_inputs = _second_moment(x)  # query/key/value read the layer input, one row per token
   a_context = _second_moment(context)  # out reads the heads' context, (heads · head_dim) per token
-  for name, a, input_ndim in (("query", a_inputs, 1), ("key", a_inputs, 1), ("value", a_inputs, 1),
-                              ("out", a_context, 2)):
+  for name, a, input_ndim in (
+    ("query", a_inputs, 1),
+    ("key", a_inputs, 1),
+    ("value", a_inputs, 1),
+    ("out", a_context, 2),
+  ):
     assert stats[("attention", name)].kernel_input_ndim == input_ndim
     assert stats[("attention", name)].inputs.shape == (n, t, d)
     grad = _matrix(plain_grads, "attention", name)
     assert grad.shape == (d + 1, d)  # (d_model + 1, heads · head_dim) or (heads · head_dim + 1, d_model)
     np.testing.assert_allclose(_matrix(grads, "attention", name), grad, rtol=1e-10, atol=1e-14)
     expected = np.linalg.solve(a + damping * np.eye(d + 1), grad)
-    np.testing.assert_allclose(_matrix(direction, "attention", name), expected, rtol=1e-8, atol=1e-13,
-                               err_msg=name)
+    np.testing.assert_allclose(_matrix(direction, "attention", name), expected, rtol=1e-8, atol=1e-13, err_msg=name)
 
 
 def test_attention_kernel_input_ndim_override_mismatch_names_the_layer():
@@ -273,7 +280,7 @@ class TransformerLM(nn.Module):
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(text.VOCAB_SIZE, D_MODEL, name="embed")(tokens)
-    x = x + self.param("position", nn.initializers.normal(0.02), (SEQ_LEN, D_MODEL))[:tokens.shape[1]]
+    x = x + self.param("position", nn.initializers.normal(0.02), (SEQ_LEN, D_MODEL))[: tokens.shape[1]]
     mask = nn.make_causal_mask(tokens)
     for i in range(2):
       x = Block(name=f"block_{i}")(x, mask)
@@ -282,19 +289,18 @@ class TransformerLM(nn.Module):
 
 # (preconditioner, SGD-momentum learning rate, fisher); adamw is the first-order control
 METHODS = {
-    "adamw": (None, 3e-3, None),
-    "foof": (lambda: nox.foof(1.0), 0.3, "empirical"),
-    "kfac_heuristic": (lambda: nox.kfac(0.1), 0.03, "empirical"),
-    "kfac_standard": (lambda: nox.kfac(0.1, damping_mode="standard"), 0.01, "empirical"),
-    "fngd": (lambda: fngd(0.1, steps_per_epoch=4, batch_size=BATCH), 0.3, "empirical"),
-    "natural_gradient_mc": (lambda: nox.natural_gradient(1.0), 0.1, "mc"),
+  "adamw": (None, 3e-3, None),
+  "foof": (lambda: nox.foof(1.0), 0.3, "empirical"),
+  "kfac_heuristic": (lambda: nox.kfac(0.1), 0.03, "empirical"),
+  "kfac_standard": (lambda: nox.kfac(0.1, damping_mode="standard"), 0.01, "empirical"),
+  "fngd": (lambda: fngd(0.1, steps_per_epoch=4, batch_size=BATCH), 0.3, "empirical"),
+  "natural_gradient_mc": (lambda: nox.natural_gradient(1.0), 0.1, "mc"),
 }
 CAPTURED = [("block_0", "attention", "query"), ("block_1", "attention", "out"), ("block_1", "mlp_in"), ("head",)]
-PASSED_THROUGH = [("embed", "embedding"), ("position",), ("block_0", "LayerNorm_0", "scale"),
-                  ("LayerNorm_0", "bias")]
+PASSED_THROUGH = [("embed", "embedding"), ("position",), ("block_0", "LayerNorm_0", "scale"), ("LayerNorm_0", "bias")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _corpus():
   return text.encode(text.python_docs(max_chars=30_000))
 
@@ -303,7 +309,7 @@ def _lm_loss(model, params, window):
   return _token_loss(model.apply({"params": params}, window[:, :-1]), window[:, 1:])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lm_setup():
   """(training tokens, held-out batch, initial parameters), shared by every method."""
   train, valid = text.split(_corpus(), valid_fraction=0.2)
@@ -315,7 +321,7 @@ def _lm_setup():
 _held_out_loss = jax.jit(functools.partial(_lm_loss, TransformerLM()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _train(method: str):
   """Trains the LM for STEPS steps; returns losses on a held-out batch and per-step pass-through checks."""
   make_preconditioner, learning_rate, fisher = METHODS[method]
@@ -333,7 +339,8 @@ def _train(method: str):
       directions, pre_state = grads, states[0]
     else:
       capture = nox.value_grad_and_stats(
-          loss_fn, fisher=fisher, likelihood=None if fisher == "empirical" else "categorical")
+        loss_fn, fisher=fisher, likelihood=None if fisher == "empirical" else "categorical"
+      )
       loss, grads, stats = capture(params, window, **({"rng": rng} if fisher == "mc" else {}))
       directions, pre_state = preconditioner.update(grads, states[0], params, stats=stats)
     updates, opt_state = optimizer.update(directions, states[1], params)
@@ -349,10 +356,16 @@ def _train(method: str):
     losses.append(float(loss))
     flat_grads, flat_dirs = traverse_util.flatten_dict(grads), traverse_util.flatten_dict(directions)
     pass_through.append(all(np.array_equal(flat_grads[k], flat_dirs[k]) for k in PASSED_THROUGH))
-    changed.append({layer: not np.allclose(flat_grads[layer + ("kernel",)], flat_dirs[layer + ("kernel",)])
-                    for layer in CAPTURED})
-  return dict(before=before, after=float(_held_out_loss(params, held_out)), losses=losses,
-              pass_through=pass_through, changed=changed)
+    changed.append(
+      {layer: not np.allclose(flat_grads[layer + ("kernel",)], flat_dirs[layer + ("kernel",)]) for layer in CAPTURED}
+    )
+  return dict(
+    before=before,
+    after=float(_held_out_loss(params, held_out)),
+    losses=losses,
+    pass_through=pass_through,
+    changed=changed,
+  )
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -374,8 +387,11 @@ def test_transformer_lm_captures_every_projection():
   _, held_out, params = _lm_setup()
   capture = nox.value_grad_and_stats(functools.partial(_lm_loss, TransformerLM()))
   _, _, stats = jax.eval_shape(capture, params, held_out[:2])  # shapes and static fields suffice
-  expected = {("head",)} | {(f"block_{i}", "attention", p) for i in range(2) for p in ("query", "key", "value", "out")} \
-      | {(f"block_{i}", m) for i in range(2) for m in ("mlp_in", "mlp_out")}
+  expected = (
+    {("head",)}
+    | {(f"block_{i}", "attention", p) for i in range(2) for p in ("query", "key", "value", "out")}
+    | {(f"block_{i}", m) for i in range(2) for m in ("mlp_in", "mlp_out")}
+  )
   assert set(stats) == expected  # nn.Embed and LayerNorm are not captured
   assert all(s.inputs.shape[:2] == (2, SEQ_LEN) for s in stats.values())  # tokens are rows
   assert stats[("block_0", "attention", "out")].kernel_input_ndim == 2
@@ -446,7 +462,7 @@ def test_scanned_dense_is_a_clear_capture_error(jit):
 
 
 # --------------------------------------------------------------------------- #
-# neuron_optax.text
+# neuron_optax.examples.text
 # --------------------------------------------------------------------------- #
 
 
@@ -500,14 +516,17 @@ def test_sample_windows_and_split():
   assert len(valid) == 10
 
 
-@pytest.mark.parametrize("call, match", [
+@pytest.mark.parametrize(
+  "call, match",
+  [
     (lambda: text.sample_windows(np.arange(5), 2, 5), "no window"),
     (lambda: text.sample_windows(np.arange(50), 0, 5), "batch_size"),
     (lambda: next(text.batches(np.arange(50), 2, 0)), "seq_len"),
     (lambda: next(text.batches(np.arange(20), 4, 4)), "fewer than batch_size"),
     (lambda: next(text.batches(np.zeros((5, 5)), 1, 2)), "1-D"),
     (lambda: text.split(np.arange(10), 1.0), "valid_fraction"),
-])
+  ],
+)
 def test_text_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call()

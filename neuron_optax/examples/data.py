@@ -54,7 +54,7 @@ jitted step compiles once.
 
 Example::
 
-    from neuron_optax import data
+    from neuron_optax.examples import data
 
     train = data.load("mnist_subset")                  # (5000, 784) float32
     for batch in data.batches(train, 100, seed=0, epochs=2):
@@ -75,7 +75,8 @@ import os
 import pathlib
 import pickle
 import tarfile
-from typing import Any, Iterator, Literal, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -145,9 +146,10 @@ class Dataset:
     order = np.random.default_rng(seed).permutation(len(self))
     n_test = max(1, int(round(test_fraction * len(self))))
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
-    return (dataclasses.replace(self, images=self.images[train], labels=self.labels[train]),
-            dataclasses.replace(self, images=self.images[test], labels=self.labels[test],
-                                name=self.name + "[held out]"))
+    return (
+      dataclasses.replace(self, images=self.images[train], labels=self.labels[train]),
+      dataclasses.replace(self, images=self.images[test], labels=self.labels[test], name=self.name + "[held out]"),
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -181,8 +183,13 @@ def standardize(images: np.ndarray, mode: Standardize = "channel", *, mean=None,
   return ((images.astype(np.float32) - mean) / std).astype(np.float32), mean, std
 
 
-def _finish(raw: tuple[np.ndarray, np.ndarray, int], name: str, layout: Layout,
-            standardize_mode: Standardize, reference: Dataset | None) -> Dataset:
+def _finish(
+  raw: tuple[np.ndarray, np.ndarray, int],
+  name: str,
+  layout: Layout,
+  standardize_mode: Standardize,
+  reference: Dataset | None,
+) -> Dataset:
   images, labels, num_classes = raw
   if reference is not None and standardize_mode is not None:
     images, mean, std = standardize(images, standardize_mode, mean=reference.mean, std=reference.std)
@@ -190,8 +197,9 @@ def _finish(raw: tuple[np.ndarray, np.ndarray, int], name: str, layout: Layout,
     images, mean, std = standardize(images, standardize_mode)
   if layout == "flat":
     images = images.reshape(len(images), -1)
-  return Dataset(images=images, labels=labels.astype(np.int32), num_classes=int(num_classes),
-                 name=name, mean=mean, std=std)
+  return Dataset(
+    images=images, labels=labels.astype(np.int32), num_classes=int(num_classes), name=name, mean=mean, std=std
+  )
 
 
 # --------------------------------------------------------------------------- #
@@ -200,13 +208,13 @@ def _finish(raw: tuple[np.ndarray, np.ndarray, int], name: str, layout: Layout,
 
 
 def load(
-    name: str,
-    *,
-    split: Split | str = "train",
-    data_dir: str | os.PathLike | None = None,
-    layout: Layout = "flat",
-    standardize: Standardize = "channel",
-    reference: Dataset | None = None,
+  name: str,
+  *,
+  split: Split | str = "train",
+  data_dir: str | os.PathLike | None = None,
+  layout: Layout = "flat",
+  standardize: Standardize = "channel",
+  reference: Dataset | None = None,
 ) -> Dataset:
   """Loads one split of a dataset, standardised, as ``float32``/``int32`` arrays.
 
@@ -238,14 +246,15 @@ def load(
   if reference is not None and not isinstance(reference, Dataset):
     raise TypeError(f"reference must be a Dataset (e.g. the training split), got {type(reference).__name__}.")
   if name.startswith("tfds:"):
-    raw = read_tfds(name[len("tfds:"):], split=split, data_dir=data_dir)
+    raw = read_tfds(name[len("tfds:") :], split=split, data_dir=data_dir)
   elif name.startswith("hf:"):
-    raw = read_huggingface(name[len("hf:"):], split=split, data_dir=data_dir)
+    raw = read_huggingface(name[len("hf:") :], split=split, data_dir=data_dir)
   elif name in EMBEDDED:
     if split != "train":
       raise ValueError(
-          f"{name!r} has no {split!r} split: it is a single embedded set, returned whole by "
-          f"split='train'. Hold out a part with data.load({name!r}).split(test_fraction=0.2).")
+        f"{name!r} has no {split!r} split: it is a single embedded set, returned whole by "
+        f"split='train'. Hold out a part with data.load({name!r}).split(test_fraction=0.2)."
+      )
     raw = read_mnist_subset() if name == "mnist_subset" else read_digits()
   elif name in FILE_BASED:
     if split not in ("train", "test"):
@@ -254,8 +263,9 @@ def load(
     raw = read_cifar10(directory, split) if name == "cifar10" else read_mnist_like(directory, split, name)
   else:
     raise ValueError(
-        f"Unknown dataset {name!r}. Known: {', '.join(EMBEDDED + FILE_BASED)}, "
-        "'tfds:NAME' (tensorflow_datasets) or 'hf:NAME' (Hugging Face datasets).")
+      f"Unknown dataset {name!r}. Known: {', '.join(EMBEDDED + FILE_BASED)}, "
+      "'tfds:NAME' (tensorflow_datasets) or 'hf:NAME' (Hugging Face datasets)."
+    )
   return _finish(raw, f"{name}/{split}", layout, standardize, reference)
 
 
@@ -270,9 +280,10 @@ def _require(module: str, pip_name: str, purpose: str):
     return importlib.import_module(module)
   except ImportError as error:
     raise MissingDependencyError(
-        f"{purpose} needs the optional package {module!r}: pip install {pip_name}"
-        + (" (or pip install 'neuron_optax[examples]')" if pip_name in ("mlxtend", "scikit-learn") else "")
-        + f". Import failed with: {error}") from error
+      f"{purpose} needs the optional package {module!r}: pip install {pip_name}"
+      + (" (or pip install 'neuron_optax[examples]')" if pip_name in ("mlxtend", "scikit-learn") else "")
+      + f". Import failed with: {error}"
+    ) from error
 
 
 # --------------------------------------------------------------------------- #
@@ -335,32 +346,34 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   dtype = np.dtype(_IDX_TYPES[content[2]])
   expected = int(np.prod(shape)) * dtype.itemsize
   if len(content) - header != expected:
-    raise ValueError(f"{path}: the header announces shape {shape} ({expected} bytes of data), "
-                     f"but the file holds {len(content) - header} bytes (truncated download?).")
+    raise ValueError(
+      f"{path}: the header announces shape {shape} ({expected} bytes of data), "
+      f"but the file holds {len(content) - header} bytes (truncated download?)."
+    )
   return np.frombuffer(content, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 _IDX_NAMES = {
-    ("train", "images"): ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
-    ("train", "labels"): ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
-    ("test", "images"): ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
-    ("test", "labels"): ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+  ("train", "images"): ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+  ("train", "labels"): ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+  ("test", "images"): ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+  ("test", "labels"): ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
 }
 _NPZ_NAMES = {
-    "mnist": ("mnist.npz",),
-    "fashion_mnist": ("fashion_mnist.npz", "fashion-mnist.npz"),
-    "cifar10": ("cifar10.npz", "cifar-10.npz"),
+  "mnist": ("mnist.npz",),
+  "fashion_mnist": ("fashion_mnist.npz", "fashion-mnist.npz"),
+  "cifar10": ("cifar10.npz", "cifar-10.npz"),
 }
 _SUBDIRS = {
-    "mnist": ("mnist", "MNIST/raw", "MNIST", "raw"),
-    "fashion_mnist": ("fashion_mnist", "fashion-mnist", "FashionMNIST/raw", "FashionMNIST", "raw"),
-    "cifar10": ("cifar10", "cifar-10"),
+  "mnist": ("mnist", "MNIST/raw", "MNIST", "raw"),
+  "fashion_mnist": ("fashion_mnist", "fashion-mnist", "FashionMNIST/raw", "FashionMNIST", "raw"),
+  "cifar10": ("cifar10", "cifar-10"),
 }
 _SOURCES = {
-    "mnist": "https://yann.lecun.com/exdb/mnist/ (or torchvision.datasets.MNIST(root, download=True), "
-             "or keras.datasets.mnist which saves mnist.npz)",
-    "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist (data/fashion/*.gz)",
-    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)",
+  "mnist": "https://yann.lecun.com/exdb/mnist/ (or torchvision.datasets.MNIST(root, download=True), "
+  "or keras.datasets.mnist which saves mnist.npz)",
+  "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist (data/fashion/*.gz)",
+  "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)",
 }
 
 
@@ -382,8 +395,10 @@ def _npz_arrays(path: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarray]
   with np.load(path, allow_pickle=False) as npz:
     missing = [k for k in keys if k not in npz.files]
     if missing:
-      raise DataNotFoundError(f"{path} has no array(s) {missing}; expected Keras's keys "
-                              f"x_train, y_train, x_test, y_test (found {sorted(npz.files)}).")
+      raise DataNotFoundError(
+        f"{path} has no array(s) {missing}; expected Keras's keys "
+        f"x_train, y_train, x_test, y_test (found {sorted(npz.files)})."
+      )
     return npz[keys[0]], npz[keys[1]]
 
 
@@ -411,12 +426,15 @@ def read_mnist_like(directory: str | os.PathLike, split: Split, name: str = "mni
     images, labels = read_idx(images_path), read_idx(labels_path)
   else:
     images, labels = _read_npz(
-        directory, name, split,
-        f"{name} ({split}) not found under {directory}. Put either the IDX files "
-        f"{_IDX_NAMES[(split, 'images')][0]}[.gz] and {_IDX_NAMES[(split, 'labels')][0]}[.gz], "
-        f"or {_NPZ_NAMES[name][0]} (keys x_train, y_train, x_test, y_test), in {directory} or one of "
-        f"its subfolders {', '.join(_SUBDIRS[name])}; pass data_dir= or set ${DATA_DIR_ENV}. "
-        f"Download from {_SOURCES[name]}.")
+      directory,
+      name,
+      split,
+      f"{name} ({split}) not found under {directory}. Put either the IDX files "
+      f"{_IDX_NAMES[(split, 'images')][0]}[.gz] and {_IDX_NAMES[(split, 'labels')][0]}[.gz], "
+      f"or {_NPZ_NAMES[name][0]} (keys x_train, y_train, x_test, y_test), in {directory} or one of "
+      f"its subfolders {', '.join(_SUBDIRS[name])}; pass data_dir= or set ${DATA_DIR_ENV}. "
+      f"Download from {_SOURCES[name]}.",
+    )
   images = np.asarray(images)
   if images.ndim == 3:
     images = images[..., None]
@@ -477,11 +495,14 @@ def read_cifar10(directory: str | os.PathLike, split: Split) -> RawData:
     labels = np.concatenate([p[1] for p in parts])
   else:
     images, labels = _read_npz(
-        directory, "cifar10", split,
-        f"cifar10 ({split}) not found under {directory}. Put the folder cifar-10-batches-py "
-        f"(with {', '.join(names)}), the archive cifar-10-python.tar.gz, or cifar10.npz (keys x_train, "
-        f"y_train, x_test, y_test; images (n, 32, 32, 3)) in {directory} or its subfolder cifar10; pass "
-        f"data_dir= or set ${DATA_DIR_ENV}. Download from {_SOURCES['cifar10']}.")
+      directory,
+      "cifar10",
+      split,
+      f"cifar10 ({split}) not found under {directory}. Put the folder cifar-10-batches-py "
+      f"(with {', '.join(names)}), the archive cifar-10-python.tar.gz, or cifar10.npz (keys x_train, "
+      f"y_train, x_test, y_test; images (n, 32, 32, 3)) in {directory} or its subfolder cifar10; pass "
+      f"data_dir= or set ${DATA_DIR_ENV}. Download from {_SOURCES['cifar10']}.",
+    )
     images = np.asarray(images)
     if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
       images = images.transpose(0, 2, 3, 1)  # NCHW (PyTorch order) -> NHWC
@@ -563,13 +584,13 @@ def _permutations(n: int, seed: Any) -> Iterator[np.ndarray]:
 
 
 def batches(
-    data: Dataset | tuple[np.ndarray, np.ndarray],
-    batch_size: int,
-    *,
-    seed: Any = 0,
-    shuffle: bool = True,
-    drop_last: bool = True,
-    epochs: int | None = 1,
+  data: Dataset | tuple[np.ndarray, np.ndarray],
+  batch_size: int,
+  *,
+  seed: Any = 0,
+  shuffle: bool = True,
+  drop_last: bool = True,
+  epochs: int | None = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields ``{"image": images[idx], "label": labels[idx]}`` mini-batches.
 
@@ -590,8 +611,10 @@ def batches(
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batches: batch_size must be a positive integer, got {batch_size!r}.")
   if drop_last and batch_size > n:
-    raise ValueError(f"batches: batch_size={batch_size} exceeds the {n} examples, so drop_last=True "
-                     "would yield nothing; use a smaller batch or drop_last=False.")
+    raise ValueError(
+      f"batches: batch_size={batch_size} exceeds the {n} examples, so drop_last=True "
+      "would yield nothing; use a smaller batch or drop_last=False."
+    )
   if epochs is not None and epochs < 0:
     raise ValueError(f"batches: epochs must be >= 0 or None, got {epochs}.")
   orders = _permutations(n, seed) if shuffle else itertools.repeat(np.arange(n))
@@ -600,6 +623,6 @@ def batches(
   while epochs is None or epoch < epochs:
     order = next(orders)
     for start in range(0, stop, batch_size):
-      index = order[start:start + batch_size]
+      index = order[start : start + batch_size]
       yield {"image": images[index], "label": labels[index]}
     epoch += 1

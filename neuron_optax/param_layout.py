@@ -6,26 +6,71 @@ A captured layer's parameters ``kernel`` (and ``bias``) are viewed as one matrix
 the bias as the last row. The transforms read gradients through this view and
 write their directions back through it; leaves of layers that were not captured
 are left untouched.
+
+Trees are read through ``jax.tree_util`` key paths, so any pytree of arrays
+works: nested dicts, ``FrozenDict``, ``flax.nnx.State`` and leaf wrappers such
+as ``nnx.Param`` (whose array appears under a trailing attribute key, dropped
+from the layer path). A layer's key is the path of its ``kernel`` leaf without
+the last entry: ``('Dense_0',)``, ``('layers', 0)``, ``()`` for a top-level layer.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
-from flax import nnx, traverse_util
 
-from neuron_optax.capture import LayerKey, LayerStats, Stats, layer_name
+from neuron_optax.layer_stats import LayerKey, LayerStats, Stats, layer_name
 
 KernelInputNdim = Mapping[str, int] | Callable[[str, tuple[int, ...]], int | None] | None
+Path = tuple[Hashable, ...]
 
 # Attention projections of flax.linen.MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention
 # map d_model to (heads, head_dim): their 3-D kernels have one input axis.
 _ATTENTION_PROJECTIONS = ("query", "key", "value")
+
+
+def _entry(key) -> Hashable:
+  for attribute in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+    if hasattr(key, attribute):
+      return getattr(key, attribute)
+  return str(key)
+
+
+def _path(key_path) -> Path:
+  """A key path as plain entries, without the trailing attribute keys of leaf wrappers."""
+  entries = list(key_path)
+  while entries and isinstance(entries[-1], jax.tree_util.GetAttrKey):
+    entries.pop()
+  return tuple(_entry(k) for k in entries)
+
+
+class FlatTree(NamedTuple):
+  """A tree's leaves by path, and how to rebuild the tree (wrappers and containers kept)."""
+
+  leaves: dict[Path, Any]
+  treedef: Any
+  paths: tuple[Path, ...]
+
+  def rebuild(self, leaves: Mapping[Path, Any]) -> Any:
+    return jax.tree_util.tree_unflatten(self.treedef, [leaves[p] for p in self.paths])
+
+
+def flatten(tree) -> FlatTree:
+  """``{path: array}`` of a params/updates tree (a mapping: dict, ``FrozenDict``, ``nnx.State``)."""
+  if not isinstance(tree, Mapping):
+    raise TypeError(
+      "neuron_optax expects the parameters as a (nested) dict, the 'params' collection of a "
+      "Flax linen model, or a flax.nnx.State such as nnx.state(model, nnx.Param); got "
+      f"{type(tree).__name__}."
+    )
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = tuple(_path(p) for p, _ in with_path)
+  return FlatTree(dict(zip(paths, (leaf for _, leaf in with_path))), treedef, paths)
 
 
 def default_kernel_input_ndim(path: str, shape: tuple[int, ...]) -> int:
@@ -56,68 +101,6 @@ class LayerShape(NamedTuple):
   kernel_input_ndim: int
 
 
-def _is_variable(x) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _value(leaf):
-  """The array inside an ``nnx.Variable`` leaf (``nnx.Param``), or the leaf itself."""
-  return leaf.get_value() if _is_variable(leaf) else leaf
-
-
-def _state_leaves(mapping: dict, prefix: tuple = ()):
-  """``(path, leaf)`` of an ``nnx.State``'s nested mapping, in its own order."""
-  for k, v in mapping.items():
-    if isinstance(v, dict):
-      yield from _state_leaves(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def _flat(tree) -> dict[tuple[str | int, ...], Any]:
-  """``{path: array}`` of a params/updates tree.
-
-  Accepts nested dicts / ``FrozenDict`` (the linen ``'params'`` collection) and
-  ``flax.nnx.State`` (``nnx.state(model, nnx.Param)``, or the pure-array State
-  that ``nnx.Optimizer.update`` passes to ``tx.update``). ``nnx.Variable`` leaves
-  (``nnx.Param``) are unwrapped to their arrays; NNX paths may hold integers
-  (``('layers', 0, 'kernel')``).
-  """
-  if isinstance(tree, nnx.State):
-    return {path: _value(leaf) for path, leaf in _state_leaves(tree.raw_mapping)}
-  if isinstance(tree, flax.core.FrozenDict):
-    tree = flax.core.unfreeze(tree)
-  if not isinstance(tree, dict):
-    raise TypeError(
-        "neuron_optax expects the parameters as a (nested) dict, the 'params' collection of a "
-        "Flax linen model, or a flax.nnx.State such as nnx.state(model, nnx.Param); got "
-        f"{type(tree).__name__}.")
-  flat = traverse_util.flatten_dict(tree)
-  if any(_is_variable(leaf) for leaf in flat.values()):
-    flat = {path: _value(leaf) for path, leaf in flat.items()}
-  return flat
-
-
-def _rewrap(old, new):
-  """``new`` in the container ``old`` came in: an ``nnx.Variable`` keeps its type and metadata."""
-  return old.replace(new) if _is_variable(old) else new
-
-
-def _unflat(flat, like):
-  """Inverse of :func:`_flat` with the structure (and leaf wrappers) of ``like``."""
-  if isinstance(like, nnx.State):
-    def rebuild(mapping: dict, prefix: tuple) -> dict:
-      return {k: rebuild(v, prefix + (k,)) if isinstance(v, dict) else _rewrap(v, flat[prefix + (k,)])
-              for k, v in mapping.items()}
-    return type(like)(rebuild(like.raw_mapping, ()), _copy=False)
-  like_flat = traverse_util.flatten_dict(like)
-  if any(_is_variable(leaf) for leaf in like_flat.values()):
-    flat = {path: _rewrap(like_flat[path], leaf) if path in like_flat else leaf
-            for path, leaf in flat.items()}
-  tree = traverse_util.unflatten_dict(flat)
-  return flax.core.freeze(tree) if isinstance(like, flax.core.FrozenDict) else tree
-
-
 def candidate_layers(params, kernel_input_ndim: KernelInputNdim = None) -> dict[LayerKey, LayerShape]:
   """Every ``kernel`` leaf of rank >= 2: the layers a transform allocates state for.
 
@@ -132,59 +115,72 @@ def candidate_layers(params, kernel_input_ndim: KernelInputNdim = None) -> dict[
   """
   used: set = set()
   layers = {}
-  flat = _flat(params)
+  flat = flatten(params).leaves
   for path, leaf in flat.items():
-    if path[-1] != "kernel" or jnp.ndim(leaf) < 2:
+    if not path or path[-1] != "kernel" or jnp.ndim(leaf) < 2:
       continue
     key = tuple(path[:-1])
     shape = tuple(jnp.shape(leaf))
     k = _resolve_input_ndim(kernel_input_ndim, layer_name(key), shape, used)
     if not 1 <= k < len(shape):
-      raise ValueError(f"kernel_input_ndim[{layer_name(key)!r}]={k} is not in [1, {len(shape) - 1}] "
-                       f"for a kernel of shape {shape}.")
+      raise ValueError(
+        f"kernel_input_ndim[{layer_name(key)!r}]={k} is not in [1, {len(shape) - 1}] for a kernel of shape {shape}."
+      )
     has_bias = key + ("bias",) in flat
-    layers[key] = LayerShape(math.prod(shape[:k]) + int(has_bias), math.prod(shape[k:]), has_bias,
-                             shape, k)
+    layers[key] = LayerShape(math.prod(shape[:k]) + int(has_bias), math.prod(shape[k:]), has_bias, shape, k)
   if isinstance(kernel_input_ndim, Mapping) and set(kernel_input_ndim) - used:
-    raise ValueError("kernel_input_ndim names layers without a kernel in params: "
-                     f"{sorted(set(kernel_input_ndim) - used)}.")
+    raise ValueError(
+      f"kernel_input_ndim names layers without a kernel in params: {sorted(set(kernel_input_ndim) - used)}."
+    )
   return layers
+
+
+def kernel_dtype(params, key: LayerKey):
+  """The dtype of layer ``key``'s kernel leaf."""
+  return flatten(params).leaves[key + ("kernel",)].dtype
 
 
 def check_stats(stats: Stats | None, layers: Mapping[LayerKey, LayerShape], transform: str) -> Stats:
   """Trace-time validation of ``stats`` against the state's layers."""
   if stats is None:
     raise ValueError(
-        f"{transform}.update needs the layer statistics: compute them with "
-        "`loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params, ...)` and call "
-        "`tx.update(grads, opt_state, params, stats=stats)`.")
+      f"{transform}.update needs the layer statistics: compute them with "
+      "`loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params, ...)` and call "
+      "`tx.update(grads, opt_state, params, stats=stats)`."
+    )
   if not isinstance(stats, Mapping) or not all(isinstance(v, LayerStats) for v in stats.values()):
-    raise TypeError(f"{transform}: `stats` must be the dict returned by nox.value_grad_and_stats, "
-                    f"got {type(stats).__name__}.")
+    raise TypeError(
+      f"{transform}: `stats` must be the dict returned by nox.value_grad_and_stats, got {type(stats).__name__}."
+    )
   for key, s in stats.items():
     if key not in layers:
       raise ValueError(
-          f"{transform}: stats hold layer {layer_name(key)!r} but the parameters have no kernel at "
-          f"that path (layers with kernels: {sorted(layer_name(k) for k in layers)}). Pass the "
-          "model's 'params' collection (not the whole variables dict) to init and update.")
+        f"{transform}: stats hold layer {layer_name(key)!r} but the parameters have no kernel at "
+        f"that path (layers with kernels: {sorted(layer_name(k) for k in layers)}). Pass the "
+        "model's 'params' collection (not the whole variables dict) to init and update."
+      )
     shape = layers[key]
     if shape.kernel_shape != s.kernel_shape:
-      raise ValueError(f"{transform}: layer {layer_name(key)!r} has kernel {shape.kernel_shape} in "
-                       f"params but {s.kernel_shape} in stats.")
+      raise ValueError(
+        f"{transform}: layer {layer_name(key)!r} has kernel {shape.kernel_shape} in "
+        f"params but {s.kernel_shape} in stats."
+      )
     if shape.kernel_input_ndim != s.kernel_input_ndim:
       raise ValueError(
-          f"{transform}: layer {layer_name(key)!r} has {s.kernel_input_ndim} kernel input axes "
-          f"(kernel {s.kernel_shape}), but the state was built assuming {shape.kernel_input_ndim}. "
-          f"Pass kernel_input_ndim={{{layer_name(key)!r}: {s.kernel_input_ndim}}} to the transform.")
+        f"{transform}: layer {layer_name(key)!r} has {s.kernel_input_ndim} kernel input axes "
+        f"(kernel {s.kernel_shape}), but the state was built assuming {shape.kernel_input_ndim}. "
+        f"Pass kernel_input_ndim={{{layer_name(key)!r}: {s.kernel_input_ndim}}} to the transform."
+      )
     if shape.d_in != s.d_in or shape.d_out != s.d_out or shape.has_bias != s.has_bias:
       raise ValueError(
-          f"{transform}: layer {layer_name(key)!r}: stats give a {s.d_in}x{s.d_out} gradient matrix "
-          f"(bias={s.has_bias}) but its parameters give {shape.d_in}x{shape.d_out} "
-          f"(bias={shape.has_bias}).")
+        f"{transform}: layer {layer_name(key)!r}: stats give a {s.d_in}x{s.d_out} gradient matrix "
+        f"(bias={s.has_bias}) but its parameters give {shape.d_in}x{shape.d_out} "
+        f"(bias={shape.has_bias})."
+      )
   return stats
 
 
-def gradient_matrix(flat, key: LayerKey, shape: LayerShape) -> jax.Array:
+def gradient_matrix(flat: Mapping[Path, Any], key: LayerKey, shape: LayerShape) -> jax.Array:
   """``(d_in(+1), d_out)`` matrix of the layer's kernel (and bias) leaves."""
   kernel = flat[key + ("kernel",)].reshape(shape.d_in - int(shape.has_bias), shape.d_out)
   if not shape.has_bias:
@@ -192,7 +188,13 @@ def gradient_matrix(flat, key: LayerKey, shape: LayerShape) -> jax.Array:
   return jnp.concatenate([kernel, flat[key + ("bias",)].reshape(1, shape.d_out)], axis=0)
 
 
-def split_matrix(flat, key: LayerKey, shape: LayerShape, matrix: jax.Array) -> None:
+def gradient_matrices(tree, layers: Mapping[LayerKey, LayerShape], keys) -> dict[LayerKey, jax.Array]:
+  """``{key: gradient matrix}`` of the layers ``keys`` of a params-shaped tree."""
+  flat = flatten(tree).leaves
+  return {key: gradient_matrix(flat, key, layers[key]) for key in keys}
+
+
+def _split_matrix(flat: dict[Path, Any], key: LayerKey, shape: LayerShape, matrix: jax.Array) -> None:
   """Writes a gradient-matrix-shaped update back into ``flat`` (in place)."""
   kernel_leaf = flat[key + ("kernel",)]
   rows = shape.d_in - int(shape.has_bias)
@@ -202,24 +204,24 @@ def split_matrix(flat, key: LayerKey, shape: LayerShape, matrix: jax.Array) -> N
     flat[key + ("bias",)] = matrix[rows].reshape(bias_leaf.shape).astype(bias_leaf.dtype)
 
 
-def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys,
-               fn: Callable[[LayerKey, jax.Array], jax.Array]):
+def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys, fn: Callable[[LayerKey, jax.Array], jax.Array]):
   """Replaces the gradient matrix of every layer in ``keys`` by ``fn(key, matrix)``.
 
   A direction that is not finite (a bad batch) is replaced by zeros, so that
   layer takes no step; the optimizer states stay finite by construction.
   """
-  flat = _flat(updates)
+  tree = flatten(updates)
+  flat = dict(tree.leaves)
   for key in keys:
     direction = fn(key, gradient_matrix(flat, key, layers[key]))
     finite = jnp.all(jnp.isfinite(direction))
-    split_matrix(flat, key, layers[key], direction)
+    _split_matrix(flat, key, layers[key], direction)
     # Guarding the split leaves (not the matrix) lets XLA fold slice(concatenate(kernel, bias))
     # away, so a direction built as kernel and bias parts is never copied into one matrix.
     for leaf in ("kernel", "bias") if layers[key].has_bias else ("kernel",):
       value = flat[key + (leaf,)]
       flat[key + (leaf,)] = jnp.where(finite, value, jnp.zeros_like(value))
-  return _unflat(flat, updates)
+  return tree.rebuild(flat)
 
 
 def statistics_dtype(dtype) -> jnp.dtype:

@@ -26,7 +26,7 @@ Batches are ``(batch_size, seq_len + 1)`` int32 windows: the model reads
 
 Example::
 
-    from neuron_optax import text
+    from neuron_optax.examples import text
 
     tokens = text.encode(text.python_docs())
     train, valid = text.split(tokens, valid_fraction=0.1)
@@ -36,7 +36,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -58,9 +58,10 @@ def python_docs(max_chars: int | None = None) -> str:
     from pydoc_data.topics import topics
   except ImportError as error:  # some distributions split the standard library
     raise ImportError(
-        "neuron_optax.text needs the standard-library module pydoc_data (Python's help() "
-        "topics); your Python installation does not include it (on Debian/Ubuntu it is in "
-        "the libpython3.X-stdlib package).") from error
+      "neuron_optax.examples.text needs the standard-library module pydoc_data (Python's help() "
+      "topics); your Python installation does not include it (on Debian/Ubuntu it is in "
+      "the libpython3.X-stdlib package)."
+    ) from error
   corpus = "\n\n".join(topics[name].strip("\n") for name in sorted(topics)) + "\n"
   if max_chars is not None:
     if max_chars < 1:
@@ -111,8 +112,9 @@ def steps_per_epoch(tokens: np.ndarray, batch_size: int, seq_len: int) -> int:
   return windows // batch_size
 
 
-def batches(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0,
-            epochs: int | None = 1) -> Iterator[np.ndarray]:
+def batches(
+  tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0, epochs: int | None = 1
+) -> Iterator[np.ndarray]:
   """``(batch_size, seq_len + 1)`` int32 windows, epoch by epoch (``epochs=None``: forever).
 
   Each epoch starts the non-overlapping windows at a random offset in
@@ -123,23 +125,25 @@ def batches(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0,
   window = _check_window(tokens, batch_size, seq_len)
   steps = steps_per_epoch(tokens, batch_size, seq_len)
   if steps == 0:
-    raise ValueError(f"a corpus of {len(tokens)} tokens has fewer than batch_size={batch_size} "
-                     f"windows of {window} tokens.")
+    raise ValueError(
+      f"a corpus of {len(tokens)} tokens has fewer than batch_size={batch_size} windows of {window} tokens."
+    )
   tokens = np.asarray(tokens, np.int32)
   windows = (len(tokens) - (window - 1)) // window
   rng = np.random.default_rng(seed)
   epoch = 0
   while epochs is None or epoch < epochs:
     offset = int(rng.integers(window))
-    cut = tokens[offset:offset + windows * window].reshape(windows, window)
+    cut = tokens[offset : offset + windows * window].reshape(windows, window)
     order = rng.permutation(windows)
     for step in range(steps):
-      yield cut[order[step * batch_size:(step + 1) * batch_size]]
+      yield cut[order[step * batch_size : (step + 1) * batch_size]]
     epoch += 1
 
 
-def sample_windows(tokens: np.ndarray, batch_size: int, seq_len: int, *,
-                   seed: int | np.random.Generator = 0) -> np.ndarray:
+def sample_windows(
+  tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int | np.random.Generator = 0
+) -> np.ndarray:
   """``(batch_size, seq_len + 1)`` int32 windows at uniformly random starts (with replacement)."""
   window = _check_window(tokens, batch_size, seq_len)
   rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)

@@ -1,0 +1,70 @@
+"""Diagnostics: how KFAC's and FOOF's directions relate on one batch (Benzing 2022, Fig. 3B)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from neuron_optax import hyperparams, kronecker, linalg, param_layout
+from neuron_optax.layer_stats import Stats, layer_name
+
+
+def _cosine(x: jax.Array, y: jax.Array) -> jax.Array:
+  norms = jnp.linalg.norm(x) * jnp.linalg.norm(y)
+  return jnp.where(norms > 0, jnp.vdot(x, y) / jnp.where(norms > 0, norms, 1), jnp.nan)
+
+
+def kfac_foof_similarity(
+  grads,
+  stats: Stats | None,
+  damping: float,
+  *,
+  foof_damping: float | None = None,
+  kernel_input_ndim: param_layout.KernelInputNdim = None,
+) -> dict[str, jax.Array]:
+  """Per-layer cosine similarity of the KFAC and FOOF directions on one batch (Benzing 2022, Fig. 3B).
+
+  Both directions precondition the same gradient with factors from this
+  batch alone (no moving average)::
+
+      KFAC = (A + π√λ I)⁻¹ ∇W (G + √λ/π I)⁻¹      (heuristic damping)
+      FOOF = (A + λ_F I)⁻¹ ∇W,   λ_F = π√λ (default) or foof_damping
+      similarity = <KFAC, FOOF> / (‖KFAC‖ ‖FOOF‖)
+
+  With the default ``λ_F = π√λ`` FOOF uses the same damped first factor as
+  KFAC (the FOOF variant of the paper's App. D.9), so the similarity measures
+  how far KFAC's second factor turns the update: as ``λ`` grows the second
+  factor tends to a multiple of the identity and the similarity to 1.
+
+  Args:
+    grads: the gradients (``params``-shaped), as from
+      :func:`neuron_optax.value_grad_and_stats`.
+    stats: the layer statistics from the same call; its ``fisher=`` choice
+      sets ``G``.
+    damping: KFAC's ``λ > 0``.
+    foof_damping: a fixed FOOF damping ``λ_F > 0`` instead of KFAC's ``π√λ``.
+    kernel_input_ndim: as in :func:`neuron_optax.kfac`.
+
+  Returns:
+    ``{layer name: scalar}`` for every layer in ``stats`` (names as in the
+    optimiser states, e.g. ``"Dense_0"``, ``"block/conv"``); NaN for a layer
+    whose gradient is zero. Jit-compatible.
+  """
+  hyperparams.check_positive("kfac_foof_similarity", "damping", damping)
+  if foof_damping is not None:
+    hyperparams.check_positive("kfac_foof_similarity", "foof_damping", foof_damping)
+  shapes = param_layout.candidate_layers(grads, kernel_input_ndim)
+  stats = param_layout.check_stats(stats, shapes, "kfac_foof_similarity")
+  gradients = param_layout.gradient_matrices(grads, shapes, stats)
+  similarity = {}
+  for key, layer_stats in stats.items():
+    dtype = param_layout.statistics_dtype(gradients[key].dtype)
+    gradient = gradients[key].astype(dtype)
+    a, g = kronecker.batch_factors(layer_stats, dtype)
+    a_damping, g_damping = kronecker.heuristic_dampings(a, g, damping)
+    a_inverse = linalg.damped_inverse(a, a_damping)
+    kfac_direction = a_inverse @ gradient @ linalg.damped_inverse(g, g_damping)
+    if foof_damping is not None:
+      a_inverse = linalg.damped_inverse(a, foof_damping)
+    similarity[layer_name(key)] = _cosine(kfac_direction, a_inverse @ gradient)
+  return similarity

@@ -1,0 +1,211 @@
+"""The data contract: what one captured layer recorded in one forward/backward pass.
+
+Everything the transforms read about a layer is a :class:`LayerStats`: its
+input rows (im2col patches for convolutions, rebuilt on demand from the
+recorded input and a :class:`ConvGeometry`), the cotangent of the mean loss
+with respect to its outputs, and for the Monte-Carlo/full Fisher the Fisher's
+output cotangents. ``Stats`` maps each layer's path in the parameter tree
+(``LayerKey``) to its ``LayerStats``.
+
+This module imports no Flax: the linen and NNX front-ends produce these
+records, the methods consume them.
+
+Conventions (README, "Conventions"): rows are examples (dense layers; extra
+leading axes such as tokens are positions within an example) or examples times
+output positions (convolutions). ``n`` is the size of the leading (example)
+axis; the per-example cotangent is ``g = n · cot``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LayerKey = tuple[Hashable, ...]
+
+
+def layer_name(key: LayerKey) -> str:
+  """Human-readable layer path used in errors and state keys (``'<top-level>'`` for ``()``)."""
+  return "/".join(map(str, key)) if key else "<top-level>"
+
+
+class ConvGeometry(NamedTuple):
+  """Static description of a convolution call, enough to rebuild its im2col rows.
+
+  The recorded input is already reshaped to one leading batch axis and padded
+  for the ``CIRCULAR``/``REFLECT``/``CAUSAL`` modes; ``padding`` is what
+  ``lax.conv_general_dilated`` gets; ``examples`` is ``n``.
+  """
+
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: str | tuple[tuple[int, int], ...]
+  input_dilation: tuple[int, ...]
+  kernel_dilation: tuple[int, ...]
+  examples: int
+
+  def _dimension_numbers(self):
+    spatial = "DHW"[-len(self.kernel_size) :]
+    return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+
+  def rows(self, x: jax.Array) -> jax.Array:
+    """im2col patches ``(n, P, prod(window) * C_in)`` in the kernel's flattening order."""
+    rank = len(self.kernel_size)
+    patches = jax.lax.conv_general_dilated_patches(
+      x,
+      self.kernel_size,
+      self.strides,
+      self.padding,
+      lhs_dilation=self.input_dilation,
+      rhs_dilation=self.kernel_dilation,
+      dimension_numbers=self._dimension_numbers(),
+    )
+    c_in = x.shape[-1]
+    # lax orders patch features (C, *window); the kernel flattens as (*window, C).
+    patches = patches.reshape(patches.shape[:-1] + (c_in,) + self.kernel_size)
+    patches = jnp.moveaxis(patches, -rank - 1, -1)
+    return patches.reshape(self.examples, -1, c_in * math.prod(self.kernel_size))
+
+  def positions(self, x: jax.Array) -> int:
+    """Output positions per example of one call (``P`` of its rows)."""
+    return jax.eval_shape(self.rows, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[1]
+
+  def kernel_gradient(self, x: jax.Array, cotangents: jax.Array) -> jax.Array:
+    """``Σ_rows patch_r cot_rᵀ``, ``(prod(window) * C_in, d_out)``, without forming the patches.
+
+    The convolution is linear in its kernel; its transpose applied to the
+    output cotangents is the kernel gradient (one backward-filter convolution,
+    as in the ordinary backward pass).
+    """
+    d_out = cotangents.shape[-1]
+    kernel = jax.ShapeDtypeStruct(self.kernel_size + (x.shape[-1], d_out), cotangents.dtype)
+
+    def convolve(k):
+      return jax.lax.conv_general_dilated(
+        x.astype(cotangents.dtype),
+        k,
+        self.strides,
+        self.padding,
+        lhs_dilation=self.input_dilation,
+        rhs_dilation=self.kernel_dilation,
+        dimension_numbers=self._dimension_numbers(),
+      )
+
+    out_shape = jax.eval_shape(convolve, kernel).shape
+    (gradient,) = jax.linear_transpose(convolve, kernel)(cotangents.reshape(out_shape))
+    return gradient.reshape(-1, d_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+  """What one captured layer recorded in one forward/backward pass (a pytree).
+
+  Attributes:
+    layer_inputs: what the layer's calls received. Dense layers: the rows
+      ``(n, P, d_in)`` (all calls of a shared layer concatenated along ``P``).
+      Convolutions: a tuple with each call's (prepared) input; their im2col
+      rows are only built when :attr:`inputs` is read, so a step that needs
+      only the gradient-shaped products (FNGD's weighted sum, FOOF's
+      ``A⁻¹∇W``) never forms them.
+    cotangents: ``(n, P, d_out)`` cotangent of the (mean) loss w.r.t. the layer
+      outputs. The layer's weight gradient is ``inputsᵀ cotangents`` summed
+      over examples and positions.
+    fisher_cotangents: ``(S, n, P, d_out)`` per-example output cotangents of the
+      Fisher (``S`` label sets; square-root probability weights already applied
+      for the full Fisher), or ``None`` for the empirical Fisher, whose single
+      set is ``n * cotangents``.
+    kind: ``"dense"`` or ``"conv"`` (static).
+    has_bias: whether the layer has a bias, the last row of the gradient matrix (static).
+    kernel_shape: the kernel's shape (static).
+    kernel_input_ndim: how many leading kernel axes are input axes; the kernel
+      is the matrix ``kernel.reshape(prod(shape[:k]), prod(shape[k:]))`` (static).
+    conv: the convolution's :class:`ConvGeometry` (``None`` for dense layers; static).
+  """
+
+  layer_inputs: jax.Array | tuple[jax.Array, ...]
+  cotangents: jax.Array
+  fisher_cotangents: jax.Array | None = None
+  kind: str = "dense"
+  has_bias: bool = True
+  kernel_shape: tuple[int, ...] = ()
+  kernel_input_ndim: int = 1
+  conv: ConvGeometry | None = None
+
+  def replace(self, **changes) -> LayerStats:
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def inputs(self) -> jax.Array:
+    """``(n, P, d_in)`` input rows without the bias column (im2col patches for convolutions)."""
+    if self.conv is None:
+      return self.layer_inputs
+    parts = [self.conv.rows(x) for x in self.layer_inputs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+  @property
+  def batch_size(self) -> int:
+    return self.cotangents.shape[0]
+
+  @property
+  def num_rows(self) -> int:
+    """Rows ``R = n · P`` (examples × positions)."""
+    return self.cotangents.shape[0] * self.cotangents.shape[1]
+
+  @property
+  def d_in(self) -> int:
+    """Rows of the gradient matrix: kernel input size, plus one for the bias."""
+    if self.conv is None:
+      return self.layer_inputs.shape[-1] + int(self.has_bias)
+    return math.prod(self.kernel_shape[:-1]) + int(self.has_bias)
+
+  @property
+  def d_out(self) -> int:
+    return self.cotangents.shape[-1]
+
+  def augmented_inputs(self, dtype=None) -> jax.Array:
+    """``(n, P, d_in)`` inputs with the trailing 1 of the bias (if any)."""
+    x = self.inputs if dtype is None else self.inputs.astype(dtype)
+    if not self.has_bias:
+      return x
+    return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+
+  def kernel_gradient(self, cotangents: jax.Array) -> jax.Array:
+    """``Σ_rows a_r c_rᵀ`` (``(d_in without bias, d_out)``) for cotangent rows ``c`` shaped like :attr:`cotangents`.
+
+    With the recorded cotangents this is the kernel's gradient; with
+    re-weighted ones (FNGD) a weighted sum of per-example gradients. For
+    convolutions it is a backward-filter convolution per call; the im2col
+    rows are not formed.
+    """
+    if self.conv is None:
+      a = self.layer_inputs.astype(cotangents.dtype)
+      return a.reshape(-1, a.shape[-1]).T @ cotangents.reshape(-1, cotangents.shape[-1])
+    total, start = None, 0
+    for x in self.layer_inputs:
+      positions = self.conv.positions(x)
+      part = self.conv.kernel_gradient(x, cotangents[:, start : start + positions])
+      total = part if total is None else total + part
+      start += positions
+    return total
+
+  def per_example_cotangents(self, dtype=None) -> jax.Array:
+    """``(S, n, P, d_out)`` Fisher cotangents ``g`` (empirical: ``n * cot``)."""
+    if self.fisher_cotangents is None:
+      g = self.cotangents[None] * self.batch_size
+    else:
+      g = self.fisher_cotangents
+    return g if dtype is None else g.astype(dtype)
+
+
+jax.tree_util.register_dataclass(
+  LayerStats,
+  data_fields=["layer_inputs", "cotangents", "fisher_cotangents"],
+  meta_fields=["kind", "has_bias", "kernel_shape", "kernel_input_ndim", "conv"],
+)
+
+Stats = dict[LayerKey, LayerStats]
