@@ -84,8 +84,8 @@ def layer_factors(grads, stats) -> dict[str, tuple]:
     # The layer's (d_in + 1, d_out) gradient matrix: the Dense kernel with the bias as last row.
     kernel = flat[key + ("kernel",)].reshape(-1, s.d_out)
     gradient = jnp.concatenate([kernel, flat[key + ("bias",)].reshape(1, s.d_out)]).astype(jnp.float32)
-    a = linalg.second_moment(s.augmented_inputs(jnp.float32))  # the batch's A and G, as kfac's
-    g = linalg.cotangent_second_moment(s.per_example_cotangents(jnp.float32))
+    a = s.input_moment(jnp.float32)  # the batch's A and G, as kfac's
+    g = s.cotangent_moment(jnp.float32)
     out[common.layer_name(key)] = (gradient, a, g)
   return out
 

@@ -114,6 +114,8 @@ HYPERPARAMETERS = {
   "fngd": {"lr": 1e-3, "alpha": 0.1},
   "fngd_auto": {"lr": 1e-3, "alpha": 0.1},
   "fngd_unshared": {"lr": 1e-3, "alpha": 0.1},
+  "fngd_rows": {"lr": 1e-3, "alpha": 0.1},
+  "foof_phased_rows": {"lr": 1e-3, "damping": 1.0},
   "natural_gradient": {"lr": 1e-3, "damping": 1.0},
   "natural_gradient_block": {"lr": 1e-3, "damping": 1.0},
 }
@@ -198,11 +200,11 @@ class Runner:
         self.warmup_steps = fngd_epoch
         self.warmup_compiled = compile_step(
           method.make(
-            HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch, batch_size=workload.batch_size, phase="compute"
+            HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch, batch_size=workload.batch_size, phase="inversion"
           )
         )
         tx = method.make(
-          HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch, batch_size=workload.batch_size, phase="reuse"
+          HYPERPARAMETERS[name], steps_per_epoch=fngd_epoch, batch_size=workload.batch_size, phase="plain"
         )
       else:
         self.warmup_steps = 0

@@ -36,9 +36,13 @@ from neuron_optax.layer_stats import LayerKey, layer_name
 Phase = Literal["auto", "plain", "statistics", "inversion"]
 PHASES = ("plain", "statistics", "inversion")
 
+# FOOF's and KFAC's re-factorisation period when none is given (``inverse_every=None``); ``None``
+# rather than a number as the default keeps it out of optax.inject_hyperparams' traced hyperparameters.
+DEFAULT_INVERSE_EVERY = 1
+
 
 def validate_amortisation(transform: str, ema_decay: float, inverse_every: int, stats_window: int | None) -> None:
-  hyperparams.check_decay(transform, "ema_decay", ema_decay)
+  hyperparams.check_scalar_or_schedule(transform, "ema_decay", ema_decay, upper=1.0, include_lower=True)
   hyperparams.check_integer(transform, "inverse_every", inverse_every)
   hyperparams.check_integer(transform, "stats_window", stats_window, optional=True)
   if stats_window is not None and stats_window > inverse_every:
@@ -82,21 +86,31 @@ def coefficient_phase(step: int, steps_per_epoch: int, refresh_every_epochs: int
   return "inversion" if computing else "plain"
 
 
-def schedule(count: jax.Array, inverse_every: int, stats_window: int | None, phase: Phase, stats: Mapping[Any, Any]):
+def schedule(
+  count: jax.Array,
+  inverse_every: int,
+  stats_window: int | None,
+  phase: Phase,
+  stats: Mapping[Any, Any],
+  damping_changed: jax.Array | bool = False,
+):
   """``(update_statistics, refactorise)`` for step ``count`` (0-based).
 
   Traced booleans with ``phase="auto"``, tied to the layers' cotangents
   (:func:`after_backward`); Python booleans for a fixed phase, so that
-  :func:`maybe` runs or drops its branch without a conditional.
+  :func:`maybe` runs or drops its branch without a conditional. With
+  ``phase="auto"`` a step whose damping differs from the one the stored
+  factors were built with (``damping_changed``) re-factorises too.
   """
   if phase != "auto":
     return phase != "plain", phase == "inversion"
   position = count % inverse_every
-  refactorise = position == 0
+  scheduled = position == 0
   if stats_window is None or stats_window >= inverse_every:
     update_statistics = jnp.asarray(True)
   else:
-    update_statistics = refactorise | (position >= inverse_every - stats_window + 1)
+    update_statistics = scheduled | (position >= inverse_every - stats_window + 1)
+  refactorise = scheduled | damping_changed
   return after_backward((update_statistics, refactorise), stats)
 
 
@@ -111,17 +125,28 @@ def coefficient_schedule(
   return after_backward(computing, stats)
 
 
-def ema_update(ema: jax.Array, updates: jax.Array, batch_value: jax.Array, decay: float):
-  """One debiasing-ready EMA step that skips non-finite batch values."""
+def ema_update(ema: jax.Array, updates: jax.Array, weight: jax.Array, batch_value: jax.Array, decay: jax.Array):
+  """One moving-average step that skips non-finite batch values.
+
+  Returns ``(ema, updates, weight)``: the biased average
+  ``β·ema + (1 − β)·X``, the number of finite batches in it, and the
+  debiasing weight ``β·weight + (1 − β)`` (``1 − β^k`` for a constant ``β``;
+  also right when ``β`` follows a schedule).
+  """
   finite = jnp.all(jnp.isfinite(batch_value))
+  decay = jnp.asarray(decay, ema.dtype)
   new = decay * ema + (1 - decay) * jnp.where(finite, batch_value, 0).astype(ema.dtype)
-  return jnp.where(finite, new, ema), updates + finite.astype(updates.dtype)
+  new_weight = decay * weight + (1 - decay)
+  return (
+    jnp.where(finite, new, ema),
+    updates + finite.astype(updates.dtype),
+    jnp.where(finite, new_weight, weight).astype(weight.dtype),
+  )
 
 
-def debiased(ema: jax.Array, updates: jax.Array, decay: float) -> jax.Array:
-  """``ema / (1 − β^k)``; zero while no finite batch has been seen."""
-  correction = 1 - jnp.asarray(decay, ema.dtype) ** updates.astype(ema.dtype)
-  return jnp.where(updates > 0, ema / jnp.where(updates > 0, correction, 1), 0)
+def debiased(ema: jax.Array, weight: jax.Array) -> jax.Array:
+  """``ema / weight``; zero while no finite batch has been seen."""
+  return jnp.where(weight > 0, ema / jnp.where(weight > 0, weight, 1).astype(ema.dtype), 0)
 
 
 def after_backward(predicate: Any, stats: Mapping[Any, Any]) -> Any:
@@ -136,7 +161,7 @@ def after_backward(predicate: Any, stats: Mapping[Any, Any]) -> Any:
   """
   if isinstance(predicate, bool):
     return predicate
-  cotangents = [layer.cotangents for layer in stats.values()]
+  cotangents = [getattr(layer, "cotangents", None) for layer in stats.values()]  # LayerMoments have none
   return jax.lax.optimization_barrier((predicate, cotangents))[0]
 
 

@@ -47,11 +47,14 @@ Design decisions:
   mean is the gradient). It always uses the true-label cotangents
   ``n · stats.cotangents``; Fisher cotangents recorded with ``fisher="mc"`` or
   ``"full"`` are ignored (the update is the same as with ``"empirical"``).
-* The update of a captured layer is rebuilt from the recorded rows; the
-  incoming gradient of that layer is not read (so under ``jit`` XLA drops its
-  computation, which is why shared steps cost about as much as SGD). Changes an
-  earlier transform of a chain made to those gradients are not seen: put
-  gradient clipping and weight decay after ``fngd``.
+* The optax contract: the direction is a function of the incoming gradient
+  ``U``. When ``U`` is the recorded gradient (a randomised check at run time)
+  the direction is ``Σ_i c_i ψ_i``; otherwise the component of ``U`` along the
+  recorded gradient is preconditioned and the rest passes through
+  (:func:`incoming_direction`). ``contraction="rows"`` (an opt-in) skips the
+  check and never reads ``U``, so under ``jit`` XLA drops SGD's own
+  weight-gradient product: right only when ``fngd`` comes first in its chain,
+  outside ``MultiSteps``.
 * The state has a fixed structure, so the table size must be known at
   ``init``: ``batch_size`` (examples per batch, the leading axis) is a required
   argument when sharing. A batch with more examples is a trace-time error. A
@@ -92,6 +95,7 @@ import jax.numpy as jnp
 import optax
 
 from neuron_optax import amortisation, hyperparams, linalg, param_layout
+from neuron_optax.contraction import recorded_gradient, recorded_gradient_matches
 from neuron_optax.layer_stats import LayerKey, LayerStats, Stats, layer_name
 
 Phase = Literal["auto", "plain", "inversion", "compute", "reuse"]
@@ -109,14 +113,15 @@ class FngdState(NamedTuple):
   layers: dict[str, FngdLayerState]  # empty without sharing
 
 
-def _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs, phase) -> None:
-  amortisation.validate_phase("fngd", phase, ("auto", "plain", "inversion") + tuple(_PHASE_ALIASES))
+def _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs, phase, contraction) -> None:
+  amortisation.validate_phase("fngd", phase, ("auto", "plain", "inversion", *_PHASE_ALIASES))
+  hyperparams.check_choice("fngd", "contraction", contraction, ("gradient", "rows"))
   hyperparams.check_bool("fngd", "share_coefficients", share_coefficients)
   if phase != "auto" and not share_coefficients:
     raise ValueError(
       "fngd: phase only applies with share_coefficients=True (without sharing every step computes its coefficients)."
     )
-  hyperparams.check_positive("fngd", "alpha", alpha, finite=True, explain=" (λ = α‖K‖_F)")
+  hyperparams.check_scalar_or_schedule("fngd", "alpha", alpha, explain=" (λ = α‖K‖_F)")
   for name, value in (("steps_per_epoch", steps_per_epoch), ("batch_size", batch_size)):
     if value is None and share_coefficients:
       raise ValueError(
@@ -177,8 +182,34 @@ def weighted_direction(stats: LayerStats, weights: jax.Array, dtype) -> jax.Arra
   return jnp.concatenate([kernel, bias[None]], axis=0)
 
 
+def incoming_direction(gradient: jax.Array, preconditioned: jax.Array, stats: LayerStats) -> jax.Array:
+  """FNGD's direction for an incoming gradient ``U`` that may differ from the recorded ``∇W``.
+
+  The coefficients precondition the recorded gradient: ``Σ_i c_i ψ_i =
+  μ (F + μI)⁻¹ ∇W``. For ``U = ∇W`` (checked at run time,
+  :func:`~neuron_optax.contraction.recorded_gradient_matches`) that is the
+  direction. Otherwise ``U`` is split into its component along ``∇W`` and the
+  rest, ``U = s ∇W + R`` with ``s = <U, ∇W> / ‖∇W‖²``; the first part is
+  preconditioned and the rest passes through::
+
+      D = s · Σ_i c_i ψ_i + (U − s ∇W)
+
+  so a rescaled gradient (clipping, accumulation of equal gradients) gives
+  the rescaled FNGD direction, and what earlier transforms added (weight
+  decay, another optimiser's output) keeps its effect.
+  """
+
+  def rescaled():
+    recorded = recorded_gradient(stats, gradient.dtype)
+    norm = jnp.sum(recorded * recorded)
+    scale = jnp.where(norm > 0, jnp.sum(gradient * recorded) / jnp.where(norm > 0, norm, 1), 0)
+    return scale * preconditioned + (gradient - scale * recorded)
+
+  return jax.lax.cond(recorded_gradient_matches(gradient, stats), lambda: preconditioned, rescaled)
+
+
 def fngd(
-  alpha: float,
+  alpha: hyperparams.ScalarOrSchedule,
   *,
   steps_per_epoch: int | None = None,
   batch_size: int | None = None,
@@ -186,6 +217,7 @@ def fngd(
   refresh_every_epochs: int | None = None,
   phase: Phase = "auto",
   kernel_input_ndim: param_layout.KernelInputNdim = None,
+  contraction: Literal["gradient", "rows"] = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
   """FNGD preconditioner ``D = Σ_i c_i ā_i g_iᵀ`` per captured layer.
 
@@ -200,7 +232,9 @@ def fngd(
   Args:
     alpha: ``α > 0``, the damping relative to the Gram matrix's Frobenius
       norm (paper eq. 14). Large ``α`` approaches SGD; ``K/λ`` has spectral
-      norm at most ``1/α``.
+      norm at most ``1/α``. A number or an optax schedule of the step count;
+      a changed ``α`` applies to the coefficients solved for from then on
+      (stored rows keep the ``α`` they were solved with).
     steps_per_epoch: number of optimizer steps per epoch: the table has one
       row per step, and step ``k`` uses row ``k mod steps_per_epoch``.
       Required with sharing.
@@ -223,6 +257,10 @@ def fngd(
       10 % of an MLP step). Same trajectory as ``"auto"``.
     kernel_input_ndim: per-layer number of kernel input axes where it is not
       "all but the last" (as in :func:`neuron_optax.foof`).
+    contraction: ``"gradient"`` (default): the direction is a function of the
+      incoming updates (:func:`incoming_direction`); ``"rows"``: rebuilt from
+      the recorded rows alone (the incoming updates of captured layers are
+      not read; fastest, right only when ``fngd`` is first in its chain).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
@@ -230,8 +268,7 @@ def fngd(
     :func:`neuron_optax.value_grad_and_stats` (any ``fisher``: only the
     true-label cotangents are used).
   """
-  _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs, phase)
-  alpha = float(alpha)
+  _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs, phase, contraction)
   phase = _PHASE_ALIASES.get(phase, phase)
 
   def init_fn(params) -> FngdState:
@@ -245,11 +282,17 @@ def fngd(
   def update_fn(updates, state: FngdState, params=None, *, stats: Stats | None = None, **extra_args):
     del params, extra_args
     shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
-    stats = param_layout.check_stats(stats, shapes, "fngd")
+    stats = param_layout.check_stats(stats, shapes, "fngd", need_rows=True)
     dtypes = {key: param_layout.statistics_dtype(param_layout.kernel_dtype(updates, key)) for key in stats}
+    alpha_now = hyperparams.value_at(alpha, state.count)
+    alpha_ok = hyperparams.valid(alpha_now)
+
+    def solve(key, dtype):
+      c = layer_coefficients(stats[key], alpha_now.astype(dtype), dtype)
+      return jnp.where(alpha_ok, c, jnp.nan)  # an invalid α: no step, no stored row (as a bad batch)
 
     if not share_coefficients:
-      coeffs = {key: layer_coefficients(stats[key], alpha, dtypes[key]) for key in stats}
+      coeffs = {key: solve(key, dtypes[key]) for key in stats}
       layers = state.layers
     else:
       tables = _tables(state, stats)
@@ -268,7 +311,7 @@ def fngd(
         fresh, new_tables = {}, {}
         for key, table in tables.items():
           n = stats[key].batch_size
-          c = layer_coefficients(stats[key], alpha, table.dtype)
+          c = solve(key, table.dtype)
           fresh[key] = c
           kept = jnp.where(jnp.all(jnp.isfinite(c)), c, jnp.full_like(c, 1 / n))
           padded = jnp.zeros(table.shape[1:], table.dtype).at[:n].set(kept)
@@ -281,9 +324,13 @@ def fngd(
       for key, table in tables.items():
         layers[layer_name(key)] = FngdLayerState(coefficients=table)
 
-    directions = param_layout.map_layers(
-      updates, shapes, stats.keys(), lambda key, grad: weighted_direction(stats[key], coeffs[key], dtypes[key])
-    )
+    def direction(key, grad):
+      preconditioned = weighted_direction(stats[key], coeffs[key], dtypes[key])
+      if contraction == "rows":
+        return preconditioned
+      return incoming_direction(grad.astype(dtypes[key]), preconditioned, stats[key])
+
+    directions = param_layout.map_layers(updates, shapes, stats.keys(), direction)
     return directions, FngdState(count=optax.safe_int32_increment(state.count), layers=layers)
 
   def _tables(state: FngdState, stats: Stats) -> dict[LayerKey, jax.Array]:

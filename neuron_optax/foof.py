@@ -32,21 +32,23 @@ from neuron_optax.layer_stats import Stats, layer_name
 
 
 class FoofLayerState(NamedTuple):
-  a_ema: jax.Array  # biased EMA of A (debias with a_updates)
+  a_ema: jax.Array  # biased EMA of A (divide by a_weight)
   a_updates: jax.Array  # number of finite batches in the EMA
   a_inverse: jax.Array  # (A + λI)⁻¹ from the last re-factorisation
+  a_weight: jax.Array  # debiasing weight of the EMA (1 − β^k for a constant decay β)
 
 
 class FoofState(NamedTuple):
   count: jax.Array  # steps taken
   layers: dict[str, FoofLayerState]
+  damping: jax.Array  # the λ the stored inverses were built with
 
 
 def foof(
-  damping: float,
+  damping: hyperparams.ScalarOrSchedule,
   *,
-  ema_decay: float = 0.95,
-  inverse_every: int = 1,
+  ema_decay: hyperparams.ScalarOrSchedule = 0.95,
+  inverse_every: int | None = None,
   stats_window: int | None = None,
   contraction: Contraction = "auto",
   kernel_input_ndim: param_layout.KernelInputNdim = None,
@@ -56,18 +58,22 @@ def foof(
   """FOOF preconditioner ``D = (A + λI)⁻¹ ∇W`` per captured layer (Benzing 2022).
 
   Args:
-    damping: ``λ > 0`` added to the input second moment before inversion.
+    damping: ``λ > 0`` added to the input second moment before inversion: a
+      number or an optax schedule of the step count; a changed value
+      re-factorises at the next step (``phase="auto"``).
     ema_decay: decay ``β`` of the debiased moving average of ``A``.
     inverse_every: ``T``: re-factorise ``A + λI`` (Cholesky) at steps
-      ``0, T, 2T, …``; in between the last inverse is reused.
+      ``0, T, 2T, …``; in between the last inverse is reused. ``None``:
+      ``amortisation.DEFAULT_INVERSE_EVERY``.
     stats_window: ``S``: update the moving average only in the ``S`` steps
       that end with a re-factorisation (paper: ``T=100, S=50``); ``None``
       updates it every step.
-    contraction: ``"auto"`` picks per layer the cheaper of ``(A⁻¹Āᵀ)Cot``
-      (recomputes ``∇W`` from the recorded rows) and ``A⁻¹∇W`` (uses the
-      incoming gradient); ``"gradient"`` / ``"rows"`` force one. With rows,
-      changes that earlier transforms in a chain made to the gradient of a
-      captured layer are not seen: put gradient clipping after ``foof``.
+    contraction: ``"auto"`` takes ``(A⁻¹Āᵀ)Cot`` from the recorded rows where
+      that is cheaper **and** a run-time check finds the incoming gradient to
+      be the recorded one, else ``A⁻¹∇W`` of the incoming gradient
+      (:func:`neuron_optax.contraction.left_precondition`); ``"gradient"``
+      always uses the incoming gradient; ``"rows"`` (opt-in) always the rows,
+      right only when ``foof`` is first in its chain, outside ``MultiSteps``.
     kernel_input_ndim: per-layer number of kernel input axes where it is not
       "all but the last" (multi-axis ``nn.DenseGeneral`` outputs), keyed by
       layer path such as ``"attention/query"``.
@@ -91,7 +97,8 @@ def foof(
     ``update(grads, state, params, stats=stats)`` with ``stats`` from
     :func:`neuron_optax.value_grad_and_stats`.
   """
-  hyperparams.check_positive("foof", "damping", damping)
+  hyperparams.check_scalar_or_schedule("foof", "damping", damping)
+  inverse_every = amortisation.DEFAULT_INVERSE_EVERY if inverse_every is None else inverse_every
   amortisation.validate_amortisation("foof", ema_decay, inverse_every, stats_window)
   validate_contraction("foof", contraction)
   factorisation.validate_distribution("foof", distribute_factorisations)
@@ -99,14 +106,16 @@ def foof(
 
   def init_fn(params) -> FoofState:
     layers = {}
+    initial_damping = hyperparams.value_at(damping, jnp.zeros([], jnp.int32))
     for key, shape in param_layout.candidate_layers(params, kernel_input_ndim).items():
       dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
       layers[layer_name(key)] = FoofLayerState(
         a_ema=jnp.zeros((shape.d_in, shape.d_in), dtype),
         a_updates=jnp.zeros([], jnp.int32),
-        a_inverse=jnp.eye(shape.d_in, dtype=dtype) / damping,
+        a_inverse=jnp.eye(shape.d_in, dtype=dtype) / initial_damping.astype(dtype),
+        a_weight=jnp.zeros([], dtype),
       )
-    return FoofState(count=jnp.zeros([], jnp.int32), layers=layers)
+    return FoofState(count=jnp.zeros([], jnp.int32), layers=layers, damping=initial_damping)
 
   def update_fn(updates, state: FoofState, params=None, *, stats: Stats | None = None, **extra_args):
     del params, extra_args
@@ -115,39 +124,53 @@ def foof(
     names = {key: layer_name(key) for key in stats}
     for key in stats:
       amortisation.check_state_layer("foof", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
-    update_statistics, refactorise = amortisation.schedule(state.count, inverse_every, stats_window, phase, stats)
+    damping_now = hyperparams.value_at(damping, state.count, state.damping.dtype)
+    damping_ok = hyperparams.valid(damping_now)
+    decay = hyperparams.value_at(ema_decay, state.count, state.damping.dtype)
+    update_statistics, refactorise = amortisation.schedule(
+      state.count, inverse_every, stats_window, phase, stats, damping_changed=damping_now != state.damping
+    )
 
     def accumulate():
       new = {}
       for key, name in names.items():
         layer = state.layers[name]
-        a_batch = linalg.second_moment(stats[key].augmented_inputs(layer.a_ema.dtype))
-        new[name] = amortisation.ema_update(layer.a_ema, layer.a_updates, a_batch, ema_decay)
+        a_batch = stats[key].input_moment(layer.a_ema.dtype)
+        new[name] = amortisation.ema_update(layer.a_ema, layer.a_updates, layer.a_weight, a_batch, decay)
       return new
 
-    current = {name: (state.layers[name].a_ema, state.layers[name].a_updates) for name in names.values()}
+    current = {name: (layer.a_ema, layer.a_updates, layer.a_weight) for name, layer in _layers(state, names)}
     averages = amortisation.maybe(update_statistics, accumulate, current)
 
     def refactor():
       operands = {
-        name: (amortisation.debiased(ema, k, ema_decay), jnp.asarray(damping, ema.dtype))
-        for name, (ema, k) in averages.items()
+        name: (amortisation.debiased(ema, weight), damping_now.astype(ema.dtype))
+        for name, (ema, _, weight) in averages.items()
       }
-      return factorisation.factorise_by_shape(linalg.damped_inverse, operands, distribute_factorisations)
+      inverses = factorisation.factorise_by_shape(linalg.damped_inverse, operands, distribute_factorisations)
+      # An invalid damping (a schedule's or an injected value) keeps the last finite factors.
+      stored = {name: layer.a_inverse for name, layer in _layers(state, names)}
+      return jax.tree.map(lambda new, old: jnp.where(damping_ok, new, old), inverses, stored), damping_now
 
-    inverses = amortisation.maybe(
-      refactorise, refactor, {name: state.layers[name].a_inverse for name in names.values()}
+    inverses, built_with = amortisation.maybe(
+      refactorise, refactor, ({name: layer.a_inverse for name, layer in _layers(state, names)}, state.damping)
     )
+    built_with = jnp.where(damping_ok, built_with, state.damping)
 
-    directions = param_layout.map_layers(
-      updates,
-      shapes,
-      stats.keys(),
-      lambda key, grad: left_precondition(inverses[names[key]], grad, stats[key], contraction),
-    )
+    def direction(key, grad):
+      preconditioned = left_precondition(inverses[names[key]], grad, stats[key], contraction)
+      return jnp.where(damping_ok, preconditioned, jnp.nan)  # zeroed like a non-finite batch
+
+    directions = param_layout.map_layers(updates, shapes, stats.keys(), direction)
     layers = dict(state.layers)
     for name in names.values():
-      layers[name] = FoofLayerState(averages[name][0], averages[name][1], inverses[name])
-    return directions, FoofState(count=optax.safe_int32_increment(state.count), layers=layers)
+      a_ema, a_updates, a_weight = averages[name]
+      layers[name] = FoofLayerState(a_ema, a_updates, inverses[name], a_weight)
+    new_state = FoofState(count=optax.safe_int32_increment(state.count), layers=layers, damping=built_with)
+    return directions, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _layers(state: FoofState, names: dict) -> list[tuple[str, FoofLayerState]]:
+  return [(name, state.layers[name]) for name in names.values()]

@@ -56,7 +56,6 @@ Approximate Second-Order Optimization", ICML 2022, eqs. 2-4 and section 4.2
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -88,23 +87,26 @@ class EigenFactors(NamedTuple):
 
 
 class KfacLayerState(NamedTuple):
-  a_ema: jax.Array  # biased EMA of A (debias with a_updates)
+  a_ema: jax.Array  # biased EMA of A (divide by a_weight)
   a_updates: jax.Array  # number of finite batches in the EMA of A
-  g_ema: jax.Array  # biased EMA of G (debias with g_updates)
+  g_ema: jax.Array  # biased EMA of G (divide by g_weight)
   g_updates: jax.Array  # number of finite batches in the EMA of G
   factors: HeuristicFactors | EigenFactors  # from the last re-factorisation
+  a_weight: jax.Array  # debiasing weights of the EMAs (1 − β^k for a constant decay β)
+  g_weight: jax.Array
 
 
 class KfacState(NamedTuple):
   count: jax.Array  # steps taken
   layers: dict[str, KfacLayerState]
+  damping: jax.Array  # the λ the stored factors were built with (heuristic damping)
 
 
 def precondition(
   factors: HeuristicFactors | EigenFactors,
   gradient: jax.Array,
   stats: LayerStats,
-  damping: float,
+  damping: jax.Array | float,
   contraction: Contraction,
 ) -> jax.Array:
   """The KFAC direction ``D`` of one layer from its stored factorisation."""
@@ -115,16 +117,16 @@ def precondition(
     (factors.a_eigenvalues, factors.a_eigenvectors),
     (factors.g_eigenvalues, factors.g_eigenvectors),
     rotated,
-    damping,
+    jnp.asarray(damping, rotated.dtype),
     a_rotated=True,
   )
 
 
 def kfac(
-  damping: float,
+  damping: hyperparams.ScalarOrSchedule,
   *,
-  ema_decay: float = 0.95,
-  inverse_every: int = 1,
+  ema_decay: hyperparams.ScalarOrSchedule = 0.95,
+  inverse_every: int | None = None,
   stats_window: int | None = None,
   damping_mode: DampingMode = "heuristic",
   contraction: Contraction = "auto",
@@ -155,9 +157,9 @@ def kfac(
     contraction: how the ``A``-side product is taken, as in
       :func:`neuron_optax.foof`: ``"auto"`` picks per layer the cheaper of
       recomputing ``∇W`` from the recorded rows and using the incoming
-      gradient; ``"gradient"`` / ``"rows"`` force one. With rows, changes that
-      earlier transforms in a chain made to a captured layer's gradient are
-      not seen.
+      gradient where the incoming gradient is the recorded one (a run-time
+      check); ``"gradient"`` / ``"rows"`` force one (``"rows"`` is an opt-in
+      that ignores changes earlier transforms made to the gradient).
     kernel_input_ndim: per-layer number of kernel input axes where it is not
       "all but the last", keyed by layer path such as ``"attention/query"``.
     distribute_factorisations: ``(mesh, axis name)``: split the
@@ -175,7 +177,8 @@ def kfac(
     :func:`neuron_optax.value_grad_and_stats` (its ``fisher=`` argument picks
     the empirical, Monte-Carlo or full Fisher for ``G``).
   """
-  hyperparams.check_positive("kfac", "damping", damping)
+  hyperparams.check_scalar_or_schedule("kfac", "damping", damping)
+  inverse_every = amortisation.DEFAULT_INVERSE_EVERY if inverse_every is None else inverse_every
   amortisation.validate_amortisation("kfac", ema_decay, inverse_every, stats_window)
   validate_contraction("kfac", contraction)
   hyperparams.check_choice("kfac", "damping_mode", damping_mode, _DAMPING_MODES)
@@ -183,18 +186,18 @@ def kfac(
   amortisation.validate_phase("kfac", phase)
   heuristic = damping_mode == "heuristic"
 
-  def initial_factors(d_in: int, d_out: int, dtype) -> HeuristicFactors | EigenFactors:
+  def initial_factors(d_in: int, d_out: int, dtype, initial_damping) -> HeuristicFactors | EigenFactors:
     # What refactorise gives for A = G = 0 (π = 1), without running the factorisations.
     if heuristic:
-      return HeuristicFactors(
-        jnp.eye(d_in, dtype=dtype) / math.sqrt(damping), jnp.eye(d_out, dtype=dtype) / math.sqrt(damping)
-      )
+      root = jnp.sqrt(initial_damping).astype(dtype)
+      return HeuristicFactors(jnp.eye(d_in, dtype=dtype) / root, jnp.eye(d_out, dtype=dtype) / root)
     return EigenFactors(
       jnp.zeros([d_in], dtype), jnp.eye(d_in, dtype=dtype), jnp.zeros([d_out], dtype), jnp.eye(d_out, dtype=dtype)
     )
 
   def init_fn(params) -> KfacState:
     layers = {}
+    initial_damping = hyperparams.value_at(damping, jnp.zeros([], jnp.int32))
     for key, shape in param_layout.candidate_layers(params, kernel_input_ndim).items():
       dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
       layers[layer_name(key)] = KfacLayerState(
@@ -202,43 +205,52 @@ def kfac(
         a_updates=jnp.zeros([], jnp.int32),
         g_ema=jnp.zeros((shape.d_out, shape.d_out), dtype),
         g_updates=jnp.zeros([], jnp.int32),
-        factors=initial_factors(shape.d_in, shape.d_out, dtype),
+        factors=initial_factors(shape.d_in, shape.d_out, dtype, initial_damping),
+        a_weight=jnp.zeros([], dtype),
+        g_weight=jnp.zeros([], dtype),
       )
-    return KfacState(count=jnp.zeros([], jnp.int32), layers=layers)
+    return KfacState(count=jnp.zeros([], jnp.int32), layers=layers, damping=initial_damping)
 
   def update_fn(updates, state: KfacState, params=None, *, stats: Stats | None = None, **extra_args):
     del params, extra_args
     shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
     stats = param_layout.check_stats(stats, shapes, "kfac")
     names = {key: layer_name(key) for key in stats}
-    update_statistics, refactor_now = amortisation.schedule(state.count, inverse_every, stats_window, phase, stats)
+    for key in stats:
+      amortisation.check_state_layer("kfac", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
+    damping_now = hyperparams.value_at(damping, state.count, state.damping.dtype)
+    damping_ok = hyperparams.valid(damping_now)
+    decay = hyperparams.value_at(ema_decay, state.count, state.damping.dtype)
+    # Standard damping applies λ at every step (eigendecompositions are damping-free).
+    changed = (damping_now != state.damping) if heuristic else False
+    update_statistics, refactor_now = amortisation.schedule(
+      state.count, inverse_every, stats_window, phase, stats, damping_changed=changed
+    )
+    layer_states = {name: state.layers[name] for name in names.values()}
 
     def accumulate():
       new = {}
       for key, name in names.items():
-        layer = state.layers[name]
+        layer = layer_states[name]
         a_batch, g_batch = kronecker.batch_factors(stats[key], layer.a_ema.dtype)
         new[name] = (
-          amortisation.ema_update(layer.a_ema, layer.a_updates, a_batch, ema_decay),
-          amortisation.ema_update(layer.g_ema, layer.g_updates, g_batch, ema_decay),
+          amortisation.ema_update(layer.a_ema, layer.a_updates, layer.a_weight, a_batch, decay),
+          amortisation.ema_update(layer.g_ema, layer.g_updates, layer.g_weight, g_batch, decay),
         )
       return new
 
     current = {
-      name: (
-        (state.layers[name].a_ema, state.layers[name].a_updates),
-        (state.layers[name].g_ema, state.layers[name].g_updates),
-      )
-      for name in names.values()
+      name: ((layer.a_ema, layer.a_updates, layer.a_weight), (layer.g_ema, layer.g_updates, layer.g_weight))
+      for name, layer in layer_states.items()
     }
     averages = amortisation.maybe(update_statistics, accumulate, current)
 
     def refactor():
       operands = {}
       for name, (a_avg, g_avg) in averages.items():
-        a, g = amortisation.debiased(*a_avg, ema_decay), amortisation.debiased(*g_avg, ema_decay)
+        a, g = amortisation.debiased(a_avg[0], a_avg[2]), amortisation.debiased(g_avg[0], g_avg[2])
         if heuristic:
-          a_damping, g_damping = kronecker.heuristic_dampings(a, g, damping)
+          a_damping, g_damping = kronecker.heuristic_dampings(a, g, damping_now)
           operands[name, "a"], operands[name, "g"] = (a, a_damping), (g, g_damping)
         else:
           operands[name, "a"], operands[name, "g"] = (a,), (g,)
@@ -246,21 +258,28 @@ def kfac(
         linalg.damped_inverse if heuristic else linalg.sym_eigh, operands, distribute_factorisations
       )
       if heuristic:
-        return {name: HeuristicFactors(solved[name, "a"], solved[name, "g"]) for name in averages}
-      return {name: EigenFactors(*solved[name, "a"], *solved[name, "g"]) for name in averages}
+        fresh = {name: HeuristicFactors(solved[name, "a"], solved[name, "g"]) for name in averages}
+      else:
+        fresh = {name: EigenFactors(*solved[name, "a"], *solved[name, "g"]) for name in averages}
+      # An invalid damping (a schedule's or an injected value) keeps the last finite factors.
+      stored = {name: layer.factors for name, layer in layer_states.items()}
+      return jax.tree.map(lambda new, old: jnp.where(damping_ok, new, old), fresh, stored), damping_now
 
-    factors = amortisation.maybe(refactor_now, refactor, {name: state.layers[name].factors for name in names.values()})
-
-    directions = param_layout.map_layers(
-      updates,
-      shapes,
-      stats.keys(),
-      lambda key, grad: precondition(factors[names[key]], grad, stats[key], damping, contraction),
+    factors, built_with = amortisation.maybe(
+      refactor_now, refactor, ({name: layer.factors for name, layer in layer_states.items()}, state.damping)
     )
+    built_with = jnp.where(damping_ok, built_with, state.damping)
+
+    def direction(key, grad):
+      preconditioned = precondition(factors[names[key]], grad, stats[key], damping_now, contraction)
+      return jnp.where(damping_ok, preconditioned, jnp.nan)  # zeroed like a non-finite batch
+
+    directions = param_layout.map_layers(updates, shapes, stats.keys(), direction)
     layers = dict(state.layers)
     for name in names.values():
-      (a_ema, a_updates), (g_ema, g_updates) = averages[name]
-      layers[name] = KfacLayerState(a_ema, a_updates, g_ema, g_updates, factors[name])
-    return directions, KfacState(count=optax.safe_int32_increment(state.count), layers=layers)
+      (a_ema, a_updates, a_weight), (g_ema, g_updates, g_weight) = averages[name]
+      layers[name] = KfacLayerState(a_ema, a_updates, g_ema, g_updates, factors[name], a_weight, g_weight)
+    new_state = KfacState(count=optax.safe_int32_increment(state.count), layers=layers, damping=built_with)
+    return directions, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -12,15 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from neuron_optax import linalg
-from neuron_optax.layer_stats import LayerStats
+from neuron_optax.layer_stats import LayerMoments, LayerStats
 
 
-def batch_factors(stats: LayerStats, dtype) -> tuple[jax.Array, jax.Array]:
-  """``(A_batch, G_batch)`` of one layer's recorded rows."""
-  a = linalg.second_moment(stats.augmented_inputs(dtype))
-  g = linalg.cotangent_second_moment(stats.per_example_cotangents(dtype))
-  return a, g
+def batch_factors(stats: LayerStats | LayerMoments, dtype) -> tuple[jax.Array, jax.Array]:
+  """``(A_batch, G_batch)`` of one layer's recorded rows (or accumulated moments)."""
+  return stats.input_moment(dtype), stats.cotangent_moment(dtype)
 
 
 def heuristic_pi(a: jax.Array, g: jax.Array) -> jax.Array:

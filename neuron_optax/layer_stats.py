@@ -139,6 +139,25 @@ class LayerStats:
   def replace(self, **changes) -> LayerStats:
     return dataclasses.replace(self, **changes)
 
+  has_rows = True  # the recorded rows are available (LayerMoments: only their second moments)
+
+  def input_moment(self, dtype=None) -> jax.Array:
+    """``A_batch = mean_r ā_r ā_rᵀ`` over the recorded rows, ``(d_in, d_in)``."""
+    x = self.augmented_inputs(dtype)
+    x = x.reshape(-1, x.shape[-1])
+    return (x.T @ x) / x.shape[0]
+
+  def cotangent_moment(self, dtype=None) -> jax.Array:
+    """``G_batch = Σ_s mean_r g_sr g_srᵀ`` of the Fisher cotangents, ``(d_out, d_out)``.
+
+    Summed over the ``S`` label sets (the full Fisher's sets carry ``√p``
+    already, so the sum is the expectation over labels) and averaged over the
+    ``n·P`` rows.
+    """
+    g = self.per_example_cotangents(dtype)
+    x = g.reshape(g.shape[0], -1, g.shape[-1])
+    return jnp.einsum("sri,srj->ij", x, x) / x.shape[1]
+
   @property
   def inputs(self) -> jax.Array:
     """``(n, P, d_in)`` input rows without the bias column (im2col patches for convolutions)."""
@@ -209,3 +228,62 @@ jax.tree_util.register_dataclass(
 )
 
 Stats = dict[LayerKey, LayerStats]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMoments:
+  """A layer's second moments without its rows (a pytree): what FOOF and KFAC need.
+
+  :func:`neuron_optax.accumulate_micro_batches` averages these over the
+  micro-batches of one step, so that ``k`` micro-batches give exactly the
+  statistics of one batch of all their rows. FOOF and KFAC accept them in
+  place of :class:`LayerStats`; methods that need the rows (FNGD, the natural
+  gradient) reject them.
+
+  Attributes:
+    input_second_moment: ``mean_r ā_r ā_rᵀ`` ``(d_in, d_in)`` (bias column included).
+    cotangent_second_moment: ``Σ_s mean_r g_sr g_srᵀ`` ``(d_out, d_out)``.
+    kind, has_bias, kernel_shape, kernel_input_ndim: as in :class:`LayerStats` (static).
+  """
+
+  input_second_moment: jax.Array
+  cotangent_second_moment: jax.Array
+  kind: str = "dense"
+  has_bias: bool = True
+  kernel_shape: tuple[int, ...] = ()
+  kernel_input_ndim: int = 1
+
+  has_rows = False
+
+  @classmethod
+  def of(cls, stats: LayerStats, dtype=None) -> LayerMoments:
+    """The moments of one layer's recorded rows."""
+    return cls(
+      stats.input_moment(dtype),
+      stats.cotangent_moment(dtype),
+      stats.kind,
+      stats.has_bias,
+      stats.kernel_shape,
+      stats.kernel_input_ndim,
+    )
+
+  @property
+  def d_in(self) -> int:
+    return self.input_second_moment.shape[-1]
+
+  @property
+  def d_out(self) -> int:
+    return self.cotangent_second_moment.shape[-1]
+
+  def input_moment(self, dtype=None) -> jax.Array:
+    return self.input_second_moment if dtype is None else self.input_second_moment.astype(dtype)
+
+  def cotangent_moment(self, dtype=None) -> jax.Array:
+    return self.cotangent_second_moment if dtype is None else self.cotangent_second_moment.astype(dtype)
+
+
+jax.tree_util.register_dataclass(
+  LayerMoments,
+  data_fields=["input_second_moment", "cotangent_second_moment"],
+  meta_fields=["kind", "has_bias", "kernel_shape", "kernel_input_ndim"],
+)

@@ -14,12 +14,6 @@ import jax
 import jax.numpy as jnp
 
 
-def second_moment(rows: jax.Array) -> jax.Array:
-  """``mean_r x_r x_rᵀ`` over all leading axes of ``rows`` (``(..., d)``)."""
-  x = rows.reshape(-1, rows.shape[-1])
-  return (x.T @ x) / x.shape[0]
-
-
 def sym_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigendecomposition of a symmetric matrix or stack ``(..., d, d)`` (symmetrised first)."""
   return jnp.linalg.eigh(_symmetrised(matrix))
@@ -119,16 +113,6 @@ def weighted_gradient_sum(a: jax.Array, g: jax.Array, weights: jax.Array) -> jax
   weighted = jnp.einsum("sn,snpo->npo", weights.reshape(s, n), g)
   # One (rows × d_in)ᵀ (rows × d_out) product, the layout of the weight-gradient matmul it replaces.
   return a.reshape(-1, a.shape[-1]).T @ weighted.reshape(-1, weighted.shape[-1])
-
-
-def cotangent_second_moment(g: jax.Array) -> jax.Array:
-  """``Σ_s mean_r g_sr g_srᵀ`` for cotangent sets ``g`` of shape ``(S, n, P, d)``.
-
-  Summed over the ``S`` label sets (the full Fisher's sets carry ``√p`` already,
-  so the sum is the expectation over labels) and averaged over the ``n·P`` rows.
-  """
-  x = g.reshape(g.shape[0], -1, g.shape[-1])
-  return jnp.einsum("sri,srj->ij", x, x) / x.shape[1]
 
 
 def kronecker_eigen_solve(

@@ -61,23 +61,28 @@ Gradient Methods for Training Neural Networks", 2019.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from neuron_optax import hyperparams, linalg, param_layout
 from neuron_optax.layer_stats import LayerKey, Stats, layer_name
 
-NaturalGradientState = optax.EmptyState
+
+class NaturalGradientState(NamedTuple):
+  count: jax.Array  # steps taken (for a damping schedule)
 
 
 def _validate(damping, max_columns) -> None:
-  hyperparams.check_positive("natural_gradient", "damping", damping)
-  hyperparams.check_integer("natural_gradient", "max_columns", max_columns, optional=True)
+  hyperparams.check_scalar_or_schedule("natural_gradient", "damping", damping)
+  if not isinstance(max_columns, jax.core.Tracer):  # optax.inject_hyperparams traces numeric arguments
+    hyperparams.check_integer("natural_gradient", "max_columns", max_columns, optional=True)
 
 
 def _check_columns(columns: int, max_columns: int | None, where: str) -> None:
-  if max_columns is not None and columns > max_columns:
+  if max_columns is not None and not isinstance(max_columns, jax.core.Tracer) and columns > max_columns:
     raise ValueError(
       f"natural_gradient: the Fisher{where} has m = {columns} columns (label sets x examples) "
       f"> max_columns = {max_columns}; the m x m system needs O(m²) memory and O(m³) time. Use "
@@ -92,10 +97,10 @@ def _fisher_stats(
 ) -> Stats:
   """The statistics that define the Fisher, validated against the gradient's layers."""
   if fisher_stats is None:
-    return param_layout.check_stats(stats, shapes, "natural_gradient")
-  fisher_stats = param_layout.check_stats(fisher_stats, shapes, "natural_gradient (fisher_stats)")
+    return param_layout.check_stats(stats, shapes, "natural_gradient", need_rows=True)
+  fisher_stats = param_layout.check_stats(fisher_stats, shapes, "natural_gradient (fisher_stats)", need_rows=True)
   if stats is not None:
-    stats = param_layout.check_stats(stats, shapes, "natural_gradient")
+    stats = param_layout.check_stats(stats, shapes, "natural_gradient", need_rows=True)
     if set(stats) != set(fisher_stats):
       only_stats = sorted(layer_name(k) for k in set(stats) - set(fisher_stats))
       only_fisher = sorted(layer_name(k) for k in set(fisher_stats) - set(stats))
@@ -108,7 +113,7 @@ def _fisher_stats(
 
 
 def natural_gradient(
-  damping: float,
+  damping: hyperparams.ScalarOrSchedule,
   *,
   block_diagonal: bool = False,
   max_columns: int | None = 4096,
@@ -150,7 +155,7 @@ def natural_gradient(
 
   def init_fn(params) -> NaturalGradientState:
     param_layout.candidate_layers(params, kernel_input_ndim)  # validates the tree and overrides
-    return optax.EmptyState()
+    return NaturalGradientState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(
     updates, state, params=None, *, stats: Stats | None = None, fisher_stats: Stats | None = None, **extra_args
@@ -160,12 +165,14 @@ def natural_gradient(
     fisher = _fisher_stats(stats, fisher_stats, shapes)
     keys = list(fisher)
     if not keys:
-      return updates, state
+      return updates, NaturalGradientState(count=optax.safe_int32_increment(state.count))
     grads = param_layout.gradient_matrices(updates, shapes, keys)
     dtype = param_layout.statistics_dtype(jnp.result_type(*grads.values()))
     grads = {key: grad.astype(dtype) for key, grad in grads.items()}
     inputs = {key: fisher[key].augmented_inputs(dtype) for key in keys}
     cots = {key: fisher[key].per_example_cotangents(dtype) for key in keys}
+    damping_now = hyperparams.value_at(damping, state.count, dtype)
+    damping_ok = hyperparams.valid(damping_now)
 
     def solve(layer_keys, where):
       """Directions for the Fisher block spanned by ``layer_keys``."""
@@ -173,9 +180,9 @@ def natural_gradient(
       _check_columns(sets * n, max_columns, where)
       gram = sum(linalg.gradient_gram(inputs[k], cots[k]) for k in layer_keys)
       dots = sum(linalg.gradient_dots(inputs[k], cots[k], grads[k]) for k in layer_keys)
-      coefficients = linalg.damped_solve(gram, n * damping, dots)
+      coefficients = linalg.damped_solve(gram, n * damping_now, dots)
       return {
-        k: (grads[k] - linalg.weighted_gradient_sum(inputs[k], cots[k], coefficients)) / damping for k in layer_keys
+        k: (grads[k] - linalg.weighted_gradient_sum(inputs[k], cots[k], coefficients)) / damping_now for k in layer_keys
       }
 
     if block_diagonal:
@@ -194,7 +201,8 @@ def natural_gradient(
         )
       directions = solve(keys, "")
 
-    out = param_layout.map_layers(updates, shapes, keys, lambda key, _: directions[key])
-    return out, state
+    # An invalid damping (a schedule's or an injected value) gives no step, as a non-finite batch.
+    out = param_layout.map_layers(updates, shapes, keys, lambda key, _: jnp.where(damping_ok, directions[key], jnp.nan))
+    return out, NaturalGradientState(count=optax.safe_int32_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

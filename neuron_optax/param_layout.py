@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from neuron_optax.layer_stats import LayerKey, LayerStats, Stats, layer_name
+from neuron_optax.layer_stats import LayerKey, LayerMoments, LayerStats, Stats, layer_name
 
 KernelInputNdim = Mapping[str, int] | Callable[[str, tuple[int, ...]], int | None] | None
 Path = tuple[Hashable, ...]
@@ -140,30 +140,40 @@ def kernel_dtype(params, key: LayerKey):
   return flatten(params).leaves[key + ("kernel",)].dtype
 
 
-def check_stats(stats: Stats | None, layers: Mapping[LayerKey, LayerShape], transform: str) -> Stats:
-  """Trace-time validation of ``stats`` against the state's layers."""
+def check_stats(
+  stats: Stats | None, layers: Mapping[LayerKey, LayerShape], transform: str, *, need_rows: bool = False
+) -> Stats:
+  """Trace-time validation of ``stats`` against the layers of the incoming updates.
+
+  Returns the statistics of the layers present in the updates. Layers whose
+  parameters are not there (masked out by ``optax.masked``, routed to another
+  optimiser by ``optax.multi_transform``) are ignored; statistics that match
+  none of the updates' layers are an error (e.g. the whole variables dict
+  passed instead of its ``'params'`` collection).
+  """
   if stats is None:
     raise ValueError(
       f"{transform}.update needs the layer statistics: compute them with "
       "`loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params, ...)` and call "
       "`tx.update(grads, opt_state, params, stats=stats)`."
     )
-  if not isinstance(stats, Mapping) or not all(isinstance(v, LayerStats) for v in stats.values()):
+  if not isinstance(stats, Mapping) or not all(isinstance(v, (LayerStats, LayerMoments)) for v in stats.values()):
     raise TypeError(
       f"{transform}: `stats` must be the dict returned by nox.value_grad_and_stats, got {type(stats).__name__}."
     )
-  for key, s in stats.items():
-    if key not in layers:
-      raise ValueError(
-        f"{transform}: stats hold layer {layer_name(key)!r} but the parameters have no kernel at "
-        f"that path (layers with kernels: {sorted(layer_name(k) for k in layers)}). Pass the "
-        "model's 'params' collection (not the whole variables dict) to init and update."
-      )
+  present = {key: s for key, s in stats.items() if key in layers}
+  if stats and layers and not present:
+    key = next(iter(stats))
+    raise ValueError(
+      f"{transform}: stats hold layer {layer_name(key)!r} but the parameters have no kernel at "
+      f"that path (layers with kernels: {sorted(layer_name(k) for k in layers)}). Pass the "
+      "model's 'params' collection (not the whole variables dict) to init and update."
+    )
+  for key, s in present.items():
     shape = layers[key]
     if shape.kernel_shape != s.kernel_shape:
       raise ValueError(
-        f"{transform}: layer {layer_name(key)!r} has kernel {shape.kernel_shape} in "
-        f"params but {s.kernel_shape} in stats."
+        f"{transform}: layer {layer_name(key)!r} has kernel {shape.kernel_shape} in params but {s.kernel_shape} in stats."
       )
     if shape.kernel_input_ndim != s.kernel_input_ndim:
       raise ValueError(
@@ -177,7 +187,13 @@ def check_stats(stats: Stats | None, layers: Mapping[LayerKey, LayerShape], tran
         f"(bias={s.has_bias}) but its parameters give {shape.d_in}x{shape.d_out} "
         f"(bias={shape.has_bias})."
       )
-  return stats
+    if need_rows and not s.has_rows:
+      raise ValueError(
+        f"{transform}: layer {layer_name(key)!r} has only accumulated second moments "
+        "(nox.accumulate_micro_batches), but this method needs the recorded rows of every example. "
+        "Use optax.MultiSteps for gradient accumulation with this method."
+      )
+  return present
 
 
 def gradient_matrix(flat: Mapping[Path, Any], key: LayerKey, shape: LayerShape) -> jax.Array:

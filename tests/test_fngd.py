@@ -417,10 +417,16 @@ def test_python_phase_switch_gives_the_auto_trajectory_without_a_cond():
     np.testing.assert_array_equal(state.layers[name].coefficients, auto_states[-1].layers[name].coefficients)
 
   _, grads, stats = compute(params, *batches[0])
-  jaxpr = str(
-    jax.make_jaxpr(lambda g, s, st: reuse_tx.update(g, s, params, stats=st))(grads, reuse_tx.init(params), stats)
-  )
-  assert "cond" not in jaxpr and "cholesky" not in jaxpr
+
+  def jaxpr_of(tx):
+    return str(jax.make_jaxpr(lambda g, s, st: tx.update(g, s, params, stats=st))(grads, tx.init(params), stats))
+
+  # The reusing step never solves; its one conditional is the incoming-gradient check (one per layer),
+  # which the opt-in contraction="rows" drops.
+  assert "cholesky" not in jaxpr_of(reuse_tx)
+  assert jaxpr_of(reuse_tx).count("cond[") == len(names)
+  rows_tx = fngd(0.05, steps_per_epoch=2, batch_size=n, phase="reuse", contraction="rows")
+  assert "cond" not in jaxpr_of(rows_tx) and "cholesky" not in jaxpr_of(rows_tx)
   jaxpr = str(
     jax.make_jaxpr(lambda g, s, st: compute_tx.update(g, s, params, stats=st))(grads, compute_tx.init(params), stats)
   )
@@ -440,7 +446,8 @@ def test_shared_conv_step_never_forms_im2col_rows():
     jaxpr = jax.make_jaxpr(lambda g, s, st: tx.update(g, s, params, stats=st))(grads, tx.init(params), stats)
     return [e.params["feature_group_count"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
 
-  assert group_counts("reuse") == [1]  # the backward-filter convolution only
+  # The backward-filter convolution, and a one-channel one for the incoming-gradient check: no patches.
+  assert group_counts("reuse") == [1, 1]
   assert 2 in group_counts("compute")  # the Gram matrix needs the patches (one group per input channel)
 
 

@@ -136,13 +136,23 @@ def _adam(hp: Hyperparameters, options: Options) -> optax.GradientTransformation
   return optax.adam(hp["lr"])
 
 
-def _foof(hp: Hyperparameters, options: Options) -> optax.GradientTransformation:
-  return optax.chain(
-    nox.foof(
-      hp["damping"], inverse_every=options.inverse_every, stats_window=options.stats_window, phase=options.phase
-    ),
-    momentum(hp["lr"]),
-  )
+def _foof_with(contraction: str):
+  def build(hp: Hyperparameters, options: Options) -> optax.GradientTransformation:
+    return optax.chain(
+      nox.foof(
+        hp["damping"],
+        inverse_every=options.inverse_every,
+        stats_window=options.stats_window,
+        phase=options.phase,
+        contraction=contraction,
+      ),
+      momentum(hp["lr"]),
+    )
+
+  return build
+
+
+_foof = _foof_with("auto")
 
 
 def _kfac(damping_mode: str):
@@ -161,14 +171,18 @@ def _kfac(damping_mode: str):
   return build
 
 
-def _fngd(share_coefficients: bool):
+def _fngd(share_coefficients: bool, contraction: str = "gradient"):
   def build(hp: Hyperparameters, options: Options) -> optax.GradientTransformation:
     if share_coefficients:
       tx = nox.fngd(
-        hp["alpha"], steps_per_epoch=options.steps_per_epoch, batch_size=options.batch_size, phase=options.phase
+        hp["alpha"],
+        steps_per_epoch=options.steps_per_epoch,
+        batch_size=options.batch_size,
+        phase=options.phase,
+        contraction=contraction,
       )
     else:
-      tx = nox.fngd(hp["alpha"], share_coefficients=False)
+      tx = nox.fngd(hp["alpha"], share_coefficients=False, contraction=contraction)
     return optax.chain(tx, momentum(hp["lr"]))
 
   return build
@@ -237,6 +251,21 @@ METHODS: dict[str, Method] = {
       grid=({"lr": 0.03, "alpha": 1.0}, {"lr": 0.03, "alpha": 0.1}, {"lr": 0.03, "alpha": 0.01}),
     ),
     Method("fngd_auto", "empirical", _fngd(True), label="FNGD (shared, phase='auto': lax.cond)"),
+    Method(
+      "fngd_rows",
+      "empirical",
+      _fngd(True, "rows"),
+      label="FNGD (shared, contraction='rows': opt-in, first in its chain)",
+      phased=True,
+    ),
+    Method(
+      "foof_phased_rows",
+      "empirical",
+      _foof_with("rows"),
+      label="FOOF, one compiled step per phase, contraction='rows' (opt-in)",
+      amortised=True,
+      phased=True,
+    ),
     Method("fngd_unshared", "empirical", _fngd(False), label="FNGD (w/o sharing)"),
     Method(
       "natural_gradient",
