@@ -6,25 +6,47 @@ Public API:
   kfac                  KFAC with heuristic (π) or standard damping   (Martens & Grosse 2015)
   kfac_foof_similarity  per-layer cosine similarity of KFAC and FOOF  (Benzing 2022, Fig. 3B)
   natural_gradient      exact (F + λI)⁻¹ g via the Woodbury identity  (Benzing 2022 App. I)
+  fisher_vector_product, damped_fisher_solve, laplace_sample, laplace_log_marginal_likelihood,
+  tune_prior_precision, ...  Fisher products and Laplace posteriors (Benzing 2022 App. C)
   fngd                  inverse-free fast natural gradient            (FNGD)
   amortisation_phase    the kind of a FOOF/KFAC step, for loops that compile one step per phase
   coefficient_phase     the same for FNGD's coefficient sharing
+  accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
+  TrainState            flax TrainState whose apply_gradients(grads=..., stats=...) forwards stats
   nnx.value_grad_and_stats  the same capture for flax.nnx models
 """
 
 from neuron_optax import nnx
+from neuron_optax._version import __version__ as __version__
+from neuron_optax.accumulation import AccumulationState, accumulate_micro_batches
 from neuron_optax.amortisation import amortisation_phase, coefficient_phase
 from neuron_optax.diagnostics import kfac_foof_similarity
 from neuron_optax.fngd import FngdState, fngd
 from neuron_optax.foof import FoofState, foof
 from neuron_optax.kfac import KfacState, kfac
-from neuron_optax.layer_stats import LayerStats
+from neuron_optax.laplace import (
+  KroneckerFactors,
+  damped_fisher_solve,
+  fisher_diagonal,
+  fisher_vector_product,
+  kronecker_factors,
+  laplace_log_marginal_likelihood,
+  laplace_sample,
+  laplace_sample_from_noise,
+  linearized_predictive,
+  tune_prior_precision,
+)
+from neuron_optax.layer_stats import LayerMoments, LayerStats
 from neuron_optax.linen import value_grad_and_stats
-from neuron_optax.natural_gradient import natural_gradient
-
-__version__ = "0.1.0"
+from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
+from neuron_optax.train_state import TrainState
 
 __all__ = [
+  "accumulate_micro_batches",
+  "AccumulationState",
+  "LayerMoments",
+  "NaturalGradientState",
+  "TrainState",
   "nnx",
   "LayerStats",
   "value_grad_and_stats",
@@ -34,6 +56,16 @@ __all__ = [
   "KfacState",
   "kfac_foof_similarity",
   "natural_gradient",
+  "fisher_vector_product",
+  "damped_fisher_solve",
+  "fisher_diagonal",
+  "laplace_sample",
+  "laplace_sample_from_noise",
+  "laplace_log_marginal_likelihood",
+  "tune_prior_precision",
+  "kronecker_factors",
+  "KroneckerFactors",
+  "linearized_predictive",
   "fngd",
   "FngdState",
   "amortisation_phase",

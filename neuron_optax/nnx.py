@@ -71,8 +71,17 @@ it is paid once per compilation). Memory: each captured layer keeps its input
 rows (for a convolution the im2col patches, ``prod(kernel_size)`` times its
 input) and its output cotangents until the transform has used them.
 
-Limitations: ``loss_fn`` must take the model as its only NNX argument (other
-arguments are arrays/pytrees); layers applied inside nested NNX transforms
+Other NNX arguments: ``loss_fn(model, *args, **kwargs)`` may take further NNX
+objects besides the model (an ``nnx.Rngs`` for dropout, a second module with
+state, ``nnx.Metric``s), positionally, by keyword or inside pytrees, as with
+``nnx.value_and_grad``: they are split together with the model (shared
+references stay shared), merged inside the differentiated function, where
+``loss_fn`` may use and mutate them, and their updated state (RNG counts, batch
+statistics) is written back. Only the model's (the first argument's)
+``nnx.Param`` variables are differentiated and only its layers are captured;
+a layer shared with another argument counts as the model's.
+
+Limitations: layers applied inside nested NNX transforms
 (``nnx.remat``, ``nnx.scan``, ``nnx.vmap``) act on copies that cannot be
 intercepted: that raises ``NotImplementedError`` rather than returning
 statistics that disagree with the gradient; for ``fisher="mc"``/``"full"``
@@ -333,6 +342,15 @@ def _layer_call(recorder: Recorder, module, key: LayerKey, call, args, kwargs):
 # --------------------------------------------------------------------------- #
 
 
+def _in_model(path, variable) -> bool:
+  """Filter: a variable of the model, the first of the graph nodes split together."""
+  del variable
+  return bool(path) and path[0] == 0
+
+
+_MODEL_PARAMS = nnx.All(nnx.Param, _in_model)
+
+
 def value_grad_and_stats(
   loss_fn: Callable[..., Any],
   *,
@@ -346,7 +364,9 @@ def value_grad_and_stats(
     loss_fn: ``loss_fn(model, *args, **kwargs)`` with an ``nnx.Module`` first,
       returning the **mean** loss over the batch (or ``(loss, aux)`` with
       ``has_aux=True``). The gradient is taken w.r.t. the model's
-      ``nnx.Param`` variables.
+      ``nnx.Param`` variables. Other arguments may be arrays, pytrees or NNX
+      objects (``nnx.Rngs``, other modules): as in ``nnx.value_and_grad``,
+      their state changes (RNG counts, batch statistics) are written back.
     has_aux: as in ``nnx.value_and_grad``.
     fisher: ``"empirical"``, ``"mc"`` (the returned function takes ``rng=``)
       or ``"full"``; see :func:`neuron_optax.value_grad_and_stats`.
@@ -358,7 +378,8 @@ def value_grad_and_stats(
     ``fisher="mc"``) returning ``(value, grads, stats)``: ``grads`` is the
     ``nnx.State`` of the ``nnx.Param`` gradients, ``stats`` maps each captured
     layer's path in that State to a :class:`LayerStats`. Updates of
-    non-parameter variables made by ``loss_fn`` are applied to the model.
+    non-parameter variables made by ``loss_fn`` are applied to the model and
+    to the other NNX arguments.
   """
   capture_driver.validate_capture_args(fisher, likelihood)
 
@@ -370,15 +391,26 @@ def value_grad_and_stats(
         f"its first argument, got {type(model).__name__}. For Flax linen models use "
         "neuron_optax.value_grad_and_stats(loss_fn)(params, ...)."
       )
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # Every NNX graph node among the other arguments (nnx.Rngs, other modules, metrics, also inside
+    # pytrees) is split together with the model, as nnx.value_and_grad splits its arguments: shared
+    # references stay shared, the model's nnx.Param variables are differentiated, and everything
+    # else is merged inside the traced function (so loss_fn may mutate it there) and written back.
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=nnx.graph.is_graph_node)
+    node_index = [i for i, leaf in enumerate(leaves) if nnx.graph.is_graph_node(leaf)]
+    graphdef, params, rest = nnx.split((model, *(leaves[i] for i in node_index)), _MODEL_PARAMS, ...)
+    params = params[0] if 0 in params else nnx.State({})
     record_output = fisher != "empirical"
 
     def run(recorder: Recorder, p):
-      clone = nnx.merge(graphdef, p, rest, copy=True)
+      merged = nnx.merge(graphdef, nnx.State({0: p}), rest, copy=True)
+      clone, call_leaves = merged[0], list(leaves)
+      for i, node in zip(node_index, merged[1:]):
+        call_leaves[i] = node
+      call_args, call_kwargs = jax.tree.unflatten(treedef, call_leaves)
       with _Recording(clone, recorder, record_output):
-        out = loss_fn(clone, *args, **kwargs)
+        out = loss_fn(clone, *call_args, **call_kwargs)
       loss, aux = out if has_aux else (out, None)
-      return loss, aux, nnx.state(clone, nnx.Not(nnx.Param))
+      return loss, aux, nnx.state(merged, nnx.Not(_MODEL_PARAMS))
 
     def no_layers():
       return ValueError(
@@ -397,7 +429,7 @@ def value_grad_and_stats(
       no_layers=no_layers,
       model_calls=f"call(s) of {type(model).__name__}.__call__",
     )
-    nnx.update(model, new_rest)
+    nnx.update((model, *(leaves[i] for i in node_index)), new_rest)
     return value, grads, stats
 
   return wrapped

@@ -444,6 +444,62 @@ def test_state_updates_propagate_like_nnx_value_and_grad(x64):
   assert_stats_match_grads(grads, stats, atol=1e-13)
 
 
+class DropoutMLP(nnx.Module):
+  """Dropout that takes its ``nnx.Rngs`` at call time, as Flax's NNX MNIST example does."""
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(4, 6, param_dtype=F64, rngs=rngs)
+    self.drop = nnx.Dropout(0.5)
+    self.out = nnx.Linear(6, 3, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x, rngs):
+    return self.out(self.drop(nnx.relu(self.linear(x)), rngs=rngs))
+
+
+def _loss_with_nnx_args(model, x, y, rngs, head):
+  # rngs as Flax's NNX MNIST example passes it; head: a second module with parameters and batch stats
+  return optax.softmax_cross_entropy_with_integer_labels(head(model(x, rngs)), y).mean()
+
+
+def _loss_with_nested_nnx_args(model, batch, head):
+  return _loss_with_nnx_args(model, batch["x"], batch["y"], batch["rngs"], head)
+
+
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")  # float32 BatchStat
+def test_other_nnx_arguments_like_nnx_value_and_grad(x64):
+  x, y = _data(17, n=8)
+
+  def make():
+    head = nnx.BatchNorm(3, dtype=F64, param_dtype=F64, rngs=nnx.Rngs(1))
+    return DropoutMLP(nnx.Rngs(0)), nnx.Rngs(dropout=5), head
+
+  def check(loss, grads, ref_loss, ref_grads):
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), nnx.as_pure(grads), nnx.as_pure(ref_grads)
+    )
+
+  ours, ref = make(), make()
+  for _ in range(2):  # positionally, under nnx.jit; the second step sees the first's RNG count and batch stats
+    loss, grads, stats = _jitted(_loss_with_nnx_args)(ours[0], x, y, ours[1], ours[2])
+    check(loss, grads, *nnx.jit(nnx.value_and_grad(_loss_with_nnx_args))(ref[0], x, y, ref[1], ref[2]))
+    jax.tree.map(np.testing.assert_array_equal, _comparable(nnx.state(ours)), _comparable(nnx.state(ref)))
+  assert int(ours[1].dropout.count[...]) == 2
+  assert set(stats) == {("linear",), ("out",)}  # the second module is not the model: not captured
+  assert_stats_match_grads(grads, stats, atol=1e-13)
+  # eagerly, with the Rngs inside a pytree and the second module passed by keyword
+  model, rngs, head = ours
+  loss, grads, stats = nox_nnx.value_grad_and_stats(_loss_with_nested_nnx_args)(
+    model, {"x": x, "y": y, "rngs": rngs}, head=head
+  )
+  check(
+    loss, grads, *nnx.value_and_grad(_loss_with_nested_nnx_args)(ref[0], {"x": x, "y": y, "rngs": ref[1]}, head=ref[2])
+  )
+  jax.tree.map(np.testing.assert_array_equal, _comparable(nnx.state(ours)), _comparable(nnx.state(ref)))
+  assert int(rngs.dropout.count[...]) == 3
+  assert_stats_match_grads(grads, stats, atol=1e-13)
+
+
 def test_params_helpers_accept_nnx_state(x64):
   model = NnxMLP(nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)

