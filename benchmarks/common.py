@@ -284,7 +284,12 @@ def flop_model(layers: Sequence[LayerGeometry], uncaptured_forward: float = 0.0)
       "inversion": 0.0,
     },
   }
-  extra["foof_phased"], extra["kfac_phased"] = extra["foof"], extra["kfac"]
+  extra["foof_phased"], extra["kfac_phased"], extra["foof_phased_rows"] = extra["foof"], extra["kfac"], extra["foof"]
+  # contraction="rows" rebuilds FNGD's direction from the rows and XLA drops SGD's weight-gradient
+  # product; the default reads the incoming gradient, so its weighted sum is a second such product.
+  extra["fngd_rows"] = dict(extra["fngd"])
+  for name in ("fngd", "fngd_auto"):
+    extra[name] = dict(extra[name], step=extra[name]["step"] + per(lambda l: 2 * l.rows * l.d_in * l.d_out))
   fngd_first_epoch = per(lambda l: _gram(l, l.n) + l.n**3 / 3 + 2 * l.n**2)
   return {
     "forward": float(forward),
