@@ -172,6 +172,29 @@ def maybe(predicate: jax.Array | bool, fn: Callable[[], Any], current: Any) -> A
   return jax.lax.cond(predicate, lambda _: fn(), lambda _: current, None)
 
 
+def refactorised(
+  predicate: jax.Array | bool,
+  factorise: Callable[[], Any],
+  stored: Any,
+  built_with: jax.Array,
+  damping: jax.Array,
+  damping_ok: jax.Array,
+) -> tuple[Any, jax.Array]:
+  """``(factors, damping they were built with)`` after a possible re-factorisation.
+
+  ``factorise()`` (run only when ``predicate`` holds) builds fresh factors with
+  ``damping``; an invalid damping (a schedule's or an injected value,
+  ``damping_ok`` false) keeps the ``stored`` factors and their ``built_with``.
+  """
+
+  def refactor():
+    fresh = factorise()
+    return jax.tree.map(lambda new, old: jnp.where(damping_ok, new, old), fresh, stored), damping
+
+  factors, used = maybe(predicate, refactor, (stored, built_with))
+  return factors, jnp.where(damping_ok, used, built_with)
+
+
 def check_state_layer(transform: str, layers: dict, key: LayerKey, expected_shape: tuple[int, ...], field: str) -> None:
   """Trace-time check that the state was initialised for these parameters."""
   name = layer_name(key)

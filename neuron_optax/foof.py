@@ -147,15 +147,12 @@ def foof(
         name: (amortisation.debiased(ema, weight), damping_now.astype(ema.dtype))
         for name, (ema, _, weight) in averages.items()
       }
-      inverses = factorisation.factorise_by_shape(linalg.damped_inverse, operands, distribute_factorisations)
-      # An invalid damping (a schedule's or an injected value) keeps the last finite factors.
-      stored = {name: layer.a_inverse for name, layer in _layers(state, names)}
-      return jax.tree.map(lambda new, old: jnp.where(damping_ok, new, old), inverses, stored), damping_now
+      return factorisation.factorise_by_shape(linalg.damped_inverse, operands, distribute_factorisations)
 
-    inverses, built_with = amortisation.maybe(
-      refactorise, refactor, ({name: layer.a_inverse for name, layer in _layers(state, names)}, state.damping)
+    stored = {name: layer.a_inverse for name, layer in _layers(state, names)}
+    inverses, built_with = amortisation.refactorised(
+      refactorise, refactor, stored, state.damping, damping_now, damping_ok
     )
-    built_with = jnp.where(damping_ok, built_with, state.damping)
 
     def direction(key, grad):
       preconditioned = left_precondition(inverses[names[key]], grad, stats[key], contraction)

@@ -258,17 +258,13 @@ def kfac(
         linalg.damped_inverse if heuristic else linalg.sym_eigh, operands, distribute_factorisations
       )
       if heuristic:
-        fresh = {name: HeuristicFactors(solved[name, "a"], solved[name, "g"]) for name in averages}
-      else:
-        fresh = {name: EigenFactors(*solved[name, "a"], *solved[name, "g"]) for name in averages}
-      # An invalid damping (a schedule's or an injected value) keeps the last finite factors.
-      stored = {name: layer.factors for name, layer in layer_states.items()}
-      return jax.tree.map(lambda new, old: jnp.where(damping_ok, new, old), fresh, stored), damping_now
+        return {name: HeuristicFactors(solved[name, "a"], solved[name, "g"]) for name in averages}
+      return {name: EigenFactors(*solved[name, "a"], *solved[name, "g"]) for name in averages}
 
-    factors, built_with = amortisation.maybe(
-      refactor_now, refactor, ({name: layer.factors for name, layer in layer_states.items()}, state.damping)
+    stored = {name: layer.factors for name, layer in layer_states.items()}
+    factors, built_with = amortisation.refactorised(
+      refactor_now, refactor, stored, state.damping, damping_now, damping_ok
     )
-    built_with = jnp.where(damping_ok, built_with, state.damping)
 
     def direction(key, grad):
       preconditioned = precondition(factors[names[key]], grad, stats[key], damping_now, contraction)
