@@ -17,9 +17,9 @@ def _cosine(x: jax.Array, y: jax.Array) -> jax.Array:
 def kfac_foof_similarity(
   grads,
   stats: Stats | None,
-  damping: float,
+  damping: float | jax.Array,
   *,
-  foof_damping: float | None = None,
+  foof_damping: float | jax.Array | None = None,
   kernel_input_ndim: param_layout.KernelInputNdim = None,
 ) -> dict[str, jax.Array]:
   """Per-layer cosine similarity of the KFAC and FOOF directions on one batch (Benzing 2022, Fig. 3B).
@@ -41,8 +41,10 @@ def kfac_foof_similarity(
       :func:`neuron_optax.value_grad_and_stats`.
     stats: the layer statistics from the same call; its ``fisher=`` choice
       sets ``G``.
-    damping: KFAC's ``λ > 0``.
-    foof_damping: a fixed FOOF damping ``λ_F > 0`` instead of KFAC's ``π√λ``.
+    damping: KFAC's ``λ > 0``: a number or a scalar array, traced ones
+      included (a traced value that is not positive and finite gives NaN).
+    foof_damping: a fixed FOOF damping ``λ_F > 0`` instead of KFAC's ``π√λ``
+      (a number or a scalar array, as ``damping``).
     kernel_input_ndim: as in :func:`neuron_optax.kfac`.
 
   Returns:
@@ -50,9 +52,12 @@ def kfac_foof_similarity(
     optimiser states, e.g. ``"Dense_0"``, ``"block/conv"``); NaN for a layer
     whose gradient is zero. Jit-compatible.
   """
-  hyperparams.check_positive("kfac_foof_similarity", "damping", damping)
-  if foof_damping is not None:
-    hyperparams.check_positive("kfac_foof_similarity", "foof_damping", foof_damping)
+  for name, value in (("damping", damping), ("foof_damping", foof_damping)):
+    if value is None and name == "foof_damping":
+      continue
+    if callable(value):
+      raise ValueError(f"kfac_foof_similarity: {name} must be a number or a scalar array, not a schedule.")
+    hyperparams.check_scalar_or_schedule("kfac_foof_similarity", name, value)  # concrete values only
   shapes = param_layout.candidate_layers(grads, kernel_input_ndim)
   stats = param_layout.check_stats(stats, shapes, "kfac_foof_similarity")
   gradients = param_layout.gradient_matrices(grads, shapes, stats)
@@ -60,11 +65,15 @@ def kfac_foof_similarity(
   for key, layer_stats in stats.items():
     dtype = param_layout.statistics_dtype(gradients[key].dtype)
     gradient = gradients[key].astype(dtype)
+    kfac_damping = jnp.asarray(damping, dtype)  # may be traced (jit, inject_hyperparams)
+    ok = hyperparams.valid(kfac_damping)
     a, g = kronecker.batch_factors(layer_stats, dtype)
-    a_damping, g_damping = kronecker.heuristic_dampings(a, g, damping)
+    a_damping, g_damping = kronecker.heuristic_dampings(a, g, kfac_damping)
     a_inverse = linalg.damped_inverse(a, a_damping)
     kfac_direction = a_inverse @ gradient @ linalg.damped_inverse(g, g_damping)
     if foof_damping is not None:
-      a_inverse = linalg.damped_inverse(a, foof_damping)
-    similarity[layer_name(key)] = _cosine(kfac_direction, a_inverse @ gradient)
+      fixed = jnp.asarray(foof_damping, dtype)
+      ok = ok & hyperparams.valid(fixed)
+      a_inverse = linalg.damped_inverse(a, fixed)
+    similarity[layer_name(key)] = jnp.where(ok, _cosine(kfac_direction, a_inverse @ gradient), jnp.nan)
   return similarity
