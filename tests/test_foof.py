@@ -146,7 +146,7 @@ def test_uncaptured_leaves_pass_through_and_chain_trains():
 
   foof_only = nox.foof(1.0)
   _, grads, stats = nox.value_grad_and_stats(lambda p: _loss(model, p, x, y))(params)
-  direction, _ = foof_only.update(grads, foof_only.init(params), params, stats=stats)
+  direction, _ = jax.jit(foof_only.update)(grads, foof_only.init(params), params, stats=stats)
   np.testing.assert_array_equal(direction["LayerNorm_0"]["scale"], grads["LayerNorm_0"]["scale"])
   assert not np.allclose(direction["Dense_0"]["kernel"], grads["Dense_0"]["kernel"])
 
@@ -340,4 +340,49 @@ def test_amortisation_phase_schedule():
     "inversion",
   ]
   assert [nox.amortisation_phase(s, 3) for s in range(4)] == ["inversion", "statistics", "statistics", "inversion"]
-  assert nox.amortisation_phase(7) == "inversion"
+  # The transforms' defaults: T = 100, S = min(10, T); S defaults to min(10, T) for a given T too.
+  assert [nox.amortisation_phase(s) for s in (0, 1, 89, 90, 91, 99, 100)] == [
+    "inversion",
+    "plain",
+    "plain",
+    "plain",
+    "statistics",
+    "statistics",
+    "inversion",
+  ]
+  assert [nox.amortisation_phase(s, 20) for s in (9, 10, 11, 20)] == ["plain", "plain", "statistics", "inversion"]
+  assert nox.amortisation_phase(7, 1) == "inversion"
+
+
+def test_defaults_amortise_every_100_steps_with_a_10_step_window():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(x)
+
+  model = Model()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=8))
+  params = model.init(jax.random.key(0), x)["params"]
+  tx = nox.foof()  # damping 1.0, inverse_every 100, stats_window 10
+  assert float(tx.init(params).damping) == 1.0
+
+  @jax.jit
+  def step(state, t):
+    loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x * (1 + t)), y
+    ).mean()
+    _, grads, stats = nox.value_grad_and_stats(loss_fn)(params)
+    return tx.update(grads, state, params, stats=stats)[1]
+
+  state = tx.init(params)
+  updates, inverses = [], []
+  for t in range(101):
+    state = step(state, jnp.float32(t % 7))
+    updates.append(int(state.layers["Dense_0"].a_updates))
+    inverses.append(np.asarray(state.layers["Dense_0"].a_inverse))
+  # Step 0 updates the average and factorises; steps 91-99 update it; step 100 updates and factorises.
+  assert updates[0] == 1 and updates[90] == 1 and updates[91] == 2 and updates[99] == 10 and updates[100] == 11
+  assert all(np.array_equal(inverses[0], inverses[t]) for t in range(1, 100))
+  assert not np.allclose(inverses[99], inverses[100])

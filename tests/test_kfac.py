@@ -350,6 +350,18 @@ def test_similarity_matches_numpy(foof_damping):
     np.testing.assert_allclose(float(got[name]), expected, rtol=1e-9)
 
 
+def test_similarity_takes_a_traced_damping():
+  _, _, _, grads, stats = _similarity_setup()
+  traced = jax.jit(lambda g, s, d: kfac_foof_similarity(g, s, d, foof_damping=d))
+  concrete = kfac_foof_similarity(grads, stats, 0.3, foof_damping=0.3)
+  got = traced(grads, stats, jnp.float64(0.3))
+  for name in concrete:
+    np.testing.assert_allclose(float(got[name]), float(concrete[name]), rtol=1e-12)
+  assert all(np.isnan(float(v)) for v in traced(grads, stats, jnp.float64(0.0)).values())
+  with pytest.raises(ValueError, match="not a schedule"):
+    kfac_foof_similarity(grads, stats, lambda count: 1.0)
+
+
 def test_similarity_approaches_one_with_heuristic_damping():
   _, _, _, grads, stats = _similarity_setup()
   dampings = (1e-4, 1e-2, 1.0, 1e2, 1e4)
@@ -430,7 +442,7 @@ def test_non_finite_batch_is_skipped():
   ((x, y),) = _batches("mlp", 1, seed=2)
   params = init_f64(model, jnp.asarray(x))
   _, grads, stats = jax.jit(value_grad_and_stats(_loss(model)))(params, jnp.asarray(x), jnp.asarray(y))
-  tx = kfac(0.1, ema_decay=0.5)
+  tx = kfac(0.1, ema_decay=0.5, inverse_every=1)
   update = jax.jit(tx.update)
   _, state = update(grads, tx.init(params), params, stats=stats)
   bad = dict(stats)

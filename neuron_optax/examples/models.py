@@ -60,7 +60,7 @@ class Options:
 
   Attributes:
     inverse_every: FOOF/KFAC re-factorisation period ``T``.
-    stats_window: FOOF/KFAC statistics window ``S`` (``None``: every step).
+    stats_window: FOOF/KFAC statistics window ``S`` (``None``: the transforms' default ``min(10, T)``).
     steps_per_epoch: FNGD's epoch length (rows of its coefficient table).
     batch_size: FNGD's batch size (fixes the table's shape at ``init``).
     phase: ``"auto"`` (the schedule inside the compiled step), or one phase
