@@ -71,8 +71,10 @@ def test_output_is_linear_in_the_incoming_updates(setup, name):
   tx = TRANSFORMS[name]()
   state = tx.init(params)
 
+  update = jax.jit(lambda updates: tx.update(updates, state, params, stats=stats)[0])  # one compilation
+
   def direction(updates):
-    return _flat(tx.update(updates, state, params, stats=stats)[0])
+    return _flat(update(updates))
 
   other = jax.tree.map(lambda p: 0.3 * p, params)  # e.g. weight decay added before the transform
   total = jax.tree.map(jnp.add, grads, other)
@@ -81,7 +83,7 @@ def test_output_is_linear_in_the_incoming_updates(setup, name):
   # optax.clip_by_global_norm before the transform: the clipped gradient is what is preconditioned.
   clipped, _ = optax.clip_by_global_norm(1e-3).update(grads, optax.EmptyState())
   chained = optax.chain(optax.clip_by_global_norm(1e-3), tx)
-  got, _ = chained.update(grads, chained.init(params), params, stats=stats)
+  got, _ = jax.jit(chained.update)(grads, chained.init(params), params, stats=stats)
   np.testing.assert_allclose(_flat(got), direction(clipped), rtol=1e-9)
 
 
@@ -90,11 +92,11 @@ def test_rows_contraction_is_an_explicit_opt_in(setup, name):
   params, grads, stats = setup
   fast = TRANSFORMS[name](contraction="rows")
   default = TRANSFORMS[name]()
-  want, _ = default.update(grads, default.init(params), params, stats=stats)
-  got, _ = fast.update(grads, fast.init(params), params, stats=stats)
+  want, _ = jax.jit(default.update)(grads, default.init(params), params, stats=stats)
+  got, _ = jax.jit(fast.update)(grads, fast.init(params), params, stats=stats)
   np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-9)  # the same when the gradient is the recorded one
   scaled = jax.tree.map(lambda g: 2 * g, grads)
-  got, _ = fast.update(scaled, fast.init(params), params, stats=stats)
+  got, _ = jax.jit(fast.update)(scaled, fast.init(params), params, stats=stats)
   np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-9)  # "rows" ignores the incoming gradient
 
 
@@ -105,11 +107,11 @@ def test_multisteps_preconditions_the_mean_gradient(setup, name):
   multi = optax.MultiSteps(optax.chain(tx, optax.sgd(1.0)), every_k_schedule=2, accumulator_dtype=jnp.float64)
   state = multi.init(params)
   (g1, s1), (g2, s2) = _stats(params, 1), _stats(params, 2)
-  first, state = multi.update(g1, state, params, stats=s1)
+  first, state = jax.jit(multi.update)(g1, state, params, stats=s1)
   assert np.all(_flat(first) == 0)
-  second, state = multi.update(g2, state, params, stats=s2)
+  second, state = jax.jit(multi.update)(g2, state, params, stats=s2)
   mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
-  want, _ = tx.update(mean, tx.init(params), params, stats=s2)
+  want, _ = jax.jit(tx.update)(mean, tx.init(params), params, stats=s2)
   np.testing.assert_allclose(_flat(second), -_flat(want), rtol=1e-9, atol=1e-14)
 
 
@@ -119,12 +121,12 @@ def test_accumulated_micro_batches_equal_one_large_batch(setup, name):
   x, y = _batch(7, n=6)
   _, big_grads, big_stats = nox.value_grad_and_stats(_loss)(params, x, y)
   tx = TRANSFORMS[name]()
-  want, _ = tx.update(big_grads, tx.init(params), params, stats=big_stats)
+  want, _ = jax.jit(tx.update)(big_grads, tx.init(params), params, stats=big_stats)
   accumulated = nox.accumulate_micro_batches(TRANSFORMS[name](), every_k=2)
   state = accumulated.init(params)
   for half in (slice(0, 3), slice(3, 6)):
     _, grads, stats = nox.value_grad_and_stats(_loss)(params, x[half], y[half])
-    got, state = accumulated.update(grads, state, params, stats=stats)
+    got, state = jax.jit(accumulated.update)(grads, state, params, stats=stats)
   np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-10, atol=1e-14)
   assert int(state.mini_step) == 0
 
@@ -133,7 +135,7 @@ def test_accumulated_moments_are_rejected_by_methods_that_need_rows(setup):
   params, grads, stats = setup
   accumulated = nox.accumulate_micro_batches(nox.fngd(0.1, steps_per_epoch=2, batch_size=3), every_k=1)
   with pytest.raises(ValueError, match="optax.MultiSteps"):
-    accumulated.update(grads, accumulated.init(params), params, stats=stats)
+    jax.jit(accumulated.update)(grads, accumulated.init(params), params, stats=stats)
 
 
 @pytest.mark.parametrize("name", ["foof", "kfac_heuristic", "kfac_standard", "natural_gradient"])
@@ -142,7 +144,7 @@ def test_damping_accepts_numbers_scalars_and_schedules(setup, name):
   want, _ = (tx := TRANSFORMS[name](damping=0.5)).update(grads, tx.init(params), params, stats=stats)
   for damping in (np.float32(0.5), jnp.asarray(0.5), optax.constant_schedule(0.5)):
     tx = TRANSFORMS[name](damping=damping)
-    got, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    got, _ = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
     np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-6)  # np.float32(0.5) is exact
 
 
@@ -157,8 +159,8 @@ def test_a_changed_damping_is_used_from_the_next_step(setup, name):
   reference = TRANSFORMS[name](damping=0.25, inverse_every=10 if name == "kfac_standard" else 1)
   s_state, r_state = scheduled.init(params), reference.init(params)
   for grads, stats in batches:
-    got, s_state = scheduled.update(grads, s_state, params, stats=stats)
-    want, r_state = reference.update(grads, r_state, params, stats=stats)
+    got, s_state = jax.jit(scheduled.update)(grads, s_state, params, stats=stats)
+    want, r_state = jax.jit(reference.update)(grads, r_state, params, stats=stats)
   np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-9)
   if name != "kfac_standard":  # the damping the stored factors were built with
     assert float(s_state.damping) == 0.25
@@ -184,7 +186,7 @@ def test_inject_hyperparams(setup, name):
   step(grads, state, stats)
   assert step._cache_size() == 1  # the second call does not recompile
   tx = TRANSFORMS[name](**{key: 0.25})
-  want, _ = tx.update(grads, tx.init(params), params, stats=stats)
+  want, _ = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
   np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-9)
 
 
@@ -211,8 +213,8 @@ def test_invalid_scheduled_damping_gives_no_step_and_keeps_the_state(setup, name
   key = "alpha" if name == "fngd" else "damping"
   tx = TRANSFORMS[name](**{key: lambda count: jnp.where(count < 1, 0.5, -1.0)})
   state = tx.init(params)
-  _, state = tx.update(grads, state, params, stats=stats)
-  updates, new_state = tx.update(grads, state, params, stats=stats)
+  _, state = jax.jit(tx.update)(grads, state, params, stats=stats)
+  updates, new_state = jax.jit(tx.update)(grads, state, params, stats=stats)
   for layer in ("hidden", "out"):
     assert np.all(np.asarray(updates[layer]["kernel"]) == 0)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(new_state))
@@ -222,15 +224,15 @@ def test_invalid_scheduled_damping_gives_no_step_and_keeps_the_state(setup, name
 def test_extra_args_dtypes_masked_multi_transform_apply_if_finite(setup, name):
   params, grads, stats = setup
   tx = TRANSFORMS[name]()
-  want, _ = tx.update(grads, tx.init(params), params, stats=stats)
-  got, _ = tx.update(grads, tx.init(params), params, stats=stats, unknown_argument=1)  # ignored
+  want, _ = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
+  got, _ = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats, unknown_argument=1)  # ignored
   np.testing.assert_array_equal(_flat(got), _flat(want))
   assert jax.tree.map(lambda x: x.dtype, got) == jax.tree.map(lambda x: x.dtype, grads)
 
   # optax.masked: "out" is not ours; its gradient passes through, "hidden" is as without the mask.
   mask = {"hidden": {"kernel": True, "bias": True}, "out": {"kernel": False, "bias": False}}
   masked = optax.masked(TRANSFORMS[name](), mask)
-  out, _ = masked.update(grads, masked.init(params), params, stats=stats)
+  out, _ = jax.jit(masked.update)(grads, masked.init(params), params, stats=stats)
   np.testing.assert_array_equal(out["out"]["kernel"], grads["out"]["kernel"])
   if name not in ("natural_gradient",):  # the whole-network Fisher couples the layers
     np.testing.assert_allclose(out["hidden"]["kernel"], want["hidden"]["kernel"], rtol=1e-12)
@@ -238,7 +240,7 @@ def test_extra_args_dtypes_masked_multi_transform_apply_if_finite(setup, name):
   # optax.multi_transform: ours on "hidden", Adam on the rest.
   labels = {"hidden": {"kernel": "neuron", "bias": "neuron"}, "out": {"kernel": "adam", "bias": "adam"}}
   multi = optax.multi_transform({"neuron": TRANSFORMS[name](), "adam": optax.adam(1e-3)}, labels)
-  out, _ = multi.update(grads, multi.init(params), params, stats=stats)
+  out, _ = jax.jit(multi.update)(grads, multi.init(params), params, stats=stats)
   adam_out, _ = optax.adam(1e-3).update(grads, optax.adam(1e-3).init(params))
   np.testing.assert_allclose(out["out"]["kernel"], adam_out["out"]["kernel"], rtol=1e-12)
   if name not in ("natural_gradient",):
@@ -248,7 +250,7 @@ def test_extra_args_dtypes_masked_multi_transform_apply_if_finite(setup, name):
   guarded = optax.apply_if_finite(TRANSFORMS[name](), max_consecutive_errors=3)
   state = guarded.init(params)
   bad = jax.tree.map(lambda g: g * jnp.nan, grads)
-  out, new_state = guarded.update(bad, state, params, stats=stats)
+  out, new_state = jax.jit(guarded.update)(bad, state, params, stats=stats)
   assert np.all(_flat(out) == 0)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), new_state.inner_state, state.inner_state))
 
@@ -258,7 +260,7 @@ def test_train_state_forwards_stats(setup):
   tx = optax.chain(nox.foof(0.5), optax.sgd(0.1, momentum=0.9))
   state = nox.TrainState.create(apply_fn=MODEL.apply, params=params, tx=tx)
   new = state.apply_gradients(grads=grads, stats=stats)
-  updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
   np.testing.assert_allclose(_flat(new.params), _flat(optax.apply_updates(params, updates)), rtol=1e-12)
   assert int(new.step) == 1
   # a chain of plain optax transforms ignores the statistics
