@@ -1,61 +1,77 @@
-"""Character-level Transformer LM on Python's own documentation: AdamW vs FOOF vs KFAC vs FNGD.
+"""GPT-style character LM on Python's bundled docs: AdamW vs SGD vs FOOF/KFAC/FNGD recipes.
 
 The corpus is ``pydoc_data.topics`` (the text of ``help()``, shipped with Python;
-:mod:`neuron_optax.examples.text`), 96 characters, the last 10% held out. The model is a
-small pre-LayerNorm decoder-only Transformer in Flax linen: ``nn.Embed`` plus a
-learned position table, ``--layers`` blocks of causal
-``nn.MultiHeadDotProductAttention`` and a GELU MLP (4x), a final LayerNorm and a
-``Dense`` to the vocabulary. Every query/key/value/out projection, MLP layer and
-the head is preconditioned; the embedding, the position table and the LayerNorm
-parameters pass through to the chained optimizer.
+:mod:`neuron_optax.examples.text`), 96 characters; the last 10 % is held out. The model
+is written the way Flax users write a small GPT: ``nn.Embed`` plus a learned position
+table, ``--layers`` pre-LayerNorm blocks (causal ``nn.MultiHeadDotProductAttention``
+and a GELU MLP, 4x) stacked with
+``nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True})``,
+a final LayerNorm and an untied ``Dense`` head (``--tied``: ``embed.attend``).
 
-Optimizers (each with a small learning-rate grid; the same initial parameters
-and the same batch order for every run):
+Layouts. ``--layout scan`` uses the scanned, rematerialised stack; ``--layout unrolled``
+applies the same blocks in a Python loop (parameters ``block_0 … block_{L-1}``, the
+scanned parameters restacked, so every method sees identical initial values and the
+functions are identical). ``--layout auto`` (default) uses the scan when
+``nox.value_grad_and_stats`` can capture layers inside it and otherwise runs **every**
+method unrolled, so step times compare like with like (``layout`` in the JSON).
 
-* ``sgd``:   ``optax.sgd(lr, momentum=0.9)`` (the first-order reference for step time)
-* ``adamw``: ``optax.adamw(lr)`` (optax defaults: b1=0.9, b2=0.999, weight decay 1e-4)
-* ``foof``:  ``chain(nox.foof(1.0), sgd(lr, momentum=0.9))``
-* ``kfac``:  ``chain(nox.kfac(0.1), sgd(lr, momentum=0.9))`` (heuristic damping, empirical Fisher)
-* ``fngd``:  ``chain(fngd(0.1, steps_per_epoch, batch_size), sgd(lr, momentum=0.9))``; an epoch is
-  one pass over the training windows (``text.steps_per_epoch``), so the coefficients
-  are computed during the first epoch and shared afterwards.
+Recipes. Each run is a recipe string ``PRE+OPT[:key=value,...]``:
 
-FOOF and KFAC re-factorise every step (``inverse_every=1``; pass
-``--inverse-every`` to amortise). Constant learning rates, no warm-up, no clipping.
+* ``PRE`` ``none`` | ``foof`` | ``kfac`` | ``fngd``; ``OPT`` ``adamw`` | ``adam`` | ``sgd``
+  (SGD with momentum 0.9). ``adamw`` is ``adamw(b1=0.9, b2, weight_decay=wd)`` with
+  the decay on kernels and the embedding only; ``adam`` the same with ``wd=0``.
+* ``lr`` peak learning rate (``a/b/c``: a grid, each a separate run), ``sched``
+  ``cosine`` (linear warm-up over ``warmup`` of the steps, default 0.05, then cosine
+  to 10 % of the peak) or ``const``; ``horizon`` the fraction of ``--steps`` that the
+  schedule and the run last (``0.7``: the schedule ends at 0.7x the steps).
+* ``clip`` global-norm clipping of the optimizer's input (after the preconditioner;
+  default 1.0 for adam/adamw, off for sgd; ``0``: off), ``b2``, ``wd``.
+* preconditioner: ``damping`` (a number, or ``A>B@F``: ``A`` until fraction ``F`` of
+  the run, then ``B``), ``every`` (``inverse_every``), ``window`` (``stats_window``,
+  ``none`` = every step), ``ema`` (``ema_decay``), ``contraction``
+  (``auto``/``rows``/``gradient``), ``alpha`` (FNGD), ``layers`` which captured layers
+  are preconditioned (``all``, or ``+``-joined of ``mlp``, ``attn``, ``qkv``, ``out``,
+  ``head``; the others pass straight to ``OPT``, via ``optax.masked``).
+* ``name`` a label for the tables.
 
-Measured:
+Every recipe is ``chain(PRE, clip, OPT)`` with the learning rate injected into the
+state (one compilation per recipe, the learning-rate grid and the seeds share it).
+All runs of one invocation are trained **in lockstep**: chunks of ``--eval-every``
+steps of each run in turn, so that load on the machine affects all of them alike;
+each chunk is timed (``block_until_ready`` at its end; the held-out evaluation after
+it is not counted), giving held-out loss against steps and against training seconds.
 
-* training loss per step (curves) and the held-out loss at the end of each run
-  (the best learning rate of each method is the one with the lowest held-out loss;
-  a run whose loss is not finite or exceeds 10 nats stops and counts as diverged);
-* steady-state time of one jit-compiled training step (``block_until_ready``), after
-  compilation, interleaved across methods in short blocks so that load on the machine
-  affects all of them alike; FNGD is timed both in its first epoch (Gram matrices and
-  solves) and in later epochs (shared coefficients). Ratios are median step times
-  divided by AdamW's and SGD's.
+Targets. The reference is the AdamW recipe (the first ``none+adamw`` run, else the first
+``none+adam``/``none+sgd``, or ``--reference NAME``): its held-out loss at the end of its run, averaged over the seeds.
+For every run: the first step (linear interpolation between evaluations) and the
+training seconds at which its held-out loss reaches that target; ratios to AdamW's
+steps and seconds for the whole run. The goal of issue #18: ≤ 0.7x the steps at ≤ 1x
+the seconds.
 
-On CPU, ``OPENBLAS_NUM_THREADS`` defaults to 1 (see ``benchmarks/fngd_step_time.py``).
-Writes ``benchmarks/results/transformer_lm{_quick}.json`` (configuration, timings,
-every run's loss curve), ``.csv`` (one row per method and learning rate) and
-``.png`` (loss curves of each method's best run against steps and against
-estimated time).
+Settings: ``--setting cpu`` (default: d_model 64, 4 heads, 2 layers, context 64,
+batch 32, 500 steps, minutes per run on one core), ``--setting accelerator`` (d_model
+256, 8 heads, 4 layers, context 128, batch 64, 2000 steps; defined and documented, not
+yet run) and ``--quick`` (seconds; used by the test). Writes
+``benchmarks/results/transformer_lm_<tag>.{json,csv,png}`` with the machine, the
+versions and every run's curves.
 
-    python benchmarks/transformer_lm.py [--quick]
+    python benchmarks/transformer_lm.py                 # the CPU table (tuned recipes, 3 seeds)
+    python benchmarks/transformer_lm.py --quick
+    python benchmarks/transformer_lm.py --recipes "none+adamw:lr=2e-3/4e-3" --tag tune_adamw
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -66,71 +82,76 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from neuron_optax import fngd, foof, kfac, value_grad_and_stats  # noqa: E402
+import neuron_optax as nox  # noqa: E402
 from neuron_optax.examples import text  # noqa: E402
 
 DIVERGED = 10.0  # nats; the uniform distribution over the vocabulary is ln 96 = 4.56
 
+# --------------------------------------------------------------------------- #
+# Model
+# --------------------------------------------------------------------------- #
+
 
 class Block(nn.Module):
+  """Pre-LN block: causal self-attention and a GELU MLP, each added to the residual stream.
+
+  Returns ``(x, None)`` so that ``nn.scan`` can carry ``x``.
+  """
+
   d_model: int
   heads: int
 
   @nn.compact
-  def __call__(self, x, mask):
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention")(nn.LayerNorm()(x), mask=mask)
-    h = nn.gelu(nn.Dense(4 * self.d_model, name="mlp_in")(nn.LayerNorm()(x)))
-    return x + nn.Dense(self.d_model, name="mlp_out")(h)
+  def __call__(self, x, _=None):
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+    h = nn.LayerNorm(name="ln_attention")(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention")(h, mask=mask)
+    h = nn.gelu(nn.Dense(4 * self.d_model, name="mlp_in")(nn.LayerNorm(name="ln_mlp")(x)))
+    return x + nn.Dense(self.d_model, name="mlp_out")(h), None
 
 
 class TransformerLM(nn.Module):
+  """GPT-style decoder. ``scan=True``: ``nn.scan(nn.remat(Block))`` over ``layers`` (params ``blocks``)."""
+
   d_model: int
   heads: int
   layers: int
   seq_len: int
+  scan: bool = False
+  remat: bool = True
+  tied: bool = False
 
   @nn.compact
   def __call__(self, tokens):
-    x = nn.Embed(text.VOCAB_SIZE, self.d_model, name="embed")(tokens)
+    embed = nn.Embed(text.VOCAB_SIZE, self.d_model, name="embed")
+    x = embed(tokens)
     x = x + self.param("position", nn.initializers.normal(0.02), (self.seq_len, self.d_model))[: tokens.shape[1]]
-    mask = nn.make_causal_mask(tokens)
-    for i in range(self.layers):
-      x = Block(self.d_model, self.heads, name=f"block_{i}")(x, mask)
-    return nn.Dense(text.VOCAB_SIZE, name="head")(nn.LayerNorm()(x))
+    if self.scan:
+      block = nn.remat(Block) if self.remat else Block
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)
+      x, _ = stack(self.d_model, self.heads, name="blocks")(x, None)
+    else:
+      for i in range(self.layers):
+        x, _ = Block(self.d_model, self.heads, name=f"block_{i}")(x)
+    x = nn.LayerNorm(name="ln_final")(x)
+    return embed.attend(x) if self.tied else nn.Dense(text.VOCAB_SIZE, name="head")(x)
 
 
-class Method(NamedTuple):
-  preconditioner: Callable[[], optax.GradientTransformationExtraArgs] | None
-  optimizer: Callable[..., optax.GradientTransformation]  # takes learning_rate
-  learning_rates: tuple[float, ...]
-  description: str
+def unstack_blocks(params: dict, layers: int) -> dict:
+  """Scanned parameters (``blocks``, leading axis ``layers``) as the unrolled model's ``block_i``."""
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(layers):
+    out[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+  return out
 
 
-def methods(args, steps_per_epoch: int) -> dict[str, Method]:
-  sgdm = lambda learning_rate: optax.sgd(learning_rate, momentum=0.9)
-  return {
-    "sgd": Method(None, sgdm, (0.03, 0.1, 0.3), "sgd(lr, momentum=0.9)"),
-    "adamw": Method(None, optax.adamw, (1e-3, 3e-3, 1e-2), "adamw(lr)"),
-    "foof": Method(
-      lambda: foof(args.foof_damping, inverse_every=args.inverse_every),
-      sgdm,
-      (0.1, 0.3, 1.0),
-      f"foof({args.foof_damping}, inverse_every={args.inverse_every}) + sgd-m",
-    ),
-    "kfac": Method(
-      lambda: kfac(args.kfac_damping, inverse_every=args.inverse_every),
-      sgdm,
-      (0.01, 0.03, 0.1),
-      f"kfac({args.kfac_damping}, heuristic, inverse_every={args.inverse_every}) + sgd-m",
-    ),
-    "fngd": Method(
-      lambda: fngd(args.fngd_alpha, steps_per_epoch=steps_per_epoch, batch_size=args.batch_size),
-      sgdm,
-      (0.1, 0.3, 1.0),
-      f"fngd({args.fngd_alpha}, steps_per_epoch={steps_per_epoch}) + sgd-m",
-    ),
-  }
+def stack_blocks(params: dict, layers: int) -> dict:
+  """Inverse of :func:`unstack_blocks`."""
+  out = {k: v for k, v in params.items() if not k.startswith("block_")}
+  out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"block_{i}"] for i in range(layers)])
+  return out
 
 
 def lm_loss(model, params, window):
@@ -138,79 +159,562 @@ def lm_loss(model, params, window):
   return optax.softmax_cross_entropy_with_integer_labels(logits, window[:, 1:]).mean()
 
 
-def make_step(model, method: Method):
-  """(transform, jitted step). The learning rate lives in the state (inject_hyperparams)."""
-  inner = optax.inject_hyperparams(method.optimizer)(learning_rate=0.0)
-  parts = ([method.preconditioner()] if method.preconditioner else []) + [inner]
-  tx = optax.chain(*parts)
-
-  def loss_fn(params, window):
-    return lm_loss(model, params, window)
-
-  def step(params, opt_state, window):
-    if method.preconditioner is None:
-      loss, grads = jax.value_and_grad(loss_fn)(params, window)
-      updates, opt_state = tx.update(grads, opt_state, params)
-    else:
-      loss, grads, stats = value_grad_and_stats(loss_fn)(params, window)
-      updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return tx, jax.jit(step, donate_argnums=(0, 1))
+def scan_capturable(model_scan: TransformerLM, params_scan, window) -> tuple[bool, str]:
+  """Whether ``nox.value_grad_and_stats`` captures the layers inside the scanned stack."""
+  try:
+    jax.eval_shape(nox.value_grad_and_stats(lambda p, w: lm_loss(model_scan, p, w)), params_scan, window)
+  except NotImplementedError as error:
+    return False, str(error).split("\n")[0][:200]
+  return True, ""
 
 
-def init_state(tx, params, learning_rate: float, count: int | None = None):
-  state = tx.init(params)
-  inner = state[-1]
-  hyperparams = dict(inner.hyperparams, learning_rate=jnp.asarray(learning_rate, jnp.float32))
-  state = state[:-1] + (inner._replace(hyperparams=hyperparams),)
-  if count is not None:  # FNGD: start in a later epoch (shared coefficients)
-    state = (state[0]._replace(count=jnp.asarray(count, jnp.int32)),) + state[1:]
-  return state
+# --------------------------------------------------------------------------- #
+# Recipes
+# --------------------------------------------------------------------------- #
+
+RECIPE_DEFAULTS: dict[str, Any] = dict(
+  lr=None,
+  sched="cosine",
+  warmup=0.05,
+  final=0.1,
+  horizon=1.0,
+  clip=None,
+  b2=0.99,
+  wd=0.1,
+  momentum=0.9,
+  damping=1.0,
+  every=100,
+  window=10,
+  ema=0.95,
+  contraction="auto",
+  alpha=1.0,
+  layers="all",
+  name=None,
+)
+DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.1}
 
 
-def train(step, tx, params, learning_rate, batches, num_steps, evaluate) -> dict[str, Any]:
-  params = jax.tree.map(jnp.copy, params)
-  opt_state = init_state(tx, params, learning_rate)
-  losses, start = [], time.perf_counter()
-  for _, window in zip(range(num_steps), batches):
-    params, opt_state, loss = step(params, opt_state, window)
-    losses.append(float(loss))
-    if not math.isfinite(losses[-1]) or losses[-1] > DIVERGED:
-      break
-  diverged = len(losses) < num_steps or not math.isfinite(losses[-1]) or losses[-1] > DIVERGED
-  tail = losses[-max(1, num_steps // 10) :]
-  return dict(
-    learning_rate=learning_rate,
-    losses=losses,
-    diverged=diverged,
-    final_train_loss=float(np.mean(tail)) if not diverged else None,
-    valid_loss=None if diverged else evaluate(params),
-    seconds=time.perf_counter() - start,
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  spec: str  # the string it was parsed from, with one learning rate
+  pre: str
+  opt: str
+  options: dict
+
+  @property
+  def name(self) -> str:
+    return self.options["name"] or self.spec
+
+  @property
+  def lr(self) -> float:
+    return float(self.options["lr"])
+
+  @property
+  def uses_stats(self) -> bool:
+    return self.pre != "none"
+
+  def structure(self) -> str:
+    """Everything but the learning rate and the label: runs with equal structure share a compiled step."""
+    return f"{self.pre}+{self.opt}:" + ",".join(
+      f"{k}={v}" for k, v in sorted(self.options.items()) if k not in ("lr", "name")
+    )
+
+
+def parse_recipes(spec: str) -> list[Recipe]:
+  """``"a;b"``: one :class:`Recipe` per recipe and learning rate (``lr=x/y``)."""
+  out = []
+  for item in filter(None, (s.strip() for s in spec.split(";"))):
+    head, _, tail = item.partition(":")
+    pre, _, opt = head.partition("+")
+    if pre not in ("none", "foof", "kfac", "fngd") or opt not in ("adamw", "adam", "sgd"):
+      raise ValueError(f"recipe {item!r}: expected PRE+OPT with PRE in none/foof/kfac/fngd, OPT in adamw/adam/sgd")
+    options = dict(RECIPE_DEFAULTS)
+    for pair in filter(None, tail.split(",")):
+      key, _, value = pair.partition("=")
+      if key not in options:
+        raise ValueError(f"recipe {item!r}: unknown option {key!r}")
+      options[key] = value
+    lrs = str(options["lr"] or DEFAULT_LR[opt]).split("/")
+    for lr in lrs:
+      one = dict(options, lr=float(lr))
+      label = options["name"]
+      if label and len(lrs) > 1:
+        one["name"] = f"{label} lr={float(lr):g}"
+      spec_one = item if len(lrs) == 1 else item.replace(f"lr={options['lr']}", f"lr={lr}")
+      out.append(Recipe(spec_one, pre, opt, one))
+  return out
+
+
+def _float_or_none(value):
+  return None if value in (None, "none", "None") else float(value)
+
+
+def damping_value(spec, steps: int):
+  """A number, or ``"A>B@F"``: ``A`` for the first fraction ``F`` of ``steps``, then ``B``."""
+  spec = str(spec)
+  if ">" not in spec:
+    return float(spec)
+  first, _, rest = spec.partition(">")
+  second, _, fraction = rest.partition("@")
+  return optax.piecewise_constant_schedule(float(first), {int(float(fraction) * steps): float(second) / float(first)})
+
+
+def unit_schedule(options: dict, steps: int):
+  """The learning-rate shape with peak 1 (the peak is multiplied in by an injected scale)."""
+  if options["sched"] == "const":
+    return 1.0
+  warmup = max(1, int(float(options["warmup"]) * steps))
+  return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, steps, end_value=float(options["final"]))
+
+
+def layer_selected(path: tuple[str, ...], layers: str) -> bool:
+  """Whether the captured layer at ``path`` (module names) is preconditioned under ``layers``."""
+  if layers == "all":
+    return True
+  if not path:
+    return False
+  groups = set(layers.split("+"))
+  last = path[-1]
+  in_attention = "attention" in path
+  return (
+    ("mlp" in groups and last in ("mlp_in", "mlp_out"))
+    or ("attn" in groups and in_attention)
+    or ("qkv" in groups and in_attention and last in ("query", "key", "value"))
+    or ("out" in groups and in_attention and last == "out")
+    or ("head" in groups and last == "head")
   )
 
 
-def time_steps(runners: dict[str, list], rounds: int, block: int) -> dict[str, float]:
-  """Median seconds per step, interleaving blocks of ``block`` steps of every runner."""
-  times = {name: [] for name in runners}
-  for _ in range(rounds):
-    for name, runner in runners.items():
-      step, params, state, window = runner
-      for _ in range(block):
-        start = time.perf_counter()
-        params, state, loss = step(params, state, window)
-        jax.block_until_ready((params, state, loss))
-        times[name].append(time.perf_counter() - start)
-      runner[1], runner[2] = params, state
-  return {name: statistics.median(t) for name, t in times.items()}
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def smooth(values, weight=0.9):
-  out, running = [], None
-  for v in values:
-    running = v if running is None else weight * running + (1 - weight) * v
-    out.append(running)
-  return out
+def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, batch_size: int):
+  """``chain(PRE, clip, OPT, scale(-lr))`` with ``lr`` injected (``hyperparams['step_size']``)."""
+  o = recipe.options
+  run_steps = max(1, int(round(float(o["horizon"]) * steps)))
+  parts = []
+  if recipe.pre != "none":
+    damping = damping_value(o["damping"], run_steps)
+    window = None if str(o["window"]).lower() == "none" else int(o["window"])
+    if recipe.pre == "foof":
+      pre = nox.foof(
+        damping,
+        inverse_every=int(o["every"]),
+        stats_window=window,
+        ema_decay=float(o["ema"]),
+        contraction=o["contraction"],
+      )
+    elif recipe.pre == "kfac":
+      pre = nox.kfac(
+        damping,
+        inverse_every=int(o["every"]),
+        stats_window=window,
+        ema_decay=float(o["ema"]),
+        contraction=o["contraction"],
+      )
+    else:
+      pre = nox.fngd(float(o["alpha"]), steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+    if o["layers"] != "all":
+      mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: layer_selected(_path_names(path)[:-1], o["layers"]), params
+      )
+      pre = optax.masked(pre, mask)
+    parts.append(pre)
+  clip = _float_or_none(o["clip"])
+  if clip is None:
+    clip = 1.0 if recipe.opt in ("adam", "adamw") else 0.0
+  if clip > 0:
+    parts.append(optax.clip_by_global_norm(clip))
+  unit = unit_schedule(o, run_steps)
+  if recipe.opt == "sgd":
+    parts.append(optax.sgd(unit, momentum=float(o["momentum"])))
+  else:
+    decay = float(o["wd"]) if recipe.opt == "adamw" else 0.0
+    decay_mask = jax.tree_util.tree_map_with_path(
+      lambda path, x: x.ndim >= 2 and "position" not in _path_names(path), params
+    )
+    parts.append(optax.adamw(unit, b1=0.9, b2=float(o["b2"]), weight_decay=decay, mask=decay_mask))
+  parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
+  return optax.chain(*parts), run_steps
+
+
+def init_state(tx, params, learning_rate: float):
+  state = tx.init(params)
+  inner = state[-1]
+  state = state[:-1] + (
+    inner._replace(hyperparams=dict(inner.hyperparams, step_size=jnp.asarray(learning_rate, jnp.float32))),
+  )
+  return state
+
+
+def make_step(loss_fn, tx, uses_stats: bool):
+  def step(params, opt_state, window):
+    if uses_stats:
+      loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params, window)
+      updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+    else:
+      loss, grads = jax.value_and_grad(loss_fn)(params, window)
+      updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+# --------------------------------------------------------------------------- #
+# Settings
+# --------------------------------------------------------------------------- #
+
+# The tuned recipes of the CPU table (benchmarks/results/transformer_lm_tune_*.json hold the grids).
+CPU_RECIPES = ";".join(
+  [
+    "none+adamw:lr=1.2e-2,name=AdamW (tuned)",
+    "none+sgd:lr=0.3,name=SGD+M (tuned)",
+    "foof+adam:lr=8e-3,damping=0.1,every=20,window=5,name=FOOF(0.1 T=20 S=5) + Adam",
+    "foof+adam:lr=8e-3,damping=1.0,every=100,window=10,name=FOOF(1.0 T=100 S=10) + Adam",
+  ]
+)
+# The accelerator setting (defined, not yet run): the learning rates tuned on CPU need not transfer, so each
+# recipe carries a grid; the best of each is the one with the lowest final held-out loss.
+ACCELERATOR_RECIPES = ";".join(
+  [
+    "none+adamw:lr=1e-3/2e-3/4e-3,name=AdamW",
+    "none+sgd:lr=0.1/0.3,name=SGD+M",
+    "foof+adam:lr=1e-3/2e-3/4e-3,damping=0.1,every=20,window=5,name=FOOF(0.1 T=20 S=5) + Adam",
+    "foof+sgd:lr=0.3/1.0,damping=10,name=FOOF(10) + SGD+M",
+  ]
+)
+# Issue #16's defaults with constant learning rates: foof(1.0) / kfac(1.0) at inverse_every=100,
+# stats_window=10 and fngd(alpha=1.0), each before sgd(0.1, momentum=0.9) and before adam(1e-3).
+DEFAULTS_RECIPES = ";".join(
+  [
+    "none+adam:lr=1e-3,sched=const,clip=0,b2=0.999,name=adam(1e-3)",
+    "none+sgd:lr=0.1,sched=const,clip=0,name=sgd(0.1 m0.9)",
+  ]
+  + [
+    f"{pre}+{opt}:lr={lr},sched=const,clip=0,b2=0.999,damping=1.0,every=100,window=10,alpha=1.0,name={pre} defaults + {label}"
+    for pre in ("foof", "kfac", "fngd")
+    for opt, lr, label in (("sgd", 0.1, "sgd(0.1 m0.9)"), ("adam", 1e-3, "adam(1e-3)"))
+  ]
+)
+
+SETTINGS = {
+  "cpu": dict(
+    d_model=64, heads=4, layers=2, seq_len=64, batch_size=32, steps=500, eval_every=25, eval_windows=256, max_chars=None
+  ),
+  "accelerator": dict(
+    d_model=256,
+    heads=8,
+    layers=4,
+    seq_len=128,
+    batch_size=64,
+    steps=2000,
+    eval_every=100,
+    eval_windows=1024,
+    max_chars=None,
+  ),
+  "quick": dict(
+    d_model=32, heads=4, layers=2, seq_len=32, batch_size=16, steps=40, eval_every=10, eval_windows=32, max_chars=30_000
+  ),
+}
+QUICK_RECIPES = (
+  "none+adamw:lr=4e-3,name=AdamW;foof+adam:lr=4e-3,name=FOOF + Adam;foof+sgd:lr=0.1,sched=const,clip=0,name=FOOF + SGD"
+)
+
+# --------------------------------------------------------------------------- #
+# Training in lockstep
+# --------------------------------------------------------------------------- #
+
+
+class Run:
+  def __init__(self, recipe: Recipe, seed: int, step, tx, params, run_steps: int, batches):
+    self.recipe, self.seed, self.step, self.run_steps = recipe, seed, step, run_steps
+    self.params = jax.tree.map(jnp.copy, params)
+    self.state = init_state(tx, self.params, recipe.lr)
+    self.batches = batches
+    self.done, self.diverged = 0, False
+    self.losses: list[float] = []
+    self.evals: list[tuple[int, float, float]] = []  # (step, held-out loss, training seconds)
+    self.seconds = 0.0
+
+  @property
+  def finished(self) -> bool:
+    return self.diverged or self.done >= self.run_steps
+
+  def advance(self, k: int) -> None:
+    k = min(k, self.run_steps - self.done)
+    pending = []
+    start = time.perf_counter()
+    for _ in range(k):
+      self.params, self.state, loss = self.step(self.params, self.state, next(self.batches))
+      pending.append(loss)
+    jax.block_until_ready((self.params, self.state))
+    self.seconds += time.perf_counter() - start
+    self.done += k
+    self.losses.extend(float(x) for x in pending)
+    tail = self.losses[-k:]
+    if not all(math.isfinite(x) and x < DIVERGED for x in tail):
+      self.diverged = True
+
+
+def interpolate_target(evals, target: float):
+  """(steps, seconds) at which the held-out curve first reaches ``target`` (linear between evaluations)."""
+  previous = None
+  for step, loss, seconds in evals:
+    if loss <= target:
+      if previous is None or previous[1] == loss:
+        return float(step), float(seconds)
+      s0, l0, t0 = previous
+      w = (l0 - target) / (l0 - loss)
+      return s0 + w * (step - s0), t0 + w * (seconds - t0)
+    previous = (step, loss, seconds)
+  return None, None
+
+
+def summarise(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--setting", choices=("cpu", "accelerator"), default="cpu")
+  parser.add_argument("--quick", action="store_true", help="tiny model, 40 steps (seconds); used by the test")
+  parser.add_argument(
+    "--recipes",
+    default=None,
+    help="';'-separated recipe strings (see the module doc), or cpu / accelerator / defaults / quick "
+    "(default: the setting's)",
+  )
+  parser.add_argument(
+    "--reference", default=None, help="name of the AdamW reference recipe (default: first none+adamw)"
+  )
+  parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick 0)")
+  parser.add_argument("--layout", choices=("auto", "scan", "unrolled"), default="auto")
+  parser.add_argument("--no-remat", action="store_true", help="scan without nn.remat")
+  parser.add_argument("--tied", action="store_true", help="tie the head to the embedding (embed.attend)")
+  for key in (
+    "d_model",
+    "heads",
+    "layers",
+    "seq_len",
+    "batch_size",
+    "steps",
+    "eval_every",
+    "eval_windows",
+    "max_chars",
+  ):
+    parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+  parser.add_argument("--tag", default=None, help="output stem transformer_lm_<tag> (default: the setting)")
+  parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  parser.add_argument("--no-plot", action="store_true")
+  args = parser.parse_args(argv)
+  setting = "quick" if args.quick else args.setting
+  config = dict(SETTINGS[setting])
+  for key in config:
+    if getattr(args, key) is not None:
+      config[key] = getattr(args, key)
+  seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+  named = {"cpu": CPU_RECIPES, "accelerator": ACCELERATOR_RECIPES, "defaults": DEFAULTS_RECIPES, "quick": QUICK_RECIPES}
+  recipes = parse_recipes(named.get(args.recipes or setting, args.recipes))
+  tag = args.tag or setting
+
+  from common import machine_info  # benchmarks/common.py
+
+  load_before = os.getloadavg()
+  started = time.perf_counter()
+  tokens = text.encode(text.python_docs(max_chars=config["max_chars"]))
+  train_tokens, valid_tokens = text.split(tokens, valid_fraction=0.1)
+  seq_len, batch_size = config["seq_len"], config["batch_size"]
+  steps_per_epoch = text.steps_per_epoch(train_tokens, batch_size, seq_len)
+  starts = np.linspace(0, len(valid_tokens) - seq_len - 1, config["eval_windows"]).astype(int)
+  held_out = np.asarray(valid_tokens)[starts[:, None] + np.arange(seq_len + 1)]
+  eval_batches = [jnp.asarray(held_out[i : i + 64]) for i in range(0, len(held_out), 64)]
+
+  dims = (config["d_model"], config["heads"], config["layers"], seq_len)
+  model_scan = TransformerLM(*dims, scan=True, remat=not args.no_remat, tied=args.tied)
+  model_unrolled = TransformerLM(*dims, scan=False, tied=args.tied)
+  example = jnp.zeros((batch_size, seq_len + 1), jnp.int32)
+  init_scan = jax.jit(lambda key: model_scan.init(key, example[:, :-1])["params"])
+
+  layout, layout_note = args.layout, ""
+  if layout == "auto":
+    needs_stats = any(r.uses_stats for r in recipes)
+    capturable, reason = (
+      scan_capturable(model_scan, init_scan(jax.random.key(0)), example) if needs_stats else (True, "")
+    )
+    layout = "scan" if capturable else "unrolled"
+    if not capturable:
+      layout_note = (
+        f"scan capture unsupported here ({reason}); every method runs unrolled with the scanned parameters restacked"
+      )
+  model = model_scan if layout == "scan" else model_unrolled
+  to_layout = (lambda p: p) if layout == "scan" else (lambda p: unstack_blocks(p, config["layers"]))
+  loss_fn = lambda p, w: lm_loss(model, p, w)
+  eval_loss = jax.jit(loss_fn)
+  evaluate = lambda p: float(
+    np.average([eval_loss(p, b) for b in eval_batches], weights=[len(b) for b in eval_batches])
+  )
+
+  params0 = {seed: to_layout(init_scan(jax.random.key(seed))) for seed in seeds}
+  n_params = int(sum(x.size for x in jax.tree.leaves(params0[seeds[0]])))
+  print(
+    f"setting {setting}: {n_params} parameters, layout {layout}{' (' + layout_note + ')' if layout_note else ''}; "
+    f"{len(train_tokens)} training / {len(valid_tokens)} held-out characters, {steps_per_epoch} steps per epoch; "
+    f"{config['steps']} steps, {len(recipes)} recipes x {len(seeds)} seeds; load {load_before[0]:.2f}",
+    flush=True,
+  )
+
+  compiled: dict[str, tuple] = {}
+  runs: list[Run] = []
+  for recipe in recipes:
+    key = recipe.structure()
+    if key not in compiled:
+      tx, run_steps = build_transform(recipe, params0[seeds[0]], config["steps"], steps_per_epoch, batch_size)
+      compiled[key] = (tx, run_steps, make_step(loss_fn, tx, recipe.uses_stats))
+    tx, run_steps, step = compiled[key]
+    for seed in seeds:
+      batches = (jnp.asarray(w) for w in text.batches(train_tokens, batch_size, seq_len, seed=seed, epochs=None))
+      runs.append(Run(recipe, seed, step, tx, params0[seed], run_steps, batches))
+
+  compile_start = time.perf_counter()
+  for tx, _, step in compiled.values():  # compile outside the timed chunks
+    p = jax.tree.map(jnp.copy, params0[seeds[0]])
+    jax.block_until_ready(step(p, init_state(tx, p, 0.0), example))
+  compile_seconds = time.perf_counter() - compile_start
+  for run in runs:
+    run.evals.append((0, evaluate(run.params), 0.0))
+
+  chunk = config["eval_every"]
+  while not all(run.finished for run in runs):
+    for run in runs:
+      if not run.finished:
+        run.advance(chunk)
+        if not run.diverged:
+          run.evals.append((run.done, evaluate(run.params), run.seconds))
+    done = min(run.done for run in runs if not run.finished) if not all(r.finished for r in runs) else config["steps"]
+    print(f"  step {done}/{config['steps']}  load {os.getloadavg()[0]:.2f}", flush=True)
+
+  # ---- the reference and the targets ---------------------------------------------------------
+  names = list(dict.fromkeys(r.recipe.name for r in runs))
+  by_name = {name: [r for r in runs if r.recipe.name == name] for name in names}
+  plain = [n for n in names if by_name[n][0].recipe.pre == "none"]  # AdamW first, then Adam, then any first-order
+  reference = args.reference or next(
+    (n for opt in ("adamw", "adam", "sgd") for n in plain if by_name[n][0].recipe.opt == opt), None
+  )
+  ref_runs = [r for r in by_name.get(reference, []) if not r.diverged]
+  target = float(np.mean([r.evals[-1][1] for r in ref_runs])) if ref_runs else None
+  ref_steps = float(np.mean([r.done for r in ref_runs])) if ref_runs else None
+  ref_seconds = float(np.mean([r.seconds for r in ref_runs])) if ref_runs else None
+
+  rows = []
+  for name in names:
+    group = by_name[name]
+    ok = [r for r in group if not r.diverged]
+    finals = [r.evals[-1][1] for r in ok]
+    hits = [interpolate_target(r.evals, target) if target is not None else (None, None) for r in ok]
+    steps_hit = [h[0] for h in hits]
+    seconds_hit = [h[1] for h in hits]
+    reached = sum(h[0] is not None for h in hits)
+    per_step = [r.seconds / r.done for r in ok if r.done]
+    mean_final, sd_final = summarise(finals)
+    mean_steps, _ = summarise(steps_hit) if reached == len(ok) and ok else (None, None)
+    mean_seconds, _ = summarise(seconds_hit) if reached == len(ok) and ok else (None, None)
+    rows.append(
+      dict(
+        name=name,
+        recipe=group[0].recipe.spec,
+        structure=group[0].recipe.structure(),
+        learning_rate=group[0].recipe.lr,
+        seeds=len(group),
+        diverged=len(group) - len(ok),
+        run_steps=group[0].run_steps,
+        final_valid_mean=mean_final,
+        final_valid_sd=sd_final,
+        best_valid_mean=summarise([min(e[1] for e in r.evals) for r in ok])[0],
+        final_train_mean=summarise([float(np.mean(r.losses[-max(1, r.done // 10) :])) for r in ok])[0],
+        reached_target=f"{reached}/{len(group)}",
+        steps_to_target=mean_steps,
+        steps_ratio=mean_steps / ref_steps if mean_steps is not None and ref_steps else None,
+        seconds_to_target=mean_seconds,
+        seconds_ratio=mean_seconds / ref_seconds if mean_seconds is not None and ref_seconds else None,
+        ms_per_step=1e3 * statistics.median(per_step) if per_step else None,
+        step_time_ratio=(statistics.median(per_step) / statistics.median([r.seconds / r.done for r in ref_runs]))
+        if per_step and ref_runs
+        else None,
+      )
+    )
+
+  fmt = lambda v, f: "-" if v is None else format(v, f)
+  print(
+    f"\ntarget: {reference} final held-out loss {fmt(target, '.4f')} at {fmt(ref_steps, '.0f')} steps, {fmt(ref_seconds, '.1f')} s"
+  )
+  print(f"{'recipe':60s} {'final val':>13s} {'reach':>5s} {'steps x':>7s} {'secs x':>7s} {'step t x':>8s}")
+  for row in rows:
+    final = (
+      f"{fmt(row['final_valid_mean'], '.4f')}±{fmt(row['final_valid_sd'], '.3f')}"
+      if row["final_valid_mean"]
+      else "diverged"
+    )
+    print(
+      f"{row['name'][:60]:60s} {final:>13s} {row['reached_target']:>5s} {fmt(row['steps_ratio'], '7.2f')} "
+      f"{fmt(row['seconds_ratio'], '7.2f')} {fmt(row['step_time_ratio'], '8.2f')}"
+    )
+
+  result = dict(
+    setting=setting,
+    config=dict(
+      config,
+      seeds=seeds,
+      layout=layout,
+      layout_note=layout_note,
+      remat=not args.no_remat,
+      tied=args.tied,
+      steps_per_epoch=steps_per_epoch,
+      train_characters=int(len(train_tokens)),
+      valid_characters=int(len(valid_tokens)),
+      parameters=n_params,
+      vocab_size=text.VOCAB_SIZE,
+    ),
+    machine=machine_info(),
+    load_average_before=list(load_before),
+    load_average_after=list(os.getloadavg()),
+    compile_seconds=compile_seconds,
+    wall_seconds=time.perf_counter() - started,
+    reference=reference,
+    target_valid_loss=target,
+    reference_steps=ref_steps,
+    reference_seconds=ref_seconds,
+    summary=rows,
+    runs=[
+      dict(
+        name=r.recipe.name,
+        recipe=r.recipe.spec,
+        seed=r.seed,
+        learning_rate=r.recipe.lr,
+        diverged=r.diverged,
+        steps=r.done,
+        seconds=r.seconds,
+        evals=r.evals,
+        train_losses=r.losses,
+      )
+      for r in runs
+    ],
+  )
+  os.makedirs(args.output_dir, exist_ok=True)
+  stem = os.path.join(args.output_dir, f"transformer_lm_{tag}")
+  with open(stem + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  with open(stem + ".csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  if not args.no_plot:
+    plot(result, stem + ".png")
+  print(f"wrote {stem}.json/.csv{'' if args.no_plot else '/.png'} ({result['wall_seconds']:.0f} s)")
+  return result
 
 
 def plot(result: dict, path: str) -> None:
@@ -219,228 +723,40 @@ def plot(result: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-  for name, best in result["best"].items():
-    if best is None:
-      continue
-    losses = smooth(best["losses"])
-    steps = np.arange(1, len(losses) + 1)
-    per_step = np.full(len(losses), result["median_step_seconds"][name])
-    if name == "fngd":  # the first epoch computes the coefficients, later epochs reuse them
-      per_step[: result["config"]["steps_per_epoch"]] = result["median_step_seconds"]["fngd_first_epoch"]
-    seconds = np.cumsum(per_step)
-    label = f"{name} (lr={best['learning_rate']:g})"
-    axes[0].plot(steps, losses, label=label)
-    axes[1].plot(seconds, losses, label=label)
-  axes[0].set_xlabel("step")
-  axes[1].set_xlabel("seconds (cumulative median step time)")
-  axes[0].set_ylabel("training loss (nats/char, EMA 0.9)")
-  epoch = result["config"]["steps_per_epoch"]
-  if epoch < result["config"]["steps"]:
-    axes[0].axvline(epoch, color="gray", lw=0.8, ls=":")
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  names = list(dict.fromkeys(r["name"] for r in result["runs"]))
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, name in enumerate(names):
+    group = [r for r in result["runs"] if r["name"] == name and not r["diverged"]]
+    for j, r in enumerate(group):
+      e = np.asarray(r["evals"])
+      kwargs = dict(color=colours[i % len(colours)], alpha=0.85, lw=1.2, label=name if j == 0 else None)
+      axes[0].plot(e[:, 0], e[:, 1], **kwargs)
+      axes[1].plot(e[:, 2], e[:, 1], **kwargs)
+  target = result["target_valid_loss"]
   for ax in axes:
+    if target is not None:
+      ax.axhline(target, color="gray", ls=":", lw=1)
     ax.grid(alpha=0.3)
-  axes[0].legend()
+  if result["reference_steps"]:
+    axes[0].axvline(0.7 * result["reference_steps"], color="gray", ls="--", lw=0.8)
+  finals = [r["evals"][-1][1] for r in result["runs"] if not r["diverged"]]
+  if finals:
+    axes[0].set_ylim(min(finals) - 0.05, min(finals) + 0.8)
+  axes[0].set_xlabel("step")
+  axes[1].set_xlabel("training seconds (timed in lockstep chunks)")
+  axes[0].set_ylabel("held-out loss (nats/char)")
+  axes[0].legend(fontsize=7)
   c = result["config"]
   fig.suptitle(
-    f"char Transformer LM (d={c['d_model']}, {c['layers']} layers, seq {c['seq_len']}, "
-    f"batch {c['batch_size']}) on pydoc topics, {result['device']}"
+    f"char GPT (d={c['d_model']}, {c['layers']} layers, {c['heads']} heads, ctx {c['seq_len']}, batch {c['batch_size']}, "
+    f"{c['layout']}) on pydoc topics, seeds {c['seeds']}, {result['machine']['device_kind']}; "
+    f"dotted: AdamW's final, dashed: 0.7x its steps",
+    fontsize=9,
   )
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument(
-    "--quick", action="store_true", help="smaller model and corpus, 50 steps, one learning rate per method"
-  )
-  parser.add_argument("--steps", type=int, default=None)
-  parser.add_argument("--d-model", type=int, default=None)
-  parser.add_argument("--heads", type=int, default=4)
-  parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--seq-len", type=int, default=None)
-  parser.add_argument("--batch-size", type=int, default=None)
-  parser.add_argument("--foof-damping", type=float, default=1.0)
-  parser.add_argument("--kfac-damping", type=float, default=0.1)
-  parser.add_argument("--fngd-alpha", type=float, default=0.1)
-  parser.add_argument("--inverse-every", type=int, default=1)
-  parser.add_argument("--rounds", type=int, default=None, help="interleaved timing blocks")
-  parser.add_argument("--block", type=int, default=3, help="steps per timing block")
-  parser.add_argument(
-    "--max-chars",
-    type=int,
-    default=None,
-    help="use the first MAX_CHARS characters of the corpus (default 200000, quick 20000): "
-    "short epochs, so FNGD shares its coefficients after the first",
-  )
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--methods", default="sgd,adamw,foof,kfac,fngd")
-  parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-  args = parser.parse_args()
-  quick = args.quick
-  args.steps = args.steps or (50 if quick else 400)
-  args.max_chars = args.max_chars or (20_000 if quick else 200_000)
-  args.d_model = args.d_model or (32 if quick else 64)
-  args.seq_len = args.seq_len or 32
-  args.batch_size = args.batch_size or (16 if quick else 32)
-  args.rounds = args.rounds or (3 if quick else 10)
-  load_before = os.getloadavg()
-  started = time.perf_counter()
-
-  tokens = text.encode(text.python_docs(max_chars=args.max_chars))
-  train_tokens, valid_tokens = text.split(tokens, valid_fraction=0.1)
-  steps_per_epoch = text.steps_per_epoch(train_tokens, args.batch_size, args.seq_len)
-  model = TransformerLM(args.d_model, args.heads, args.layers, args.seq_len)
-  valid = [
-    jnp.asarray(text.sample_windows(valid_tokens, args.batch_size, args.seq_len, seed=1000 + i)) for i in range(8)
-  ]
-  params = jax.jit(model.init)(jax.random.key(args.seed), valid[0][:, :-1])["params"]
-  eval_loss = jax.jit(lambda p, w: lm_loss(model, p, w))
-  evaluate = lambda p: float(np.mean([eval_loss(p, w) for w in valid]))
-  all_methods = methods(args, steps_per_epoch)
-  chosen = {name: all_methods[name] for name in args.methods.split(",")}
-  print(
-    f"corpus: {len(train_tokens)} training / {len(valid_tokens)} held-out characters; "
-    f"{steps_per_epoch} steps per epoch; {args.steps} steps per run; "
-    f"{sum(x.size for x in jax.tree.leaves(params))} parameters; load {load_before[0]:.1f}",
-    flush=True,
-  )
-
-  runs, steps = {}, {}
-  for name, method in chosen.items():
-    tx, step = make_step(model, method)
-    steps[name] = (tx, step)
-    grid = method.learning_rates[1:2] if quick else method.learning_rates
-    runs[name] = []
-    for learning_rate in grid:
-      batches = (
-        jnp.asarray(w) for w in text.batches(train_tokens, args.batch_size, args.seq_len, seed=args.seed, epochs=None)
-      )
-      run = train(step, tx, params, learning_rate, batches, args.steps, evaluate)
-      runs[name].append(run)
-      outcome = (
-        "diverged" if run["diverged"] else (f"train {run['final_train_loss']:.3f}  held-out {run['valid_loss']:.3f}")
-      )
-      print(f"  {name:6s} lr={learning_rate:<6g} {outcome}  ({run['seconds']:.0f} s)", flush=True)
-
-  window = valid[0]
-  runners = {}
-  for name, (tx, step) in steps.items():
-    lr = chosen[name].learning_rates[1]
-    if name == "fngd":
-      runners["fngd_first_epoch"] = [step, jax.tree.map(jnp.copy, params), init_state(tx, params, lr), window]
-      runners["fngd"] = [
-        step,
-        jax.tree.map(jnp.copy, params),
-        init_state(tx, params, lr, count=steps_per_epoch),
-        window,
-      ]
-    else:
-      runners[name] = [step, jax.tree.map(jnp.copy, params), init_state(tx, params, lr), window]
-  for runner in runners.values():  # warm-up (compiled already; first-call overheads)
-    runner[1], runner[2], _ = runner[0](*runner[1:])
-  medians = time_steps(runners, args.rounds, args.block)
-  ratio = lambda base: {n: t / medians[base] for n, t in medians.items()} if base in medians else {}
-
-  best = {}
-  for name, name_runs in runs.items():
-    finished = [r for r in name_runs if not r["diverged"]]
-    best[name] = min(finished, key=lambda r: r["valid_loss"]) if finished else None
-  result = {
-    "device": str(jax.devices()[0]),
-    "jax": jax.__version__,
-    "python": platform.python_version(),
-    "setting": "quick" if quick else "default",
-    "config": dict(
-      vars(args),
-      steps_per_epoch=steps_per_epoch,
-      vocab_size=text.VOCAB_SIZE,
-      train_characters=int(len(train_tokens)),
-      valid_characters=int(len(valid_tokens)),
-      parameters=int(sum(x.size for x in jax.tree.leaves(params))),
-      methods={n: m.description for n, m in chosen.items()},
-    ),
-    "load_average_before": load_before,
-    "load_average_after": os.getloadavg(),
-    "cpu_count": os.cpu_count(),
-    "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-    "median_step_seconds": medians,
-    "step_time_ratio_to_adamw": ratio("adamw"),
-    "step_time_ratio_to_sgd": ratio("sgd"),
-    "runs": runs,
-    "best": best,
-    "wall_seconds": None,
-  }
-
-  print(f"\n{'method':18s} {'ms/step':>8s} {'/adamw':>7s} {'/sgd':>6s}  {'best lr':>7s} {'train':>6s} {'held-out':>8s}")
-  for name, seconds in medians.items():
-    b = best.get(name)
-    tail = (
-      f"{b['learning_rate']:7g} {b['final_train_loss']:6.3f} {b['valid_loss']:8.3f}"
-      if b
-      else ("" if name not in best else "   all runs diverged")
-    )
-    print(
-      f"{name:18s} {1e3 * seconds:8.2f} {result['step_time_ratio_to_adamw'].get(name, float('nan')):7.2f} "
-      f"{result['step_time_ratio_to_sgd'].get(name, float('nan')):6.2f}  {tail}"
-    )
-
-  os.makedirs(args.output_dir, exist_ok=True)
-  stem = os.path.join(args.output_dir, "transformer_lm" + ("_quick" if quick else ""))
-  with open(stem + ".csv", "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(
-      [
-        "method",
-        "learning_rate",
-        "best",
-        "diverged",
-        "final_train_loss",
-        "valid_loss",
-        "median_step_ms",
-        "step_time_ratio_to_adamw",
-        "step_time_ratio_to_sgd",
-      ]
-    )
-    for name, name_runs in runs.items():
-      for r in name_runs:
-        writer.writerow(
-          [
-            name,
-            r["learning_rate"],
-            r is best[name],
-            r["diverged"],
-            r["final_train_loss"],
-            r["valid_loss"],
-            1e3 * medians[name],
-            result["step_time_ratio_to_adamw"].get(name),
-            result["step_time_ratio_to_sgd"].get(name),
-          ]
-        )
-    if "fngd_first_epoch" in medians:
-      writer.writerow(
-        [
-          "fngd_first_epoch",
-          "",
-          "",
-          "",
-          "",
-          "",
-          1e3 * medians["fngd_first_epoch"],
-          result["step_time_ratio_to_adamw"].get("fngd_first_epoch"),
-          result["step_time_ratio_to_sgd"].get("fngd_first_epoch"),
-        ]
-      )
-  plot(result, stem + ".png")
-  result["wall_seconds"] = time.perf_counter() - started
-  with open(stem + ".json", "w") as f:
-    json.dump(result, f, indent=1)
-  print(
-    f"wrote {stem}.json, .csv, .png in {result['wall_seconds']:.0f} s "
-    f"(load average {load_before[0]:.1f} -> {result['load_average_after'][0]:.1f})"
-  )
 
 
 if __name__ == "__main__":
