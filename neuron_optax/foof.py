@@ -20,15 +20,18 @@ Approximate Second-Order Optimization", ICML 2022, eqs. 5-6 and Algorithm 1.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from neuron_optax import amortisation, factorisation, hyperparams, linalg, param_layout
+from neuron_optax import amortisation, factorisation, hyperparams, linalg, param_layout, precision
 from neuron_optax.contraction import Contraction, left_precondition, validate_contraction
 from neuron_optax.layer_stats import Stats, layer_name
+
+_INVERSE_AND_FLOOR = functools.partial(linalg.damped_inverse, return_floor=True)
 
 
 class FoofLayerState(NamedTuple):
@@ -147,7 +150,9 @@ def foof(
         name: (amortisation.debiased(ema, weight), damping_now.astype(ema.dtype))
         for name, (ema, _, weight) in averages.items()
       }
-      return factorisation.factorise_by_shape(linalg.damped_inverse, operands, distribute_factorisations)
+      solved = factorisation.factorise_by_shape(_INVERSE_AND_FLOOR, operands, distribute_factorisations)
+      precision.warn_if_floored("foof", {name: (floor, damping_now) for name, (_, floor) in solved.items()})
+      return {name: inverse for name, (inverse, _) in solved.items()}
 
     stored = {name: layer.a_inverse for name, layer in _layers(state, names)}
     inverses, built_with = amortisation.refactorised(

@@ -56,18 +56,20 @@ Approximate Second-Order Optimization", ICML 2022, eqs. 2-4 and section 4.2
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from neuron_optax import amortisation, factorisation, hyperparams, kronecker, linalg, param_layout
+from neuron_optax import amortisation, factorisation, hyperparams, kronecker, linalg, param_layout, precision
 from neuron_optax.contraction import Contraction, left_precondition, two_sided_precondition, validate_contraction
 from neuron_optax.layer_stats import LayerStats, Stats, layer_name
 
 DampingMode = Literal["heuristic", "standard"]
 _DAMPING_MODES = ("heuristic", "standard")
+_INVERSE_AND_FLOOR = functools.partial(linalg.damped_inverse, return_floor=True)
 
 
 class HeuristicFactors(NamedTuple):
@@ -255,10 +257,19 @@ def kfac(
         else:
           operands[name, "a"], operands[name, "g"] = (a,), (g,)
       solved = factorisation.factorise_by_shape(
-        linalg.damped_inverse if heuristic else linalg.sym_eigh, operands, distribute_factorisations
+        _INVERSE_AND_FLOOR if heuristic else linalg.sym_eigh, operands, distribute_factorisations
       )
       if heuristic:
-        return {name: HeuristicFactors(solved[name, "a"], solved[name, "g"]) for name in averages}
+        floors = {
+          f"{name} ({side.upper()} factor)": (solved[name, side][1], operands[name, side][1]) for name, side in solved
+        }
+        precision.warn_if_floored("kfac", floors)
+        return {name: HeuristicFactors(solved[name, "a"][0], solved[name, "g"][0]) for name in averages}
+      floors = {
+        name: (linalg.kronecker_floor(solved[name, "a"][0], solved[name, "g"][0], damping_now), damping_now)
+        for name in averages
+      }
+      precision.warn_if_floored("kfac", floors)
       return {name: EigenFactors(*solved[name, "a"], *solved[name, "g"]) for name in averages}
 
     stored = {name: layer.factors for name, layer in layer_states.items()}
