@@ -62,8 +62,14 @@ def foof(
 
   Args:
     damping: ``λ > 0`` added to the input second moment before inversion: a
-      number or an optax schedule of the step count; a changed value
-      re-factorises at the next step (``phase="auto"``).
+      number or an optax schedule of the step count. The state records the
+      damping its inverses were built with (``state.damping``); with
+      ``phase="auto"`` a step whose damping differs (a schedule, an injected
+      value, a state restored into a transform with another damping)
+      re-factorises at once. A fixed ``"plain"``/``"statistics"`` step
+      compiles no factorisation: it applies the stored inverse and keeps its
+      damping in the state, and the new damping takes effect at the next
+      ``"inversion"`` step (after restoring a checkpoint, run one).
     ema_decay: decay ``β`` of the debiased moving average of ``A``.
     inverse_every: ``T``: re-factorise ``A + λI`` (Cholesky) at steps
       ``0, T, 2T, …``; in between the last inverse is reused. ``None``:
@@ -126,7 +132,8 @@ def foof(
     stats = param_layout.check_stats(stats, shapes, "foof")
     names = {key: layer_name(key) for key in stats}
     for key in stats:
-      amortisation.check_state_layer("foof", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
+      square = (shapes[key].d_in,) * 2
+      amortisation.check_state_layer("foof", state.layers, key, {"a_ema": square, "a_inverse": square})
     damping_now = hyperparams.value_at(damping, state.count, state.damping.dtype)
     damping_ok = hyperparams.valid(damping_now)
     decay = hyperparams.value_at(ema_decay, state.count, state.damping.dtype)

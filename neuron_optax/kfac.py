@@ -145,7 +145,10 @@ def kfac(
   ``mean_r Σ_s g_sr g_srᵀ`` (see the module docstring).
 
   Args:
-    damping: ``λ > 0``.
+    damping: ``λ > 0``: a number or an optax schedule. Heuristic damping
+      re-factorises when it changes, as :func:`neuron_optax.foof` (the same
+      rules for fixed phases and restored states); standard damping applies
+      it at every step (the eigendecompositions do not depend on it).
     ema_decay: decay ``β`` of the debiased moving averages of ``A`` and ``G``.
     inverse_every: ``T``: re-factorise at steps ``0, T, 2T, …`` (damped
       inverses for heuristic damping, eigendecompositions for standard); in
@@ -219,7 +222,7 @@ def kfac(
     stats = param_layout.check_stats(stats, shapes, "kfac")
     names = {key: layer_name(key) for key in stats}
     for key in stats:
-      amortisation.check_state_layer("kfac", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
+      _check_state_layer(state.layers, key, shapes[key], heuristic)
     damping_now = hyperparams.value_at(damping, state.count, state.damping.dtype)
     damping_ok = hyperparams.valid(damping_now)
     decay = hyperparams.value_at(ema_decay, state.count, state.damping.dtype)
@@ -290,3 +293,22 @@ def kfac(
     return directions, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_state_layer(layers: dict, key, shape: param_layout.LayerShape, heuristic: bool) -> None:
+  """Trace-time check that the state was built by a ``kfac`` of this damping mode for these parameters."""
+  name = layer_name(key)
+  wanted = HeuristicFactors if heuristic else EigenFactors
+  if name in layers and not isinstance(layers[name].factors, wanted):
+    saved, mode = ("standard", "heuristic") if heuristic else ("heuristic", "standard")
+    raise ValueError(
+      f"kfac: layer {name!r} holds {type(layers[name].factors).__name__} in the optimizer state, the "
+      f"factorisation of damping_mode={saved!r}, but this transform uses damping_mode={mode!r}. Build the "
+      "transform with the damping mode the state was saved with, or call tx.init(params)."
+    )
+  d_in, d_out = shape.d_in, shape.d_out
+  if heuristic:
+    factors = {"factors.a_inverse": (d_in, d_in), "factors.g_inverse": (d_out, d_out)}
+  else:
+    factors = {"factors.a_eigenvectors": (d_in, d_in), "factors.g_eigenvectors": (d_out, d_out)}
+  amortisation.check_state_layer("kfac", layers, key, {"a_ema": (d_in, d_in), "g_ema": (d_out, d_out), **factors})
