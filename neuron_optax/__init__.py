@@ -13,6 +13,7 @@ Public API:
   coefficient_phase     the same for FNGD's coefficient sharing
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
   TrainState            flax TrainState whose apply_gradients(grads=..., stats=...) forwards stats
+  PrecisionWarning      a damping below the float resolution of a layer's factor (warned once per layer)
   nnx.value_grad_and_stats  the same capture for flax.nnx models
 """
 
@@ -39,6 +40,7 @@ from neuron_optax.laplace import (
 from neuron_optax.layer_stats import LayerMoments, LayerStats
 from neuron_optax.linen import value_grad_and_stats
 from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
+from neuron_optax.precision import PrecisionWarning
 from neuron_optax.train_state import TrainState
 
 __all__ = [
@@ -70,4 +72,5 @@ __all__ = [
   "FngdState",
   "amortisation_phase",
   "coefficient_phase",
+  "PrecisionWarning",
 ]

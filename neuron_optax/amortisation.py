@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from neuron_optax import hyperparams
 from neuron_optax.layer_stats import LayerKey, layer_name
@@ -51,20 +52,24 @@ def resolve_amortisation(inverse_every: int | None, stats_window: int | None) ->
   """``(T, S)``: ``T`` defaults to ``DEFAULT_INVERSE_EVERY``, ``S`` to ``min(DEFAULT_STATS_WINDOW, T)``."""
   if inverse_every is None:
     inverse_every = DEFAULT_INVERSE_EVERY
-  if stats_window is None and isinstance(inverse_every, int) and not isinstance(inverse_every, bool):
-    stats_window = min(DEFAULT_STATS_WINDOW, inverse_every)
+  if stats_window is None and (hyperparams.is_integer(inverse_every) or isinstance(inverse_every, np.integer)):
+    stats_window = min(DEFAULT_STATS_WINDOW, int(inverse_every))  # invalid periods are left to validation
   return inverse_every, stats_window
 
 
 def validate_amortisation(transform: str, ema_decay: float, inverse_every: int, stats_window: int | None) -> None:
   hyperparams.check_scalar_or_schedule(transform, "ema_decay", ema_decay, upper=1.0, include_lower=True)
+  validate_schedule(transform, inverse_every, stats_window)
+
+
+def validate_schedule(transform: str, inverse_every: int, stats_window: int | None) -> None:
   hyperparams.check_integer(transform, "inverse_every", inverse_every)
   hyperparams.check_integer(transform, "stats_window", stats_window, optional=True)
   if stats_window is not None and stats_window > inverse_every:
     raise ValueError(
       f"{transform}: stats_window={stats_window} > inverse_every={inverse_every}: the statistics "
-      "window must fit in one amortisation period. Use stats_window <= inverse_every (or None "
-      "to update the averages every step)."
+      "window must fit in one amortisation period. Use stats_window <= inverse_every "
+      "(stats_window=inverse_every updates the averages every step)."
     )
 
 
@@ -82,7 +87,9 @@ def amortisation_phase(step: int, inverse_every: int | None = None, stats_window
   host-side (Python) function for training loops that compile one step per
   phase (``foof(..., phase=...)``); pass it the transform's own settings.
   """
+  _check_step("amortisation_phase", step)
   inverse_every, stats_window = resolve_amortisation(inverse_every, stats_window)
+  validate_schedule("amortisation_phase", inverse_every, stats_window)
   position = int(step) % inverse_every
   if position == 0:
     return "inversion"
@@ -98,9 +105,17 @@ def coefficient_phase(step: int, steps_per_epoch: int, refresh_every_epochs: int
   The host-side counterpart of ``fngd(..., phase="auto")``, for loops that
   compile one step per phase (``fngd(..., phase="inversion")`` and ``"plain"``).
   """
+  _check_step("coefficient_phase", step)
+  hyperparams.check_integer("coefficient_phase", "steps_per_epoch", steps_per_epoch)
+  hyperparams.check_integer("coefficient_phase", "refresh_every_epochs", refresh_every_epochs, optional=True)
   epoch = int(step) // steps_per_epoch
   computing = epoch == 0 if refresh_every_epochs is None else epoch % refresh_every_epochs == 0
   return "inversion" if computing else "plain"
+
+
+def _check_step(function: str, step) -> None:
+  """``step`` is a 0-based step number (a Python or NumPy integer, or a concrete integer array)."""
+  hyperparams.check_integer(function, "step", step, minimum=0)
 
 
 def schedule(
@@ -212,18 +227,26 @@ def refactorised(
   return factors, jnp.where(damping_ok, used, built_with)
 
 
-def check_state_layer(transform: str, layers: dict, key: LayerKey, expected_shape: tuple[int, ...], field: str) -> None:
-  """Trace-time check that the state was initialised for these parameters."""
+def check_state_layer(transform: str, layers: dict, key: LayerKey, expected: Mapping[str, tuple[int, ...]]) -> None:
+  """Trace-time check that the state was initialised for these parameters.
+
+  ``expected`` maps fields of the layer's state (dotted for nested ones, e.g.
+  ``"factors.a_inverse"``) to the shapes the gradients need.
+  """
   name = layer_name(key)
   if name not in layers:
     raise ValueError(
       f"{transform}: the optimizer state has no entry for layer {name!r}: it was "
       "initialised with other parameters. Call tx.init(params) with this model's params."
     )
-  actual = getattr(layers[name], field).shape
-  if tuple(actual) != tuple(expected_shape):
-    raise ValueError(
-      f"{transform}: layer {name!r} has a {field} of shape {tuple(actual)} in the "
-      f"optimizer state but the gradients need {tuple(expected_shape)}: the state was "
-      "initialised for different parameters. Call tx.init(params) with this model's params."
-    )
+  for field, expected_shape in expected.items():
+    value = layers[name]
+    for part in field.split("."):
+      value = getattr(value, part)
+    actual = tuple(jnp.shape(value))
+    if actual != tuple(expected_shape):
+      raise ValueError(
+        f"{transform}: layer {name!r} has a {field} of shape {actual} in the "
+        f"optimizer state but the gradients need {tuple(expected_shape)}: the state was "
+        "initialised for different parameters. Call tx.init(params) with this model's params."
+      )

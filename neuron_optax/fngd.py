@@ -62,7 +62,13 @@ Design decisions:
   first ``m`` entries of its row; the rest of the row is zero. With a fixed
   dataset size and ``steps_per_epoch`` equal to the number of batches per
   epoch, the last step of every epoch has the same size, so it reuses exactly
-  what was computed for it.
+  what was computed for it. A state whose table has another shape than
+  ``(steps_per_epoch, batch_size)`` (restored from an ``fngd`` with other
+  settings) is a trace-time error: its rows would be reused for other steps.
+* A row that was never computed is all zeros (no solve stores zeros: bad
+  batches store ``1/n``); a reusing step on such a row (``phase="plain"`` on a
+  fresh table) uses the mean-gradient coefficients ``1/n``, i.e. SGD's
+  direction, rather than a zero step.
 * The step counter is the only notion of epoch: ``steps_per_epoch`` should
   be the number of batches per epoch of the data pipeline (any period works
   mechanically: step ``k`` reuses row ``k mod steps_per_epoch``).
@@ -256,7 +262,8 @@ def fngd(
       with ``nox.coefficient_phase(step, steps_per_epoch,
       refresh_every_epochs)``; the reusing step then holds no conditional and
       no Gram-matrix code at all (on CPU the conditional alone costs about
-      10 % of an MLP step). Same trajectory as ``"auto"``.
+      10 % of an MLP step). Same trajectory as ``"auto"``. A reusing step
+      whose row was never computed uses ``1/n`` (SGD's direction).
     kernel_input_ndim: per-layer number of kernel input axes where it is not
       "all but the last" (as in :func:`neuron_optax.foof`).
     contraction: ``"gradient"`` (default): the direction is a function of the
@@ -301,13 +308,14 @@ def fngd(
       row = state.count % steps_per_epoch
 
       def stored():
-        return (
-          {
-            key: jax.lax.dynamic_index_in_dim(table, row, keepdims=False)[: stats[key].batch_size]
-            for key, table in tables.items()
-          },
-          tables,
-        )
+        reused = {}
+        for key, table in tables.items():
+          n = stats[key].batch_size
+          c = jax.lax.dynamic_index_in_dim(table, row, keepdims=False)[:n]
+          # A row never computed (a fresh table reused by phase="plain") is all zeros, which no solve
+          # stores: use the mean-gradient coefficients 1/n there, i.e. SGD's direction.
+          reused[key] = jnp.where(jnp.all(c == 0), jnp.full_like(c, 1 / n), c)
+        return reused, tables
 
       def compute():
         fresh, new_tables = {}, {}
@@ -345,6 +353,15 @@ def fngd(
           f"{sorted(state.layers)}). Initialise the optimizer with the same params it updates."
         )
       table = state.layers[name].coefficients
+      if tuple(table.shape) != (steps_per_epoch, batch_size):
+        raise ValueError(
+          f"fngd: layer {name!r} has a coefficient table of shape {tuple(table.shape)} in the optimizer "
+          f"state, but fngd(steps_per_epoch={steps_per_epoch}, batch_size={batch_size}) needs "
+          f"{(steps_per_epoch, batch_size)}: the state was built by fngd with other settings (a restored "
+          "checkpoint?), and its rows would be reused for the wrong steps or examples. Build the transform "
+          "with the steps_per_epoch and batch_size the state was saved with, or start a new table with "
+          "tx.init(params)."
+        )
       if s.batch_size > table.shape[1]:
         raise ValueError(
           f"fngd: layer {layer_name(key)!r} sees a batch of {s.batch_size} examples, but the "

@@ -20,15 +20,18 @@ Approximate Second-Order Optimization", ICML 2022, eqs. 5-6 and Algorithm 1.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from neuron_optax import amortisation, factorisation, hyperparams, linalg, param_layout
+from neuron_optax import amortisation, factorisation, hyperparams, linalg, param_layout, precision
 from neuron_optax.contraction import Contraction, left_precondition, validate_contraction
 from neuron_optax.layer_stats import Stats, layer_name
+
+_INVERSE_AND_FLOOR = functools.partial(linalg.damped_inverse, return_floor=True)
 
 
 class FoofLayerState(NamedTuple):
@@ -59,8 +62,14 @@ def foof(
 
   Args:
     damping: ``λ > 0`` added to the input second moment before inversion: a
-      number or an optax schedule of the step count; a changed value
-      re-factorises at the next step (``phase="auto"``). The default 1.0
+      number or an optax schedule of the step count. The state records the
+      damping its inverses were built with (``state.damping``); with
+      ``phase="auto"`` a step whose damping differs (a schedule, an injected
+      value, a state restored into a transform with another damping)
+      re-factorises at once. A fixed ``"plain"``/``"statistics"`` step
+      compiles no factorisation: it applies the stored inverse and keeps its
+      damping in the state, and the new damping takes effect at the next
+      ``"inversion"`` step (after restoring a checkpoint, run one). The default 1.0
       trains with ``optax.sgd(0.1, momentum=0.9)`` on the MLP, CNN and
       Transformer benchmarks (README, hyperparameter guide).
     ema_decay: decay ``β`` of the debiased moving average of ``A``.
@@ -125,7 +134,8 @@ def foof(
     stats = param_layout.check_stats(stats, shapes, "foof")
     names = {key: layer_name(key) for key in stats}
     for key in stats:
-      amortisation.check_state_layer("foof", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
+      square = (shapes[key].d_in,) * 2
+      amortisation.check_state_layer("foof", state.layers, key, {"a_ema": square, "a_inverse": square})
     damping_now = hyperparams.value_at(damping, state.count, state.damping.dtype)
     damping_ok = hyperparams.valid(damping_now)
     decay = hyperparams.value_at(ema_decay, state.count, state.damping.dtype)
@@ -149,7 +159,9 @@ def foof(
         name: (amortisation.debiased(ema, weight), damping_now.astype(ema.dtype))
         for name, (ema, _, weight) in averages.items()
       }
-      return factorisation.factorise_by_shape(linalg.damped_inverse, operands, distribute_factorisations)
+      solved = factorisation.factorise_by_shape(_INVERSE_AND_FLOOR, operands, distribute_factorisations)
+      precision.warn_if_floored("foof", {name: (floor, damping_now) for name, (_, floor) in solved.items()})
+      return {name: inverse for name, (inverse, _) in solved.items()}
 
     stored = {name: layer.a_inverse for name, layer in _layers(state, names)}
     inverses, built_with = amortisation.refactorised(

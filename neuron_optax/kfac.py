@@ -56,18 +56,20 @@ Approximate Second-Order Optimization", ICML 2022, eqs. 2-4 and section 4.2
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from neuron_optax import amortisation, factorisation, hyperparams, kronecker, linalg, param_layout
+from neuron_optax import amortisation, factorisation, hyperparams, kronecker, linalg, param_layout, precision
 from neuron_optax.contraction import Contraction, left_precondition, two_sided_precondition, validate_contraction
 from neuron_optax.layer_stats import LayerStats, Stats, layer_name
 
 DampingMode = Literal["heuristic", "standard"]
 _DAMPING_MODES = ("heuristic", "standard")
+_INVERSE_AND_FLOOR = functools.partial(linalg.damped_inverse, return_floor=True)
 
 
 class HeuristicFactors(NamedTuple):
@@ -143,10 +145,13 @@ def kfac(
   ``mean_r Σ_s g_sr g_srᵀ`` (see the module docstring).
 
   Args:
-    damping: ``λ > 0``: a number or an optax schedule of the step count. The
-      default 1.0 trains with ``optax.sgd(0.1, momentum=0.9)`` on the MLP,
-      CNN and Transformer benchmarks; heuristic KFAC at ``λ ≤ 0.1`` diverges
-      there at that learning rate (README, hyperparameter guide).
+    damping: ``λ > 0``: a number or an optax schedule. Heuristic damping
+      re-factorises when it changes, as :func:`neuron_optax.foof` (the same
+      rules for fixed phases and restored states); standard damping applies
+      it at every step (the eigendecompositions do not depend on it). The default 1.0 trains with
+      ``optax.sgd(0.1, momentum=0.9)`` on the MLP, CNN and Transformer
+      benchmarks; heuristic KFAC at ``λ ≤ 0.1`` diverges there at that
+      learning rate (README, hyperparameter guide).
     ema_decay: decay ``β`` of the debiased moving averages of ``A`` and ``G``.
     inverse_every: ``T``: re-factorise at steps ``0, T, 2T, …`` (damped
       inverses for heuristic damping, eigendecompositions for standard); in
@@ -220,7 +225,7 @@ def kfac(
     stats = param_layout.check_stats(stats, shapes, "kfac")
     names = {key: layer_name(key) for key in stats}
     for key in stats:
-      amortisation.check_state_layer("kfac", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
+      _check_state_layer(state.layers, key, shapes[key], heuristic)
     damping_now = hyperparams.value_at(damping, state.count, state.damping.dtype)
     damping_ok = hyperparams.valid(damping_now)
     decay = hyperparams.value_at(ema_decay, state.count, state.damping.dtype)
@@ -258,10 +263,19 @@ def kfac(
         else:
           operands[name, "a"], operands[name, "g"] = (a,), (g,)
       solved = factorisation.factorise_by_shape(
-        linalg.damped_inverse if heuristic else linalg.sym_eigh, operands, distribute_factorisations
+        _INVERSE_AND_FLOOR if heuristic else linalg.sym_eigh, operands, distribute_factorisations
       )
       if heuristic:
-        return {name: HeuristicFactors(solved[name, "a"], solved[name, "g"]) for name in averages}
+        floors = {
+          f"{name} ({side.upper()} factor)": (solved[name, side][1], operands[name, side][1]) for name, side in solved
+        }
+        precision.warn_if_floored("kfac", floors)
+        return {name: HeuristicFactors(solved[name, "a"][0], solved[name, "g"][0]) for name in averages}
+      floors = {
+        name: (linalg.kronecker_floor(solved[name, "a"][0], solved[name, "g"][0], damping_now), damping_now)
+        for name in averages
+      }
+      precision.warn_if_floored("kfac", floors)
       return {name: EigenFactors(*solved[name, "a"], *solved[name, "g"]) for name in averages}
 
     stored = {name: layer.factors for name, layer in layer_states.items()}
@@ -282,3 +296,22 @@ def kfac(
     return directions, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_state_layer(layers: dict, key, shape: param_layout.LayerShape, heuristic: bool) -> None:
+  """Trace-time check that the state was built by a ``kfac`` of this damping mode for these parameters."""
+  name = layer_name(key)
+  wanted = HeuristicFactors if heuristic else EigenFactors
+  if name in layers and not isinstance(layers[name].factors, wanted):
+    saved, mode = ("standard", "heuristic") if heuristic else ("heuristic", "standard")
+    raise ValueError(
+      f"kfac: layer {name!r} holds {type(layers[name].factors).__name__} in the optimizer state, the "
+      f"factorisation of damping_mode={saved!r}, but this transform uses damping_mode={mode!r}. Build the "
+      "transform with the damping mode the state was saved with, or call tx.init(params)."
+    )
+  d_in, d_out = shape.d_in, shape.d_out
+  if heuristic:
+    factors = {"factors.a_inverse": (d_in, d_in), "factors.g_inverse": (d_out, d_out)}
+  else:
+    factors = {"factors.a_eigenvectors": (d_in, d_in), "factors.g_eigenvectors": (d_out, d_out)}
+  amortisation.check_state_layer("kfac", layers, key, {"a_ema": (d_in, d_in), "g_ema": (d_out, d_out), **factors})
