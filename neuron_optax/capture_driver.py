@@ -56,6 +56,36 @@ def validate_rng(fisher: str, rng: jax.Array | None) -> None:
     raise ValueError(f"rng= is only used with fisher='mc' (got fisher={fisher!r}).")
 
 
+def split_aux(out: Any, has_aux: bool) -> tuple[Any, Any]:
+  """``(loss, aux)`` of what ``loss_fn`` returned, checked against ``has_aux``."""
+  if has_aux:
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      got = f"a {type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list)) else _describe(out)
+      raise ValueError(
+        f"has_aux=True: loss_fn must return a pair (loss, aux), got {got}. Return (loss, aux), or "
+        "call value_grad_and_stats without has_aux=True if loss_fn returns the loss alone."
+      )
+    loss, aux = out
+  elif isinstance(out, (tuple, list)):
+    raise ValueError(
+      f"loss_fn returned a {type(out).__name__} of length {len(out)}, not a scalar loss; if it returns "
+      "(loss, aux), pass has_aux=True to value_grad_and_stats."
+    )
+  else:
+    loss, aux = out, None
+  if jnp.ndim(loss) != 0:
+    raise ValueError(
+      f"loss_fn must return a scalar loss (the mean over the batch), got {_describe(loss)}. Reduce "
+      "per-example losses with .mean()."
+    )
+  return loss, aux
+
+
+def _describe(value: Any) -> str:
+  shape = getattr(value, "shape", None)
+  return f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(value).__name__}"
+
+
 class Recorder:
   """What one traced call of the loss records (``perturbations=None``: the shape probe)."""
 
@@ -236,6 +266,14 @@ def value_grad_and_stats(
   jax.eval_shape(lambda p: run(probe, p)[0], params)
   if not probe.outputs:
     raise no_layers()
+  empty = sorted(
+    layer_name(k) for k, outs in probe.outputs.items() if any(len(o.shape) > 1 and not o.shape[0] for o in outs)
+  )
+  if empty:
+    raise ValueError(
+      f"Layers {empty} were applied to an empty batch (0 examples): there are no statistics to record and "
+      "the mean loss over no examples is undefined. Skip empty batches (e.g. drop_remainder=True)."
+    )
   keys = list(probe.meta)
   perturbations = [[jnp.zeros(s.shape, s.dtype) for s in probe.outputs[k]] for k in keys]
 

@@ -24,7 +24,7 @@ def as_rows(x: jax.Array) -> jax.Array:
   """``(..., d)`` -> ``(n, P, d)``: leading axis examples, the rest positions."""
   if x.ndim == 1:
     return x.reshape(1, 1, x.shape[0])
-  return x.reshape(x.shape[0], -1, x.shape[-1])
+  return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # no -1: an empty batch has no size to infer
 
 
 def dense_general_axes(
@@ -66,7 +66,7 @@ def transposed_rows(x: jax.Array, permutation: tuple[int, ...], n_batch: int) ->
   d_in = math.prod(x.shape[n_batch:])
   if not n_batch:
     return x.reshape(1, 1, d_in)
-  return x.reshape(x.shape[0], -1, d_in)
+  return x.reshape(x.shape[0], math.prod(x.shape[1:n_batch]), d_in)
 
 
 def _conv_padding(padding, x: jax.Array, kernel_size, kernel_dilation):
@@ -119,7 +119,7 @@ def conv_input(
 
   n_batch = x.ndim - (rank + 1)
   n_examples = x.shape[0] if n_batch >= 1 else 1
-  x = x.reshape((-1,) + x.shape[n_batch:])
+  x = x.reshape((math.prod(x.shape[:n_batch]),) + x.shape[n_batch:])
   strides, input_dilation, kernel_dilation = map(broadcast, (strides, input_dilation, kernel_dilation))
   x, padding = _conv_padding(padding, x, kernel_size, kernel_dilation)
   if not isinstance(padding, str):

@@ -182,7 +182,7 @@ def value_grad_and_stats(
     def run(recorder: Recorder, p):
       with _Interceptor(recorder).intercepting():
         out = loss_fn(p, *args, **kwargs)
-      loss, aux = out if has_aux else (out, None)
+      loss, aux = capture_driver.split_aux(out, has_aux)
       return loss, aux, None
 
     def no_layers():

@@ -409,7 +409,7 @@ def value_grad_and_stats(
       call_args, call_kwargs = jax.tree.unflatten(treedef, call_leaves)
       with _Recording(clone, recorder, record_output):
         out = loss_fn(clone, *call_args, **call_kwargs)
-      loss, aux = out if has_aux else (out, None)
+      loss, aux = capture_driver.split_aux(out, has_aux)
       return loss, aux, nnx.state(merged, nnx.Not(_MODEL_PARAMS))
 
     def no_layers():

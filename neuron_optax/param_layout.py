@@ -187,6 +187,8 @@ def check_stats(
         f"(bias={s.has_bias}) but its parameters give {shape.d_in}x{shape.d_out} "
         f"(bias={shape.has_bias})."
       )
+    if s.has_rows:
+      _check_rows(transform, key, s)
     if need_rows and not s.has_rows:
       raise ValueError(
         f"{transform}: layer {layer_name(key)!r} has only accumulated second moments "
@@ -194,6 +196,40 @@ def check_stats(
         "Use optax.MultiSteps for gradient accumulation with this method."
       )
   return present
+
+
+def _check_rows(transform: str, key: LayerKey, s: LayerStats) -> None:
+  """The recorded inputs, cotangents and Fisher cotangents of one layer describe the same rows."""
+  name = layer_name(key)
+  cot = tuple(s.cotangents.shape)
+  if len(cot) != 3:
+    raise ValueError(
+      f"{transform}: layer {name!r} has cotangents of shape {cot}; LayerStats.cotangents must be "
+      "(examples, positions, d_out), as nox.value_grad_and_stats records them."
+    )
+  if s.conv is None:
+    inputs = tuple(jnp.shape(s.layer_inputs))
+    rows_in = inputs[:2] if len(inputs) == 3 else None
+  else:
+    rows_in = (s.conv.examples, sum(s.conv.positions(x) for x in s.layer_inputs))
+    inputs = tuple(tuple(jnp.shape(x)) for x in s.layer_inputs)
+  if rows_in != cot[:2]:
+    raise ValueError(
+      f"{transform}: layer {name!r} recorded inputs {inputs} for (examples, positions) = {rows_in} but "
+      f"cotangents {cot} for {cot[:2]}: the statistics were edited or assembled from different batches. "
+      "Pass the stats that nox.value_grad_and_stats returned for this batch."
+    )
+  if s.fisher_cotangents is not None and tuple(s.fisher_cotangents.shape[1:]) != cot:
+    raise ValueError(
+      f"{transform}: layer {name!r} has Fisher cotangents {tuple(s.fisher_cotangents.shape)} for cotangents "
+      f"{cot}; they must be (label sets,) + {cot}. Pass the stats that nox.value_grad_and_stats returned."
+    )
+  if cot[0] == 0:
+    raise ValueError(
+      f"{transform}: layer {name!r} recorded an empty batch (0 examples): there are no statistics to "
+      "precondition with, and the mean loss over no examples is undefined. Skip empty batches (e.g. "
+      "drop_remainder=True in the data pipeline)."
+    )
 
 
 def gradient_matrix(flat: Mapping[Path, Any], key: LayerKey, shape: LayerShape) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Independent float64 NumPy references: forward passes, im2col, FOOF.
+"""Independent float64 NumPy references: forward passes, im2col, FOOF, KFAC, natural gradient, FNGD.
 
 Nothing here calls neuron_optax; the tests compare the library against these.
 """
@@ -61,9 +61,12 @@ def ema_schedule(num_steps: int, inverse_every: int, stats_window: int | None):
   return flags
 
 
-def foof_directions(a_batches, grads, damping, decay, inverse_every, stats_window):
-  """FOOF directions for a sequence of steps from explicit batch second moments."""
-  directions = []
+def foof_directions(a_batches, grads, damping, decay, inverse_every, stats_window, return_conditions=False):
+  """FOOF directions for a sequence of steps from explicit batch second moments.
+
+  With ``return_conditions``, also the condition number of the ``A + λI`` each step applies.
+  """
+  directions, conditions = [], []
   weights, total = 0.0, 0.0
   inverse = None
   for t, (update, refactor) in enumerate(ema_schedule(len(a_batches), inverse_every, stats_window)):
@@ -73,5 +76,67 @@ def foof_directions(a_batches, grads, damping, decay, inverse_every, stats_windo
     if refactor:
       a = total / weights
       inverse = np.linalg.inv(a + damping * np.eye(a.shape[0]))
+      condition = np.linalg.cond(a + damping * np.eye(a.shape[0]))
     directions.append(inverse @ grads[t])
-  return directions
+    conditions.append(condition)
+  return (directions, conditions) if return_conditions else directions
+
+
+def kfac_directions(a_batches, g_batches, grads, damping, decay, inverse_every, stats_window, mode):
+  """KFAC directions over steps with the explicit Kronecker product of the damped factors.
+
+  Returns ``(directions, conditions)``: the conditions are those of the damped curvature
+  (``(A + π√λ I)⊗(G + √λ/π I)`` or ``A⊗G + λI``) each step applies.
+  """
+  weight, a_sum, g_sum = 0.0, 0.0, 0.0
+  directions, conditions = [], []
+  for t, (update, refactor) in enumerate(ema_schedule(len(grads), inverse_every, stats_window)):
+    if update:
+      weight = decay * weight + 1.0
+      a_sum = decay * a_sum + a_batches[t]
+      g_sum = decay * g_sum + g_batches[t]
+    if refactor:
+      a, g = a_sum / weight, g_sum / weight
+      eye_a, eye_g = np.eye(a.shape[0]), np.eye(g.shape[0])
+      if mode == "heuristic":
+        pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+        curvature = np.kron(a + pi * np.sqrt(damping) * eye_a, g + np.sqrt(damping) / pi * eye_g)
+      else:
+        curvature = np.kron(a, g) + damping * np.eye(a.shape[0] * g.shape[0])
+    directions.append(np.linalg.solve(curvature, grads[t].reshape(-1)).reshape(grads[t].shape))
+    conditions.append(np.linalg.cond(curvature))
+  return directions, conditions
+
+
+def per_example_gradients(inputs, cotangents):
+  """``ψ_i = ā_i (n·cot_i)ᵀ`` of a dense layer with one position: ``(n, d_in, d_out)``."""
+  n = inputs.shape[0]
+  return np.einsum("ni,no->nio", inputs, n * cotangents)
+
+
+def natural_gradient_directions(psis, grads, damping):
+  """``(F + λI)⁻¹ ∇`` for ``F = (1/n) Σ_i ψ_i ψ_iᵀ`` over the layers given (their ψ concatenated).
+
+  ``psis`` and ``grads`` are lists over layers; returns the directions per layer and the
+  condition number of ``F + λI``.
+  """
+  n = psis[0].shape[0]
+  columns = np.concatenate([psi.reshape(n, -1) for psi in psis], axis=1)
+  fisher = columns.T @ columns / n + damping * np.eye(columns.shape[1])
+  flat = np.linalg.solve(fisher, np.concatenate([g.reshape(-1) for g in grads]))
+  out, start = [], 0
+  for g in grads:
+    out.append(flat[start : start + g.size].reshape(g.shape))
+    start += g.size
+  return out, np.linalg.cond(fisher)
+
+
+def fngd_coefficients(psi, alpha):
+  """``c = (1/n)(I + K/λ)⁻¹ 1`` with ``K = ΨΨᵀ``, ``λ = α‖K‖_F`` (``1/n`` for ``K = 0``)."""
+  psi = psi.reshape(psi.shape[0], -1)
+  n = psi.shape[0]
+  gram = psi @ psi.T
+  lam = alpha * np.linalg.norm(gram, "fro")
+  if lam == 0:
+    return np.full(n, 1.0 / n)
+  return np.linalg.solve(np.eye(n) + gram / lam, np.ones(n) / n)
