@@ -13,6 +13,7 @@ Public API:
   coefficient_phase     the same for FNGD's coefficient sharing
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
   TrainState            flax TrainState whose apply_gradients(grads=..., stats=...) forwards stats
+  kernel_input_ndim     the layouts (input and stack axes) of captured layers, for the transforms
   nnx.value_grad_and_stats  the same capture for flax.nnx models
 """
 
@@ -39,6 +40,8 @@ from neuron_optax.laplace import (
 from neuron_optax.layer_stats import LayerMoments, LayerStats
 from neuron_optax.linen import value_grad_and_stats
 from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
+from neuron_optax.param_layout import KernelLayout
+from neuron_optax.param_layout import kernel_layouts as kernel_input_ndim
 from neuron_optax.train_state import TrainState
 
 __all__ = [
@@ -49,6 +52,8 @@ __all__ = [
   "TrainState",
   "nnx",
   "LayerStats",
+  "KernelLayout",
+  "kernel_input_ndim",
   "value_grad_and_stats",
   "foof",
   "FoofState",

@@ -161,7 +161,8 @@ def natural_gradient(
     updates, state, params=None, *, stats: Stats | None = None, fisher_stats: Stats | None = None, **extra_args
   ):
     del params, extra_args
-    shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
+    # Stateless: the statistics' own layouts (stacked layers) need no kernel_input_ndim.
+    shapes = param_layout.candidate_layers(updates, kernel_input_ndim, stats if fisher_stats is None else fisher_stats)
     fisher = _fisher_stats(stats, fisher_stats, shapes)
     keys = list(fisher)
     if not keys:

@@ -8,8 +8,7 @@
   axes) projections of ``nn.MultiHeadDotProductAttention`` vs a NumPy attention.
 * a 2-layer Transformer LM on :mod:`neuron_optax.examples.text` trains with every method,
   and its embedding, positional table and LayerNorm leaves pass through unchanged.
-* blocks inside ``nn.remat`` / a Dense inside ``nn.scan``: a clear ``NotImplementedError``
-  while tracing (jitted or not), not a leaked tracer.
+* blocks inside ``nn.remat`` record what the same blocks without it record (jitted or not).
 * :mod:`neuron_optax.examples.text`: vocabulary, encode/decode, batch samplers, errors.
 """
 
@@ -417,48 +416,25 @@ class ResidualBlock(nn.Module):
     return x + nn.Dense(x.shape[-1], name="mlp")(jnp.tanh(nn.LayerNorm()(x)))
 
 
-class ScannedCells(nn.Module):
-  """Three tanh-Dense cells applied with ``nn.scan`` (stacked parameters, one traced body)."""
-
-  @nn.compact
-  def __call__(self, x):
-    cells = nn.scan(DenseCell, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-    x, _ = cells(name="cells")(x, None)
-    return x
-
-
-class DenseCell(nn.Module):
-  @nn.compact
-  def __call__(self, carry, _):
-    return jnp.tanh(nn.Dense(carry.shape[-1], name="mlp")(carry)), None
-
-
 def _capture_stats(model, params, x, jit):
   loss_fn = lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)
   capture = nox.value_grad_and_stats(loss_fn)
   return (jax.jit(capture) if jit else capture)(params)[2]
 
 
-# Layers inside lifted transforms run in an inner JAX trace; their recorded inputs would leak out of
-# it (under jit: UnexpectedTracerError far from the cause). Capture refuses them while tracing.
+# Layers inside lifted transforms run in an inner JAX trace; capture reads them through probes that
+# nn.remat slices like the parameters (tests/test_stacked.py: nn.scan, nn.vmap, nn.remat_scan, errors).
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_remat_blocks_are_a_clear_capture_error(jit):
-  x = jax.random.normal(jax.random.key(0), (2, 3, 4))
-  params = ResidualStack().init(jax.random.key(1), x)["params"]
-  with pytest.raises(NotImplementedError, match=r"'block_0/mlp'.*nn\.remat.*cannot capture"):
-    _capture_stats(ResidualStack(remat=True), params, x, jit)
-  plain = _capture_stats(ResidualStack(), params, x, jit)  # the same blocks without nn.remat
-  assert set(plain) == {("block_0", "mlp"), ("block_1", "mlp")}
-  assert all(s.inputs.shape == (2, 3, 4) for s in plain.values())
-
-
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_scanned_dense_is_a_clear_capture_error(jit):
-  x = jax.random.normal(jax.random.key(0), (2, 4))
-  params = ScannedCells().init(jax.random.key(1), x)["params"]
-  assert params["cells"]["mlp"]["kernel"].shape == (3, 4, 4)
-  with pytest.raises(NotImplementedError, match=r"'cells/mlp'.*nn\.scan"):
-    _capture_stats(ScannedCells(), params, x, jit)
+def test_remat_blocks_are_captured_like_plain_blocks(x64, jit):
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4), jnp.float64)
+  params = init_f64(ResidualStack(), x)
+  remat = _capture_stats(ResidualStack(remat=True), params, x, jit)
+  plain = _capture_stats(ResidualStack(), params, x, jit)
+  assert set(remat) == set(plain) == {("block_0", "mlp"), ("block_1", "mlp")}
+  for key, s in plain.items():
+    assert s.inputs.shape == (2, 3, 4) and remat[key].stack_shape == ()
+    np.testing.assert_allclose(remat[key].inputs, s.inputs, rtol=1e-12)
+    np.testing.assert_allclose(remat[key].cotangents, s.cotangents, rtol=1e-12)
 
 
 # --------------------------------------------------------------------------- #
