@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import assert_stats_match_grads, init_f64
+from flax import nnx
 
 import neuron_optax as nox
 
@@ -281,3 +282,109 @@ def test_stateful_transforms_need_the_layout_of_stacked_layers():
   assert state.layers["cells/mlp[1]"].a_ema.shape == (WIDTH + 1, WIDTH + 1)
   direction, _ = jax.eval_shape(lambda g, s, p: tx.update(g, tx.init(p), p, stats=s), grads, stats, params)
   assert direction["cells"]["mlp"]["kernel"].shape == (LENGTH, WIDTH, WIDTH)
+
+
+# --------------------------------------------------------------------------- #
+# NNX: modules built with nnx.vmap, applied with nnx.scan (+ nnx.remat) or nnx.vmap
+# --------------------------------------------------------------------------- #
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(WIDTH, WIDTH, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x):
+    return jnp.tanh(self.linear(x))
+
+
+class NnxStacked(nnx.Module):
+  """``LENGTH`` blocks with stacked parameters, applied in sequence (``nnx.scan`` of ``nnx.remat``)
+  or side by side (``nnx.vmap``, summed)."""
+
+  def __init__(self, rngs, kind):
+    @nnx.split_rngs(splits=LENGTH)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return NnxBlock(rngs)
+
+    self.blocks = create(rngs)
+    self.head = nnx.Linear(WIDTH, 2, rngs=rngs, param_dtype=jnp.float64)
+    self.kind = kind
+
+  def __call__(self, x):
+    if self.kind == "scan":
+
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def body(x, block):
+        return nnx.remat(lambda block, x: block(x))(block, x)
+
+      x = body(x, self.blocks)
+    else:
+      x = nnx.vmap(lambda block, x: block(x), in_axes=(0, None))(self.blocks, x).sum(0)
+    return self.head(x)
+
+
+class NnxUnrolled(nnx.Module):
+  """The same blocks as separate modules (parameters copied from a stacked model)."""
+
+  def __init__(self, stacked: NnxStacked):
+    self.blocks = nnx.List([NnxBlock(nnx.Rngs(0)) for _ in range(LENGTH)])
+    for i, block in enumerate(self.blocks):
+      block.linear.kernel[...] = stacked.blocks.linear.kernel[i]
+      block.linear.bias[...] = stacked.blocks.linear.bias[i]
+    self.head = nnx.clone(stacked.head)
+    self.kind = stacked.kind
+
+  def __call__(self, x):
+    if self.kind == "scan":
+      for block in self.blocks:
+        x = block(x)
+    else:
+      x = sum(block(x) for block in self.blocks)
+    return self.head(x)
+
+
+def _nnx_xent(model, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+@pytest.mark.parametrize("kind", ["scan", "vmap"])
+def test_nnx_stacked_modules_match_unrolled(x64, kind):
+  x, y = _data()
+  model = NnxStacked(nnx.Rngs(0), kind)
+  unrolled = NnxUnrolled(model)
+  layout = nox.nnx.kernel_input_ndim(model)
+  assert layout == {"blocks/linear": nox.KernelLayout(1, 1), "head": 1}
+
+  @nnx.jit
+  def directions(model, unrolled):
+    out = []
+    for m, kin in ((model, layout), (unrolled, None)):
+      _, grads, stats = nox.nnx.value_grad_and_stats(_nnx_xent, fisher="full", likelihood="categorical")(m, x, y)
+      params = nnx.state(m, nnx.Param)
+      foof = nox.foof(0.5, kernel_input_ndim=kin)
+      natural = nox.natural_gradient(0.1)
+      out.append(
+        (
+          stats,
+          foof.update(grads, foof.init(params), params, stats=stats)[0],
+          natural.update(grads, natural.init(params), params, stats=stats)[0],
+        )
+      )
+    return out
+
+  (stats, *stacked), (unrolled_stats, *reference) = directions(model, unrolled)
+  assert not hasattr(model.blocks.linear, nox.nnx._KEY_ATTRIBUTE)  # nothing left on the user's model
+  assert stats[("blocks", "linear")].stack_shape == (LENGTH,)
+  for i in range(LENGTH):
+    copy, expected = stats[("blocks", "linear")].copy((i,)), unrolled_stats[("blocks", i, "linear")]
+    np.testing.assert_allclose(copy.inputs, expected.inputs, rtol=1e-12)
+    np.testing.assert_allclose(copy.fisher_cotangents, expected.fisher_cotangents, rtol=1e-10, atol=1e-16)
+  for direction, expected in zip(stacked, reference):
+    direction, expected = nnx.to_pure_dict(direction), nnx.to_pure_dict(expected)
+    np.testing.assert_allclose(direction["head"]["kernel"], expected["head"]["kernel"], rtol=1e-9)
+    for i in range(LENGTH):
+      for leaf in ("kernel", "bias"):
+        np.testing.assert_allclose(
+          direction["blocks"]["linear"][leaf][i], expected["blocks"][i]["linear"][leaf], rtol=1e-9, atol=1e-13
+        )
