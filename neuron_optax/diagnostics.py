@@ -53,7 +53,7 @@ def kfac_foof_similarity(
   hyperparams.check_positive("kfac_foof_similarity", "damping", damping)
   if foof_damping is not None:
     hyperparams.check_positive("kfac_foof_similarity", "foof_damping", foof_damping)
-  shapes = param_layout.candidate_layers(grads, kernel_input_ndim)
+  shapes = param_layout.candidate_layers(grads, kernel_input_ndim, stats)
   stats = param_layout.check_stats(stats, shapes, "kfac_foof_similarity")
   gradients = param_layout.gradient_matrices(grads, shapes, stats)
   similarity = {}
@@ -62,9 +62,12 @@ def kfac_foof_similarity(
     gradient = gradients[key].astype(dtype)
     a, g = kronecker.batch_factors(layer_stats, dtype)
     a_damping, g_damping = kronecker.heuristic_dampings(a, g, damping)
-    a_inverse = linalg.damped_inverse(a, a_damping)
-    kfac_direction = a_inverse @ gradient @ linalg.damped_inverse(g, g_damping)
+    # An embedding's A is diagonal, kept as its diagonal: its inverse scales the gradient's rows.
+    inverse = linalg.damped_inverse_diagonal if a.ndim == 1 else linalg.damped_inverse
+    apply = (lambda m, x: m[:, None] * x) if a.ndim == 1 else (lambda m, x: m @ x)
+    a_inverse = inverse(a, a_damping)
+    kfac_direction = apply(a_inverse, gradient) @ linalg.damped_inverse(g, g_damping)
     if foof_damping is not None:
-      a_inverse = linalg.damped_inverse(a, foof_damping)
-    similarity[layer_name(key)] = _cosine(kfac_direction, a_inverse @ gradient)
+      a_inverse = inverse(a, foof_damping)
+    similarity[layer_name(key)] = _cosine(kfac_direction, apply(a_inverse, gradient))
   return similarity

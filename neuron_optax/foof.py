@@ -32,9 +32,9 @@ from neuron_optax.layer_stats import Stats, layer_name
 
 
 class FoofLayerState(NamedTuple):
-  a_ema: jax.Array  # biased EMA of A (divide by a_weight)
+  a_ema: jax.Array  # biased EMA of A (divide by a_weight); an embedding's diagonal A as its diagonal
   a_updates: jax.Array  # number of finite batches in the EMA
-  a_inverse: jax.Array  # (A + λI)⁻¹ from the last re-factorisation
+  a_inverse: jax.Array  # (A + λI)⁻¹ from the last re-factorisation (embeddings: its diagonal)
   a_weight: jax.Array  # debiasing weight of the EMA (1 − β^k for a constant decay β)
 
 
@@ -109,10 +109,11 @@ def foof(
     initial_damping = hyperparams.value_at(damping, jnp.zeros([], jnp.int32))
     for key, shape in param_layout.candidate_layers(params, kernel_input_ndim).items():
       dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
+      factor_shape = param_layout.input_factor_shape(shape)
       layers[layer_name(key)] = FoofLayerState(
-        a_ema=jnp.zeros((shape.d_in, shape.d_in), dtype),
+        a_ema=jnp.zeros(factor_shape, dtype),
         a_updates=jnp.zeros([], jnp.int32),
-        a_inverse=jnp.eye(shape.d_in, dtype=dtype) / initial_damping.astype(dtype),
+        a_inverse=param_layout.identity(factor_shape, dtype) / initial_damping.astype(dtype),
         a_weight=jnp.zeros([], dtype),
       )
     return FoofState(count=jnp.zeros([], jnp.int32), layers=layers, damping=initial_damping)
@@ -123,7 +124,7 @@ def foof(
     stats = param_layout.check_stats(stats, shapes, "foof")
     names = {key: layer_name(key) for key in stats}
     for key in stats:
-      amortisation.check_state_layer("foof", state.layers, key, (shapes[key].d_in,) * 2, "a_ema")
+      amortisation.check_state_layer("foof", state.layers, key, param_layout.input_factor_shape(shapes[key]), "a_ema")
     damping_now = hyperparams.value_at(damping, state.count, state.damping.dtype)
     damping_ok = hyperparams.valid(damping_now)
     decay = hyperparams.value_at(ema_decay, state.count, state.damping.dtype)
@@ -147,7 +148,9 @@ def foof(
         name: (amortisation.debiased(ema, weight), damping_now.astype(ema.dtype))
         for name, (ema, _, weight) in averages.items()
       }
-      return factorisation.factorise_by_shape(linalg.damped_inverse, operands, distribute_factorisations)
+      return factorisation.factorise_by_shape(
+        linalg.damped_inverse, operands, distribute_factorisations, linalg.damped_inverse_diagonal
+      )
 
     stored = {name: layer.a_inverse for name, layer in _layers(state, names)}
     inverses, built_with = amortisation.refactorised(

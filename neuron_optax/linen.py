@@ -44,7 +44,7 @@ _TRANSFORMS = (
 
 
 def _is_captured(module: nn.Module) -> bool:
-  return isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))
+  return isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed))
 
 
 def _param_name(module: nn.Module) -> str:

@@ -114,7 +114,7 @@ from neuron_optax.param_layout import KernelLayout
 
 __all__ = ["value_grad_and_stats", "kernel_input_ndim", "captured_layers"]
 
-_CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+_CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum, nnx.Embed)
 
 
 # --------------------------------------------------------------------------- #
@@ -197,6 +197,9 @@ def _meta(module, kind: str, input_ndim: int) -> dict[str, Any]:
 
 def _layout(module, key: LayerKey, x: jax.Array, args, kwargs) -> _Layout | None:
   """How to read rows off this call of ``module``; ``None`` leaves it uncaptured."""
+  if isinstance(module, nnx.Embed):
+    meta = dict(kind="embed", has_bias=False, kernel_shape=tuple(module.embedding.shape), kernel_input_ndim=1)
+    return _Layout(functools.partial(layer_rows.token_rows, key=key), meta)
   if isinstance(module, nnx.Conv):
     rows = functools.partial(
       layer_rows.conv_input,

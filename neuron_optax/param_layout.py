@@ -166,7 +166,7 @@ def candidate_layers(
   flat = flatten(params).leaves
   captured = {key: KernelLayout(s.kernel_input_ndim, len(s.stack_shape)) for key, s in (stats or {}).items()}
   for path, leaf in flat.items():
-    if not path or path[-1] not in ("kernel",) or jnp.ndim(leaf) < 2:
+    if not path or path[-1] not in ("kernel", "embedding") or jnp.ndim(leaf) < 2:
       continue
     key = tuple(path[:-1])
     shape = tuple(jnp.shape(leaf))
@@ -178,9 +178,10 @@ def candidate_layers(
       layout = KernelLayout(1 if embedding else default_kernel_input_ndim(layer_name(key), shape))
     stack, k = layout.stack_ndim, layout.input_ndim
     if not 0 <= stack < len(shape) - 1 or not 1 <= k < len(shape) - stack or (embedding and k != 1):
+      given = layout if stack else k
       raise ValueError(
-        f"kernel_input_ndim[{layer_name(key)!r}]={layout} does not fit a {path[-1]} of shape {shape}: "
-        "it needs 0 <= stack_ndim, 1 <= input_ndim and at least one output axis (embeddings: input_ndim=1)."
+        f"kernel_input_ndim[{layer_name(key)!r}]={given} is not in [1, {len(shape) - stack - 1}] for a "
+        f"{path[-1]} of shape {shape} with {stack} stack axes (embeddings have 1 input axis)."
       )
     kernel_shape = shape[stack:]
     has_bias = not embedding and key + ("bias",) in flat
@@ -373,6 +374,17 @@ def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys, fn: Callabl
         value = value.at[index].set(part.reshape(leaf.shape[len(index) :]))
       flat[leaf_path] = value
   return tree.rebuild(flat)
+
+
+def input_factor_shape(shape: LayerShape) -> tuple[int, ...]:
+  """Shape of a layer's input factor ``A``: ``(d_in, d_in)``, or ``(vocab,)`` for an embedding,
+  whose ``A`` (of one-hot rows) is diagonal and kept as its diagonal."""
+  return (shape.d_in,) if shape.is_embedding else (shape.d_in, shape.d_in)
+
+
+def identity(factor_shape: tuple[int, ...], dtype) -> jax.Array:
+  """The identity matrix in a factor's storage (a vector of ones for a diagonal factor)."""
+  return jnp.ones(factor_shape, dtype) if len(factor_shape) == 1 else jnp.eye(factor_shape[0], dtype=dtype)
 
 
 def statistics_dtype(dtype) -> jnp.dtype:

@@ -106,8 +106,9 @@ METHODS = {
 
 
 def test_scanned_directions_match_unrolled_for_every_method(x64):
-  """Three steps of every method (MC Fisher for KFAC and the natural gradient) on both models;
-  the scanned cells are rematerialised (nn.remat), which changes nothing but memory."""
+  """Three steps of every method on both models, from one MC-Fisher capture per step (FOOF and FNGD
+  ignore its Fisher cotangents); every method keeps its own state, the parameters follow FOOF. The
+  scanned cells are rematerialised (nn.remat), which changes nothing but memory."""
   x, y = _data()
   params = init_f64(Scanned(), x)
   _, _, stats = nox.value_grad_and_stats(_xent(Scanned(), x, y))(params)
@@ -115,37 +116,30 @@ def test_scanned_directions_match_unrolled_for_every_method(x64):
   assert layout == {"cells/mlp": nox.KernelLayout(1, 1), "head": 1}
   scanned = {name: make(layout) for name, make in METHODS.items()}
   unrolled = {name: make(None) for name, make in METHODS.items()}
-  fishers = {name: "mc" if name.startswith(("kfac", "natural")) else "empirical" for name in METHODS}
 
-  def capture(model, fisher, p, key):
-    capture = nox.value_grad_and_stats(_xent(model, x, y), fisher=fisher, likelihood="categorical")
-    return capture(p, **({"rng": key} if fisher == "mc" else {}))[1:]
+  def run(model, transforms, params, states, key):
+    capture = nox.value_grad_and_stats(_xent(model, x, y), fisher="mc", likelihood="categorical")
+    _, grads, stats = capture(params, rng=key)
+    return {name: tx.update(grads, states[name], params, stats=stats) for name, tx in transforms.items()}
 
   @jax.jit
-  def step(ps, ss, pu, su, key):
-    out = {}
-    for name in METHODS:
-      grads, stats = capture(Scanned(remat=True), fishers[name], ps[name], key)
-      d, ss_new = scanned[name].update(grads, ss[name], ps[name], stats=stats)
-      grads_u, stats_u = capture(Unrolled(), fishers[name], pu[name], key)
-      du, su_new = unrolled[name].update(grads_u, su[name], pu[name], stats=stats_u)
-      out[name] = (d, ss_new, du, su_new)
-    return out
+  def step(params, states, unrolled_states, key):
+    return run(Scanned(remat=True), scanned, params, states, key), run(
+      Unrolled(), unrolled, _unroll(params), unrolled_states, key
+    )
 
-  ps = {name: params for name in METHODS}
-  pu = {name: _unroll(params) for name in METHODS}
-  ss = {name: tx.init(params) for name, tx in scanned.items()}
-  su = {name: tx.init(_unroll(params)) for name, tx in unrolled.items()}
+  states = {name: tx.init(params) for name, tx in scanned.items()}
+  unrolled_states = {name: tx.init(_unroll(params)) for name, tx in unrolled.items()}
   for t in range(3):
-    out = step(ps, ss, pu, su, jax.random.key(t))
-    for name, (d, ss[name], du, su[name]) in out.items():
+    out, out_unrolled = step(params, states, unrolled_states, jax.random.key(t))
+    for name in METHODS:
+      (direction, states[name]), (expected, unrolled_states[name]) = out[name], out_unrolled[name]
       jax.tree.map(
         lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13, err_msg=f"{name}, step {t}"),
-        _unroll(d),
-        du,
+        _unroll(direction),
+        expected,
       )
-      ps[name] = jax.tree.map(lambda p, u: p - 0.3 * u, ps[name], d)
-      pu[name] = _unroll(ps[name])
+    params = jax.tree.map(lambda p, d: p - 0.3 * d, params, out["foof"][0])
 
 
 class Cell2(nn.Module):
@@ -212,22 +206,15 @@ def test_remat_scan_vmap_and_jit_match_unrolled(x64, kind):
     for model, p, layout in ((Lifted(kind), params, True), (LiftedUnrolled(kind), unrolled_params, False)):
       _, grads, stats = nox.value_grad_and_stats(_xent(model, x, y))(p)
       tx = nox.foof(0.5, kernel_input_ndim=nox.kernel_input_ndim(stats) if layout else None)
-      out.append(
-        (
-          stats,
-          tx.update(grads, tx.init(p), p, stats=stats)[0],
-          nox.natural_gradient(0.1).update(grads, nox.natural_gradient(0.1).init(p), p, stats=stats)[0],
-        )
-      )
+      out.append((stats, tx.update(grads, tx.init(p), p, stats=stats)[0]))
     return out
 
-  (stats, foof, natural), (_, foof_unrolled, natural_unrolled) = directions(params, unrolled_params)
+  (stats, foof), (_, foof_unrolled) = directions(params, unrolled_params)
   stack = {"remat_scan": (2, 3), "vmap": (3,), "jit": ()}[kind]
   assert [s.stack_shape for key, s in stats.items() if key != ("head",)] == [stack]
-  for direction, reference in ((foof, foof_unrolled), (natural, natural_unrolled)):
-    jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13), _lifted_unroll(kind, direction), reference
-    )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13), _lifted_unroll(kind, foof), foof_unrolled
+  )
 
 
 class Unsupported(nn.Module):
@@ -388,3 +375,73 @@ def test_nnx_stacked_modules_match_unrolled(x64, kind):
         np.testing.assert_allclose(
           direction["blocks"]["linear"][leaf][i], expected["blocks"][i]["linear"][leaf], rtol=1e-9, atol=1e-13
         )
+
+
+# --------------------------------------------------------------------------- #
+# bfloat16: a tiny scanned, rematerialised Transformer LM trains with every method
+# --------------------------------------------------------------------------- #
+
+BF16, VOCAB, D_MODEL, SEQ = jnp.bfloat16, 11, 8, 5
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, mask):
+    kw = dict(dtype=BF16, param_dtype=BF16)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attention", **kw)(nn.LayerNorm(**kw)(x), mask=mask)
+    return x + nn.Dense(D_MODEL, name="mlp_in", **kw)(nn.gelu(x)), None
+
+
+class ScannedLM(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    kw = dict(dtype=BF16, param_dtype=BF16)
+    x = nn.Embed(VOCAB, D_MODEL, name="embed", **kw)(tokens)
+    blocks = nn.scan(
+      nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast, length=2
+    )
+    x, _ = blocks(name="blocks")(x, nn.make_causal_mask(tokens))
+    return nn.Dense(VOCAB, name="head", **kw)(nn.LayerNorm(**kw)(x))
+
+
+def test_scanned_bfloat16_transformer_takes_finite_steps_with_every_method():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, size=(3, SEQ + 1)))
+  model = ScannedLM()
+  params = jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"]
+  assert params["blocks"]["attention"]["query"]["kernel"].shape == (2, D_MODEL, 2, D_MODEL // 2)
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, tokens[:, :-1]).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  _, _, stats = jax.eval_shape(nox.value_grad_and_stats(loss_fn), params)
+  layout = nox.kernel_input_ndim(stats)
+  assert layout["blocks/attention/out"] == nox.KernelLayout(2, 1) and layout["embed"] == 1
+  methods = {
+    "foof": nox.foof(1.0, kernel_input_ndim=layout),
+    "kfac_heuristic": nox.kfac(0.1, kernel_input_ndim=layout),
+    "kfac_standard": nox.kfac(0.1, damping_mode="standard", kernel_input_ndim=layout),
+    "fngd": nox.fngd(0.1, steps_per_epoch=2, batch_size=3, kernel_input_ndim=layout),
+    "natural_gradient": nox.natural_gradient(1.0),
+  }
+  capture = nox.value_grad_and_stats(loss_fn, fisher="mc", likelihood="categorical")
+
+  @jax.jit
+  def step(params, states, key):
+    # One capture per step (MC Fisher: KFAC and the natural gradient use it, FOOF and FNGD ignore it);
+    # every method updates its own state, and the parameters follow FOOF.
+    loss, grads, stats = capture(params, rng=key)
+    out = {name: tx.update(grads, states[name], params, stats=stats) for name, tx in methods.items()}
+    return loss, optax.apply_updates(params, jax.tree.map(lambda d: -0.1 * d, out["foof"][0])), out
+
+  states = {name: tx.init(params) for name, tx in methods.items()}
+  assert states["foof"].layers["blocks/attention/query[1]"].a_ema.dtype == jnp.float32  # statistics in float32
+  assert states["kfac_heuristic"].layers["embed"].a_ema.shape == (VOCAB,)
+  for t in range(2):
+    loss, params, out = step(params, states, jax.random.key(t))
+    assert np.isfinite(loss)
+    for name, (direction, states[name]) in out.items():
+      for leaf in jax.tree.leaves(direction):
+        assert leaf.dtype == BF16 and np.all(np.isfinite(np.asarray(leaf, np.float32))), name
+      assert np.any(np.asarray(direction["embed"]["embedding"], np.float32) != 0), name
+      assert np.any(np.asarray(direction["blocks"]["mlp_in"]["kernel"][1], np.float32) != 0), name

@@ -1,4 +1,4 @@
-"""Transformers (linen): token rows, attention projections, embedding pass-through.
+"""Transformers (linen): token rows, attention projections, embedding capture.
 
 * float64 references for the token-row convention: a Dense applied to
   ``(batch, tokens, d)`` has one row per token; FOOF, KFAC (heuristic and an
@@ -7,7 +7,7 @@
 * attention: the query/key/value (3-D kernels, one input axis) and out (two input
   axes) projections of ``nn.MultiHeadDotProductAttention`` vs a NumPy attention.
 * a 2-layer Transformer LM on :mod:`neuron_optax.examples.text` trains with every method,
-  and its embedding, positional table and LayerNorm leaves pass through unchanged.
+  its embedding is preconditioned, and its positional table and LayerNorm leaves pass through unchanged.
 * blocks inside ``nn.remat`` record what the same blocks without it record (jitted or not).
 * :mod:`neuron_optax.examples.text`: vocabulary, encode/decode, batch samplers, errors.
 """
@@ -295,8 +295,14 @@ METHODS = {
   "fngd": (lambda: fngd(0.1, steps_per_epoch=4, batch_size=BATCH), 0.3, "empirical"),
   "natural_gradient_mc": (lambda: nox.natural_gradient(1.0), 0.1, "mc"),
 }
-CAPTURED = [("block_0", "attention", "query"), ("block_1", "attention", "out"), ("block_1", "mlp_in"), ("head",)]
-PASSED_THROUGH = [("embed", "embedding"), ("position",), ("block_0", "LayerNorm_0", "scale"), ("LayerNorm_0", "bias")]
+CAPTURED = [  # leaves the methods precondition
+  ("block_0", "attention", "query", "kernel"),
+  ("block_1", "attention", "out", "kernel"),
+  ("block_1", "mlp_in", "kernel"),
+  ("head", "kernel"),
+  ("embed", "embedding"),
+]
+PASSED_THROUGH = [("position",), ("block_0", "LayerNorm_0", "scale"), ("LayerNorm_0", "bias")]
 
 
 @functools.cache
@@ -355,9 +361,7 @@ def _train(method: str):
     losses.append(float(loss))
     flat_grads, flat_dirs = traverse_util.flatten_dict(grads), traverse_util.flatten_dict(directions)
     pass_through.append(all(np.array_equal(flat_grads[k], flat_dirs[k]) for k in PASSED_THROUGH))
-    changed.append(
-      {layer: not np.allclose(flat_grads[layer + ("kernel",)], flat_dirs[layer + ("kernel",)]) for layer in CAPTURED}
-    )
+    changed.append({leaf: not np.allclose(flat_grads[leaf], flat_dirs[leaf]) for leaf in CAPTURED})
   return dict(
     before=before,
     after=float(_held_out_loss(params, held_out)),
@@ -376,9 +380,9 @@ def test_transformer_lm_trains(method):
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "adamw"])
-def test_transformer_embedding_and_norms_pass_through(method):
+def test_transformer_norms_pass_through_and_embedding_is_preconditioned(method):
   result = _train(method)
-  assert all(result["pass_through"])  # every step: direction == gradient for Embed, position, LayerNorm
+  assert all(result["pass_through"])  # every step: direction == gradient for position, LayerNorm
   assert all(all(step.values()) for step in result["changed"]), result["changed"]  # captured: preconditioned
 
 
@@ -387,12 +391,13 @@ def test_transformer_lm_captures_every_projection():
   capture = nox.value_grad_and_stats(functools.partial(_lm_loss, TransformerLM()))
   _, _, stats = jax.eval_shape(capture, params, held_out[:2])  # shapes and static fields suffice
   expected = (
-    {("head",)}
+    {("head",), ("embed",)}
     | {(f"block_{i}", "attention", p) for i in range(2) for p in ("query", "key", "value", "out")}
     | {(f"block_{i}", m) for i in range(2) for m in ("mlp_in", "mlp_out")}
   )
-  assert set(stats) == expected  # nn.Embed and LayerNorm are not captured
-  assert all(s.inputs.shape[:2] == (2, SEQ_LEN) for s in stats.values())  # tokens are rows
+  assert set(stats) == expected  # LayerNorm is not captured
+  assert all(s.cotangents.shape[:2] == (2, SEQ_LEN) for s in stats.values())  # tokens are rows
+  assert stats[("embed",)].layer_inputs.shape == (2, SEQ_LEN)  # the embedding records token ids
   assert stats[("block_0", "attention", "out")].kernel_input_ndim == 2
   assert stats[("block_0", "attention", "query")].d_in == D_MODEL + 1
 
