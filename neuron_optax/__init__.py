@@ -14,6 +14,7 @@ Public API:
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
   TrainState            flax TrainState whose apply_gradients(grads=..., stats=...) forwards stats
   PrecisionWarning      a damping below the float resolution of a layer's factor (warned once per layer)
+  kernel_input_ndim     the layouts (input and stack axes) of captured layers, for the transforms
   nnx.value_grad_and_stats  the same capture for flax.nnx models
 """
 
@@ -40,6 +41,8 @@ from neuron_optax.laplace import (
 from neuron_optax.layer_stats import LayerMoments, LayerStats
 from neuron_optax.linen import value_grad_and_stats
 from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
+from neuron_optax.param_layout import KernelLayout
+from neuron_optax.param_layout import kernel_layouts as kernel_input_ndim
 from neuron_optax.precision import PrecisionWarning
 from neuron_optax.train_state import TrainState
 
@@ -51,6 +54,8 @@ __all__ = [
   "TrainState",
   "nnx",
   "LayerStats",
+  "KernelLayout",
+  "kernel_input_ndim",
   "value_grad_and_stats",
   "foof",
   "FoofState",

@@ -62,7 +62,8 @@ def accumulate_micro_batches(
     moments = {}
     for key, shape in param_layout.candidate_layers(params, kernel_input_ndim).items():
       dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
-      moments[layer_name(key)] = (jnp.zeros((shape.d_in,) * 2, dtype), jnp.zeros((shape.d_out,) * 2, dtype))
+      input_moment = jnp.zeros(param_layout.input_factor_shape(shape), dtype)  # embeddings: the diagonal
+      moments[layer_name(key)] = (input_moment, jnp.zeros((shape.d_out,) * 2, dtype))
     gradients = jax.tree.map(jnp.zeros_like, params)
     return AccumulationState(jnp.zeros([], jnp.int32), gradients, moments, inner.init(params))
 

@@ -14,17 +14,31 @@ gets back ``(value, grads, stats)``. The driver:
    negative log-likelihood cotangents back through the same linearisation
    (``jax.vjp``), vmapped over the label sets;
 4. assembles one :class:`LayerStats` per layer.
+
+Layers applied inside lifted transforms (``nn.scan``/``nn.vmap`` over stacked
+parameters, ``nn.remat``, ``nn.jit`` and their NNX counterparts) run in an
+inner JAX trace: what they see cannot be handed out of it as Python values.
+For them the shape pass also learns the stack axes (the leading axes their
+parameter has outside the transform) and the real pass gives each call two
+zero **probes** with those axes in front, stored next to the layer's
+parameters so that the transform slices them exactly as it slices the kernel.
+One custom-VJP identity adds the output probe to the call's output and
+returns the call's input as the input probe's cotangent, so differentiating
+w.r.t. the probes yields every copy's output cotangents and inputs, stacked,
+through any number of nested scans, vmaps and rematerialisations.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from neuron_optax import param_layout
 from neuron_optax.layer_stats import ConvGeometry, LayerKey, LayerStats, Stats, layer_name
 
 FisherType = Literal["empirical", "mc", "full"]
@@ -86,17 +100,202 @@ def _describe(value: Any) -> str:
   return f"an array of shape {tuple(shape)}" if shape is not None else f"a {type(value).__name__}"
 
 
-class Recorder:
-  """What one traced call of the loss records (``perturbations=None``: the shape probe)."""
+# --------------------------------------------------------------------------- #
+# Where a captured call runs: the JAX traces between the loss and the call
+# --------------------------------------------------------------------------- #
 
-  def __init__(self, perturbations: dict[LayerKey, list[jax.Array]] | None = None):
+
+def _find_trace_state_getter() -> Callable[[], Any] | None:
+  """``get_opaque_trace_state`` of this JAX version, or ``None`` where it has none.
+
+  Public as ``jax.extend.core.get_opaque_trace_state`` from JAX 0.10 on and as
+  ``jax.core.get_opaque_trace_state`` in the stackless-tracing releases before
+  (the ones Flax's ``flax.core.tracers.current_trace`` also uses).
+  """
+  for namespace in ("jax.extend.core", "jax.core"):
+    try:
+      module = __import__(namespace, fromlist=["get_opaque_trace_state"])
+      getter = module.get_opaque_trace_state
+    except (ImportError, AttributeError):
+      continue
+    return lambda: getter(convention="flax")
+  return None
+
+
+_get_trace_state = _find_trace_state_getter()
+
+
+def trace_state() -> Any:
+  """An opaque token of the innermost active JAX trace: equal tokens mean the same trace."""
+  return None if _get_trace_state is None else _get_trace_state()
+
+
+def _current_trace() -> Any:
+  """The innermost JAX trace object (``None`` where JAX does not expose it; then no
+  layer inside a transform is captured)."""
+  try:
+    from jax._src import core as jax_core
+
+    return jax_core.trace_ctx.trace
+  except (ImportError, AttributeError):  # pragma: no cover - other JAX versions
+    return None
+
+
+# Traces that run their function once per call: the probes of a call inside them are used once.
+_SINGLE_USE = ("jit", "pjit", "checkpoint / remat", "remat")
+
+
+class Nesting(NamedTuple):
+  """The JAX transforms between the loss's trace and a captured call (innermost first)."""
+
+  repeated: int  # transforms that run their body once per index of an axis: vmap, scan
+  prepass: bool  # a partial-evaluation pass whose results are discarded (nn.scan's loop-invariant pass)
+  unsupported: tuple[str, ...]  # any other transform (cond, while_loop, nested differentiation, ...)
+
+
+def nesting(reference: Any) -> Nesting | None:
+  """How the current trace nests inside ``reference`` (the loss's own trace); ``None`` if unknown.
+
+  Reads JAX's trace objects (``parent_trace``, the name a jaxpr trace was
+  started for); where this JAX version does not have them, returns ``None``
+  and capture refuses layers inside transforms, as before it supported them.
+  """
+  trace = _current_trace()
+  repeated, prepass, unsupported = 0, False, []
+  try:
+    while trace is not None and trace is not reference:
+      kind = type(trace).__name__
+      if kind == "BatchTrace":
+        repeated += 1
+      elif kind == "JaxprTrace":
+        prepass = True
+      elif kind == "DynamicJaxprTrace":
+        traced_for = getattr(getattr(trace.frame, "debug_info", None), "traced_for", None)
+        if traced_for == "scan":
+          repeated += 1
+        elif traced_for not in _SINGLE_USE:
+          unsupported.append(str(traced_for))
+      else:
+        unsupported.append(kind)
+      trace = trace.parent_trace
+  except AttributeError:  # pragma: no cover - other JAX versions
+    return None
+  if trace is None:
+    return None
+  return Nesting(repeated, prepass, tuple(unsupported))
+
+
+# --------------------------------------------------------------------------- #
+# Probes of layers inside transforms
+# --------------------------------------------------------------------------- #
+
+
+def probe_names(index: int) -> tuple[str, str]:
+  """Names of the output and input probes of a layer's ``index``-th call inside a transform,
+  stored next to its parameters (linen: in the ``params`` collection; NNX: as attributes)."""
+  return f"__nox_output_probe_{index}__", f"__nox_input_probe_{index}__"
+
+
+def _zero_cotangent(x: jax.Array):
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _probe_dtype(dtype) -> Any:
+  """Integer inputs (token ids) travel as float32 cotangents (exact below 2**24)."""
+  return dtype if jnp.issubdtype(dtype, jnp.inexact) else jnp.float32
+
+
+@jax.custom_vjp
+def _attach_probes(y: jax.Array, output_probe: jax.Array, input_probe: jax.Array, x: jax.Array) -> jax.Array:
+  """``y + output_probe``; the cotangent of ``input_probe`` is ``x`` (whatever the output's is).
+
+  ``x`` gets a zero cotangent here: the layer's own use of it carries its gradient.
+  """
+  del input_probe, x
+  return y + output_probe
+
+
+def _attach_fwd(y, output_probe, input_probe, x):
+  del input_probe
+  return y + output_probe, x
+
+
+def _attach_bwd(x, g):
+  return g, g, x.astype(_probe_dtype(x.dtype)), _zero_cotangent(x)
+
+
+_attach_probes.defvjp(_attach_fwd, _attach_bwd)
+
+
+class CallLayout(NamedTuple):
+  """How a front-end reads one captured call."""
+
+  rows: Callable[
+    [jax.Array], Any
+  ]  # layer input -> dense rows (n, P, d_in), token ids (n, P), or (conv input, geometry)
+  meta: dict[str, Any]  # LayerStats static fields
+  # Output axes in the canonical order (example/position axes, then kernel output axes in kernel
+  # order), or None when the output already is canonical.
+  output_perm: tuple[int, ...] | None = None
+
+
+class _InnerCall(NamedTuple):
+  """A call inside a transform, as the shape pass saw it (one copy)."""
+
+  input: jax.ShapeDtypeStruct
+  output: jax.ShapeDtypeStruct
+  layout: CallLayout
+
+
+def _array_part(recorded):
+  return recorded[0] if isinstance(recorded, tuple) else recorded
+
+
+def _aval(x) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+
+class Recorder:
+  """What one traced call of the loss records (``perturbations=None``: the shape probe).
+
+  Args:
+    perturbations: per layer and call, the zero arrays added to the outputs of
+      calls in the loss's own trace (``None`` in the shape pass).
+    probes: per layer and call inside a transform, the ``(output, input)``
+      zero probes (``None`` in the shape pass); a front-end stores them next
+      to the layer's parameters (:func:`probe_names`).
+    param_shapes: ``{path: shape}`` of the differentiated parameters, for the
+      stack axes of layers inside transforms.
+  """
+
+  def __init__(
+    self,
+    perturbations: dict[LayerKey, list[jax.Array]] | None = None,
+    probes: dict[LayerKey, list[tuple[jax.Array, jax.Array]]] | None = None,
+    param_shapes: Mapping[tuple, tuple[int, ...]] | None = None,
+  ):
     self.perturbations = perturbations
+    self.probes = probes
+    self.param_shapes = param_shapes or {}
     self.calls: dict[LayerKey, int] = {}
     self.inputs: dict[LayerKey, list[jax.Array]] = {}
     self.outputs: dict[LayerKey, list[jax.ShapeDtypeStruct]] = {}
     self.meta: dict[LayerKey, dict[str, Any]] = {}
+    self.inner: dict[LayerKey, list[_InnerCall]] = {}  # calls inside transforms (shape pass)
+    self.used: set[tuple[LayerKey, int]] = set()  # probes used (real pass)
+    self._inner_index: dict[tuple[LayerKey, int], int] = {}
+    self._inner_traces: dict[LayerKey, Any] = {}
     self.model_outputs: list[Any] = []
     self.depth = 0
+    self.reference_state: Any = None
+    self.reference_trace: Any = None
+
+  def start(self) -> None:
+    """Marks the current trace as the loss's own (call inside the traced loss, before ``loss_fn``)."""
+    self.reference_state = trace_state()
+    self.reference_trace = _current_trace()
 
   def nested_call(self, call: Callable[[], Any]) -> Any:
     """Runs a module call; the outermost one's output is the model's output (for the Fisher)."""
@@ -127,7 +326,7 @@ class Recorder:
         canonical already.
     """
     rows, conv = recorded if isinstance(recorded, tuple) else (recorded, None)
-    meta = dict(meta, conv=conv)
+    meta = dict(meta, conv=conv, stack_shape=())
     if key in self.meta and self.meta[key] != meta:
       raise ValueError(f"Layer {layer_name(key)!r} was called twice with different layouts.")
     self.meta[key] = meta
@@ -148,6 +347,106 @@ class Recorder:
       perturbation = jnp.transpose(perturbation, tuple(sorted(range(len(output_perm)), key=output_perm.__getitem__)))
     self.inputs.setdefault(key, []).append(rows)
     return y + perturbation
+
+  def captured_call(
+    self,
+    key: LayerKey,
+    x: jax.Array,
+    call: Callable[[], jax.Array],
+    layout: CallLayout,
+    probe: Callable[[int], tuple[jax.Array | None, jax.Array | None]],
+    transform_names: str,
+  ) -> jax.Array:
+    """One call of a captured layer, wherever it runs; returns its output.
+
+    ``call()`` computes the output from ``x``; ``probe(i)`` reads the probes
+    of the layer's ``i``-th call in the current trace from where the front-end
+    stored them (``(None, None)`` if absent); ``transform_names`` names the
+    front-end's transforms in errors.
+    """
+    if trace_state() == self.reference_state:
+      y = call()
+      return self.layer_call(key, layout.rows(x), layout.meta, y, layout.output_perm)
+    where = nesting(self.reference_trace)
+    if where is None or where.unsupported:
+      inside = "" if where is None else f" (JAX traces it for {', '.join(where.unsupported)})"
+      raise NotImplementedError(
+        f"Layer {layer_name(key)!r} is applied inside a transform{inside} that value_grad_and_stats "
+        f"cannot capture. Supported: {transform_names}. Apply the layer outside other transforms "
+        "(cond, while_loop, differentiation inside loss_fn, ...)."
+      )
+    if where.prepass:  # nn.scan's loop-invariant pass: its results are discarded
+      return call()
+    meta = dict(layout.meta, stack_shape=self._stack_shape(key, layout.meta))
+    stack = meta["stack_shape"]
+    if where.repeated != len(stack):
+      raise NotImplementedError(
+        f"Layer {layer_name(key)!r} runs inside {where.repeated} nested vmap/scan transform(s), "
+        f"but its parameters have {len(stack)} stacked axes {stack}: the same weights "
+        "serve several iterations (nn.scan with variable_broadcast='params', as in nn.RNN; nn.vmap "
+        "with variable_axes={'params': None}; jax.vmap over examples inside loss_fn), which "
+        "value_grad_and_stats cannot capture. Stack the parameters (variable_axes={'params': 0}), "
+        "or apply the layer outside the transform."
+      )
+    trace = _current_trace()
+    index = self._inner_index.get((key, id(trace)), 0)
+    self._inner_index[key, id(trace)] = index + 1
+    # Calls are numbered per trace, so that a body JAX traces twice (a retrace) uses the same probes;
+    # the same layer in two different transforms would then share a probe and sum its rows.
+    if index == 0 and self._inner_traces.setdefault(key, trace) is not trace:
+      raise NotImplementedError(
+        f"Layer {layer_name(key)!r} is applied inside two separate transforms (e.g. one layer "
+        "shared by two nn.remat blocks); value_grad_and_stats cannot capture it. Apply it "
+        "inside one transform, or outside."
+      )
+    y = call()
+    recorded = layout.rows(x)  # validates the call and, for convolutions, gives the geometry
+    rows, conv = recorded if isinstance(recorded, tuple) else (recorded, None)
+    meta["conv"] = conv
+    if key in self.meta and self.meta[key] != meta:
+      raise ValueError(f"Layer {layer_name(key)!r} was called twice with different layouts.")
+    self.meta[key] = meta
+    if self.probes is None:
+      calls = self.inner.setdefault(key, [])
+      if index == len(calls):
+        calls.append(_InnerCall(_aval(x), _aval(y), layout))
+      return y
+    output_probe, input_probe = probe(index)
+    expected = self.probes.get(key, [])
+    if index >= len(expected) or output_probe is None or input_probe is None:
+      raise ValueError(
+        f"Layer {layer_name(key)!r} was called more often inside a transform than when "
+        "neuron_optax traced the loss for shapes; loss_fn must apply the same layers on every call."
+      )
+    if output_probe.shape != y.shape or input_probe.shape != jnp.shape(x):
+      raise NotImplementedError(
+        f"Layer {layer_name(key)!r}: the transform around it did not slice the probes stored next "
+        f"to its parameters as it sliced the parameters (probe {output_probe.shape}, call output "
+        f"{y.shape}); value_grad_and_stats needs the layer's whole parameter subtree scanned or "
+        "vmapped along axis 0 (variable_axes={'params': 0}; NNX: in_axes=0 for the module's state)."
+      )
+    self.used.add((key, index))
+    return _attach_probes(y, output_probe, input_probe, x)
+
+  def _stack_shape(self, key: LayerKey, meta: dict[str, Any]) -> tuple[int, ...]:
+    """The leading axes the layer's parameter has outside the transform (``()``: not stacked)."""
+    name = "embedding" if meta["kind"] == "embed" else "kernel"
+    outer = self.param_shapes.get(key + (name,))
+    inner = tuple(meta["kernel_shape"])
+    if outer is None:
+      raise NotImplementedError(
+        f"Layer {layer_name(key)!r} is applied inside a transform, but the differentiated "
+        f"parameters have no {name!r} at that path, so its stacked axes are unknown. Apply the "
+        "model to the whole parameter tree passed to loss_fn."
+      )
+    stack = len(outer) - len(inner)
+    if stack < 0 or tuple(outer[stack:]) != inner:
+      raise NotImplementedError(
+        f"Layer {layer_name(key)!r}: its {name} has shape {tuple(outer)} in the parameters but "
+        f"{inner} inside the transform; neuron_optax supports transforms that stack parameters "
+        "along leading axes only (variable_axes={'params': 0}; NNX: in_axes=0)."
+      )
+    return tuple(outer[:stack])
 
 
 def fisher_output_cotangents(output: jax.Array, fisher: str, likelihood: str, rng: jax.Array | None) -> jax.Array:
@@ -185,54 +484,76 @@ def fisher_output_cotangents(output: jax.Array, fisher: str, likelihood: str, rn
   return (scale * sets).reshape((sets.shape[0],) + output.shape).astype(output.dtype)
 
 
-def _concat_calls(key: LayerKey, parts: list[jax.Array]) -> jax.Array:
+def _concat_calls(key: LayerKey, parts: list[jax.Array], axis: int) -> jax.Array:
+  """The calls of a shared layer pooled along ``axis`` (positions; the example axis is just before)."""
   if len(parts) == 1:
     return parts[0]
-  if len({p.shape[0] for p in parts}) != 1:
+  if len({p.shape[axis - 1] for p in parts}) != 1:
     raise ValueError(
       f"Layer {layer_name(key)!r} is applied {len(parts)} times in one forward pass with "
-      f"different leading (example) sizes {[p.shape[0] for p in parts]}; neuron_optax pools "
+      f"different leading (example) sizes {[p.shape[axis - 1] for p in parts]}; neuron_optax pools "
       "the rows of shared layers per example and needs the same number of examples in each call."
     )
-  return jnp.concatenate(parts, axis=1)
+  return jnp.concatenate(parts, axis=axis)
 
 
 def _rows_like(meta: dict[str, Any], y: jax.Array, n: int) -> jax.Array:
-  """Output cotangent ``y`` of a layer call -> ``(n, P, d_out)`` rows."""
+  """Output cotangent ``y`` of a layer call (stack axes first) -> ``stack + (n, P, d_out)`` rows."""
   d_out = math.prod(meta["kernel_shape"][meta["kernel_input_ndim"] :])
-  return y.reshape(n, -1, d_out)
+  k = len(meta.get("stack_shape", ()))
+  return y.reshape(y.shape[:k] + (n, -1, d_out))
 
 
-def assemble_stats(
-  meta: dict[LayerKey, dict[str, Any]],
-  inputs: Sequence[list[jax.Array]],
-  cots: Sequence[list[jax.Array]],
-  fisher_cots: Sequence[list[jax.Array]] | None,
-) -> Stats:
-  """One :class:`LayerStats` per layer of ``meta`` from what its calls recorded.
+class CallRecord(NamedTuple):
+  """What one call of a layer left: inputs, canonical output cotangents, ``(S, ...)`` Fisher cotangents.
 
-  ``inputs[i]``, ``cots[i]`` and ``fisher_cots[i]`` (``None`` for the empirical
-  Fisher) list the input rows, output cotangents and ``(S, ...)`` Fisher output
-  cotangents of every call of the ``i``-th layer of ``meta``, in call order.
+  All with the layer's stack axes first (the Fisher's label-set axis before them).
   """
+
+  inputs: jax.Array
+  cotangents: jax.Array
+  fisher_cotangents: jax.Array | None
+
+
+def assemble_stats(meta: dict[LayerKey, dict[str, Any]], calls: Mapping[LayerKey, Sequence[CallRecord]]) -> Stats:
+  """One :class:`LayerStats` per layer of ``meta`` from what its calls recorded, in call order."""
   stats: Stats = {}
-  for i, (key, layer_meta) in enumerate(meta.items()):
+  for key, layer_meta in meta.items():
+    records = calls[key]
+    k = len(layer_meta.get("stack_shape", ()))
     conv: ConvGeometry | None = layer_meta.get("conv")
     if conv is None:
-      layer_inputs = _concat_calls(key, inputs[i])
-      n = layer_inputs.shape[0]
+      layer_inputs = _concat_calls(key, [r.inputs for r in records], k + 1)
+      n = layer_inputs.shape[k]
     else:  # the im2col rows are built on demand (LayerStats.inputs)
-      layer_inputs = tuple(inputs[i])
+      layer_inputs = tuple(r.inputs for r in records)
       n = conv.examples
-    layer_cots = _concat_calls(key, [_rows_like(layer_meta, c, n) for c in cots[i]])
+    layer_cots = _concat_calls(key, [_rows_like(layer_meta, r.cotangents, n) for r in records], k + 1)
     layer_fisher = None
-    if fisher_cots is not None:
-      sets = [jax.vmap(lambda c: _rows_like(layer_meta, c, n))(c) for c in fisher_cots[i]]
-      layer_fisher = sets[0] if len(sets) == 1 else jnp.concatenate(sets, axis=2)
+    if records[0].fisher_cotangents is not None:
+      sets = [jax.vmap(lambda c: _rows_like(layer_meta, c, n))(r.fisher_cotangents) for r in records]
+      sets = [jnp.moveaxis(c, 0, k) for c in sets]  # stack axes, then the label sets
+      layer_fisher = _concat_calls(key, sets, k + 2)
     stats[key] = LayerStats(
       layer_inputs=layer_inputs, cotangents=layer_cots, fisher_cotangents=layer_fisher, **layer_meta
     )
   return stats
+
+
+def _inner_inputs(call: _InnerCall, stack: tuple[int, ...], recorded: jax.Array) -> jax.Array:
+  """Rows of every copy from the stacked inputs a call's input probe received."""
+  x = recorded.astype(call.input.dtype).reshape((-1,) + call.input.shape)
+  rows = jax.vmap(lambda v: _array_part(call.layout.rows(v)))(x)
+  return rows.reshape(stack + rows.shape[1:])
+
+
+def _inner_cotangents(call: _InnerCall, stack: tuple[int, ...], cotangent: jax.Array, sets: bool = False) -> jax.Array:
+  """A call's output-probe cotangent, stacked, with the output axes in canonical order."""
+  perm = call.layout.output_perm
+  if perm is None:
+    return cotangent
+  lead = len(stack) + int(sets)
+  return jnp.transpose(cotangent, tuple(range(lead)) + tuple(lead + i for i in perm))
 
 
 Run = Callable[[Recorder, Any], tuple[jax.Array, Any, Any]]
@@ -262,9 +583,10 @@ def value_grad_and_stats(
     model_calls: names, in an error, the calls that count as applying the model.
   """
   validate_rng(fisher, rng)
-  probe = Recorder()
+  param_shapes = {path: tuple(jnp.shape(leaf)) for path, leaf in param_layout.flatten(params).leaves.items()}
+  probe = Recorder(param_shapes=param_shapes)
   jax.eval_shape(lambda p: run(probe, p)[0], params)
-  if not probe.outputs:
+  if not probe.meta:
     raise no_layers()
   empty = sorted(
     layer_name(k) for k, outs in probe.outputs.items() if any(len(o.shape) > 1 and not o.shape[0] for o in outs)
@@ -275,33 +597,49 @@ def value_grad_and_stats(
       "the mean loss over no examples is undefined. Skip empty batches (e.g. drop_remainder=True)."
     )
   keys = list(probe.meta)
-  perturbations = [[jnp.zeros(s.shape, s.dtype) for s in probe.outputs[k]] for k in keys]
+  perturbations = [[jnp.zeros(s.shape, s.dtype) for s in probe.outputs.get(k, [])] for k in keys]
+  stacks = {k: probe.meta[k]["stack_shape"] for k in keys}
+  probes = [
+    [
+      (
+        jnp.zeros(stacks[k] + c.output.shape, c.output.dtype),
+        jnp.zeros(stacks[k] + c.input.shape, _probe_dtype(c.input.dtype)),
+      )
+      for c in probe.inner.get(k, [])
+    ]
+    for k in keys
+  ]
 
-  def traced(p, perts):
-    recorder = Recorder(dict(zip(keys, perts)))
+  def traced(p, perts, inner):
+    recorder = Recorder(dict(zip(keys, perts)), dict(zip(keys, inner)), param_shapes)
     loss, aux, extra = run(recorder, p)
-    missing = [layer_name(k) for k in keys if k not in recorder.inputs]
+    missing = [
+      layer_name(k)
+      for k, calls in zip(keys, inner)
+      if (probe.outputs.get(k) and k not in recorder.inputs)
+      or any((k, i) not in recorder.used for i in range(len(calls)))
+    ]
     if missing:
       raise ValueError(
         f"Layers {missing} were applied when neuron_optax traced the loss for shapes but not in "
         "the differentiated pass; loss_fn must apply the same layers on every call."
       )
-    return loss, recorder, (aux, [recorder.inputs[k] for k in keys], extra)
+    return loss, recorder, (aux, [recorder.inputs.get(k, []) for k in keys], extra)
 
   if fisher == "empirical":
 
-    def differentiable(p, perts):
-      loss, _, recorded = traced(p, perts)
+    def differentiable(p, perts, inner):
+      loss, _, recorded = traced(p, perts, inner)
       return loss, recorded
 
-    (loss, (aux, inputs, extra)), (grads, cots) = jax.value_and_grad(differentiable, argnums=(0, 1), has_aux=True)(
-      params, perturbations
-    )
-    fisher_cots = None
+    (loss, (aux, inputs, extra)), (grads, cots, inner_grads) = jax.value_and_grad(
+      differentiable, argnums=(0, 1, 2), has_aux=True
+    )(params, perturbations, probes)
+    fisher_cots = fisher_inner = None
   else:
 
-    def with_output(p, perts):
-      loss, recorder, recorded = traced(p, perts)
+    def with_output(p, perts, inner):
+      loss, recorder, recorded = traced(p, perts, inner)
       outputs = recorder.model_outputs
       if len(outputs) != 1 or not isinstance(outputs[0], jax.Array):
         raise ValueError(
@@ -310,11 +648,27 @@ def value_grad_and_stats(
         )
       return (loss, outputs[0]), recorded
 
-    (loss, model_out), vjp_fn, (aux, inputs, extra) = jax.vjp(with_output, params, perturbations, has_aux=True)
-    grads, cots = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(model_out)))
+    (loss, model_out), vjp_fn, (aux, inputs, extra) = jax.vjp(with_output, params, perturbations, probes, has_aux=True)
+    grads, cots, inner_grads = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(model_out)))
     out_cots = fisher_output_cotangents(model_out, fisher, likelihood, rng)
-    _, fisher_cots = jax.vmap(lambda c: vjp_fn((jnp.zeros_like(loss), c)))(out_cots)
+    _, fisher_cots, fisher_inner = jax.vmap(lambda c: vjp_fn((jnp.zeros_like(loss), c)))(out_cots)
 
-  stats = assemble_stats(probe.meta, inputs, cots, fisher_cots)
+  calls = {}
+  for i, key in enumerate(keys):
+    records = [
+      CallRecord(inputs[i][j], cots[i][j], None if fisher_cots is None else fisher_cots[i][j])
+      for j in range(len(perturbations[i]))
+    ]
+    for j, call in enumerate(probe.inner.get(key, [])):
+      output_grad, input_grad = inner_grads[i][j]
+      records.append(
+        CallRecord(
+          _inner_inputs(call, stacks[key], input_grad),
+          _inner_cotangents(call, stacks[key], output_grad),
+          None if fisher_inner is None else _inner_cotangents(call, stacks[key], fisher_inner[i][j][0], sets=True),
+        )
+      )
+    calls[key] = records
+  stats = assemble_stats(probe.meta, calls)
   value = (loss, aux) if has_aux else loss
   return value, grads, stats, extra

@@ -1,7 +1,8 @@
 """Contraction orders: the cheapest way to apply a layer's preconditioner.
 
 FOOF and KFAC multiply a ``d_in × d_in`` matrix ``M`` (and for KFAC a
-``d_out × d_out`` matrix on the right) into the layer's gradient ``∇W``. The
+``d_out × d_out`` matrix on the right) into the layer's gradient ``∇W``; a
+diagonal ``M`` (an embedding's, kept as its diagonal) scales its rows. The
 gradient is ``Āᵀ Cot`` over the ``R`` recorded rows, so the product can also be
 taken from the rows: ``(M Āᵀ) Cot``, cheaper when the batch has fewer rows than
 the layer is wide. This module chooses the order; the methods only say which
@@ -38,8 +39,8 @@ def use_rows(stats: LayerStats, contraction: Contraction) -> bool:
   costs ``d_in² · d_out``. Statistics without rows (accumulated moments) always
   use the gradient.
   """
-  if contraction == "gradient" or not stats.has_rows:
-    return False
+  if contraction == "gradient" or not stats.has_rows or stats.kind == "embed":
+    return False  # an embedding's input factor is diagonal: the gradient order is a row scaling
   if contraction == "rows":
     return True
   return stats.num_rows * (stats.d_in + stats.d_out) < stats.d_in * stats.d_out
@@ -90,6 +91,8 @@ def recorded_gradient_matches(gradient: jax.Array, stats: LayerStats) -> jax.Arr
 
 def _gradient_product(matrix: jax.Array, gradient: jax.Array, stats: LayerStats) -> jax.Array:
   gradient = gradient.astype(matrix.dtype)
+  if matrix.ndim == 1:  # a diagonal factor kept as its diagonal (embeddings)
+    return matrix[:, None] * gradient
   if not stats.has_bias or jax.default_backend() == "cpu":
     return matrix @ gradient
   # On accelerators M [K; bᵀ] = M[:, :-1] K + M[:, -1] bᵀ: the kernel and bias gradients arrive as
@@ -140,7 +143,7 @@ def both_sides_from_rows(stats: LayerStats, contraction: Contraction) -> bool:
   rows; it wins when the batch has fewer rows than the layer has inputs and
   outputs (an MLP at batch 100).
   """
-  if contraction == "gradient" or not stats.has_rows:
+  if contraction == "gradient" or not stats.has_rows or stats.kind == "embed":
     return False
   rows = stats.num_rows
   d_in, d_out = stats.d_in, stats.d_out

@@ -58,7 +58,7 @@ def kfac_foof_similarity(
     if callable(value):
       raise ValueError(f"kfac_foof_similarity: {name} must be a number or a scalar array, not a schedule.")
     hyperparams.check_scalar_or_schedule("kfac_foof_similarity", name, value)  # concrete values only
-  shapes = param_layout.candidate_layers(grads, kernel_input_ndim)
+  shapes = param_layout.candidate_layers(grads, kernel_input_ndim, stats)
   stats = param_layout.check_stats(stats, shapes, "kfac_foof_similarity")
   gradients = param_layout.gradient_matrices(grads, shapes, stats)
   similarity = {}
@@ -69,11 +69,14 @@ def kfac_foof_similarity(
     ok = hyperparams.valid(kfac_damping)
     a, g = kronecker.batch_factors(layer_stats, dtype)
     a_damping, g_damping = kronecker.heuristic_dampings(a, g, kfac_damping)
-    a_inverse = linalg.damped_inverse(a, a_damping)
-    kfac_direction = a_inverse @ gradient @ linalg.damped_inverse(g, g_damping)
+    # An embedding's A is diagonal, kept as its diagonal: its inverse scales the gradient's rows.
+    inverse = linalg.damped_inverse_diagonal if a.ndim == 1 else linalg.damped_inverse
+    apply = (lambda m, x: m[:, None] * x) if a.ndim == 1 else (lambda m, x: m @ x)
+    a_inverse = inverse(a, a_damping)
+    kfac_direction = apply(a_inverse, gradient) @ linalg.damped_inverse(g, g_damping)
     if foof_damping is not None:
       fixed = jnp.asarray(foof_damping, dtype)
       ok = ok & hyperparams.valid(fixed)
-      a_inverse = linalg.damped_inverse(a, fixed)
-    similarity[layer_name(key)] = jnp.where(ok, _cosine(kfac_direction, a_inverse @ gradient), jnp.nan)
+      a_inverse = inverse(a, fixed)
+    similarity[layer_name(key)] = jnp.where(ok, _cosine(kfac_direction, apply(a_inverse, gradient)), jnp.nan)
   return similarity

@@ -40,13 +40,18 @@ def validate_distribution(transform: str, distribute: Distribution | None) -> No
 
 
 def factorise_by_shape(
-  fn: Callable[..., Any], operands: Mapping[Hashable, Sequence[jax.Array]], distribute: Distribution | None = None
+  fn: Callable[..., Any],
+  operands: Mapping[Hashable, Sequence[jax.Array]],
+  distribute: Distribution | None = None,
+  diagonal: Callable[..., Any] | None = None,
 ) -> dict[Hashable, Any]:
   """``{name: fn(*operands[name])}``, with one batched call of ``fn`` per group of equal shapes.
 
   ``fn`` must accept stacked operands (a leading axis of matrices) and return
   a pytree of stacked results, as ``linalg.damped_inverse`` and
-  ``linalg.sym_eigh`` do.
+  ``linalg.sym_eigh`` do. Operands whose matrix is 1-D are diagonal matrices
+  kept as their diagonal (an embedding's input factor): ``diagonal(*operands)``
+  handles them elementwise, nothing is factorised.
 
   With ``distribute=(mesh, axis)`` each stack is split along the mesh axis
   (``jax.shard_map``): every device factorises its share of the layers and the
@@ -55,9 +60,14 @@ def factorise_by_shape(
   """
   fn = _one_by_one_on_cpu(fn)
   groups: dict[Any, list[Hashable]] = collections.defaultdict(list)
-  for name, args in operands.items():
-    groups[tuple((x.shape, x.dtype) for x in args)].append(name)
   results = {}
+  for name, args in operands.items():
+    if args[0].ndim == 1:
+      if diagonal is None:
+        raise ValueError(f"factorise_by_shape: {name!r} has a diagonal factor and no `diagonal` function.")
+      results[name] = diagonal(*args)
+    else:
+      groups[tuple((x.shape, x.dtype) for x in args)].append(name)
   for names in groups.values():
     stacked = tuple(jnp.stack(column) for column in zip(*(operands[name] for name in names)))
     batched = fn(*stacked) if distribute is None else _distributed(fn, stacked, distribute)

@@ -102,7 +102,7 @@ import optax
 
 from neuron_optax import amortisation, hyperparams, linalg, param_layout
 from neuron_optax.contraction import recorded_gradient, recorded_gradient_matches
-from neuron_optax.layer_stats import LayerKey, LayerStats, Stats, layer_name
+from neuron_optax.layer_stats import LayerKey, LayerStats, Stats, TokenRows, layer_name
 
 Phase = Literal["auto", "plain", "inversion", "compute", "reuse"]
 # FNGD's steps solve for their coefficients ("inversion") or reuse the stored ones ("plain");
@@ -144,9 +144,9 @@ def _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_ev
   hyperparams.check_integer("fngd", "refresh_every_epochs", refresh_every_epochs, optional=True)
 
 
-def empirical_rows(stats: LayerStats, dtype) -> tuple[jax.Array, jax.Array]:
-  """``(ā, g)``: augmented inputs ``(n, P, d_in)`` and true-label cotangents ``(1, n, P, d_out)``."""
-  a = stats.augmented_inputs(dtype)
+def empirical_rows(stats: LayerStats, dtype) -> tuple[jax.Array | TokenRows, jax.Array]:
+  """``(ā, g)``: augmented inputs ``(n, P, d_in)`` (embeddings: token ids) and true-label cotangents ``(1, n, P, d_out)``."""
+  a = stats.row_operand(dtype)
   g = stats.cotangents.astype(dtype)[None] * stats.batch_size
   return a, g
 

@@ -34,10 +34,15 @@ from neuron_optax.layer_stats import Stats, layer_name
 _INVERSE_AND_FLOOR = functools.partial(linalg.damped_inverse, return_floor=True)
 
 
+def _DIAGONAL_INVERSE_AND_FLOOR(diagonal: jax.Array, damping: jax.Array) -> tuple[jax.Array, jax.Array]:
+  # A diagonal factor (an embedding's) is inverted elementwise: every divisor is at least λ, no floor.
+  return linalg.damped_inverse_diagonal(diagonal, damping), jnp.zeros([], diagonal.dtype)
+
+
 class FoofLayerState(NamedTuple):
-  a_ema: jax.Array  # biased EMA of A (divide by a_weight)
+  a_ema: jax.Array  # biased EMA of A (divide by a_weight); an embedding's diagonal A as its diagonal
   a_updates: jax.Array  # number of finite batches in the EMA
-  a_inverse: jax.Array  # (A + λI)⁻¹ from the last re-factorisation
+  a_inverse: jax.Array  # (A + λI)⁻¹ from the last re-factorisation (embeddings: its diagonal)
   a_weight: jax.Array  # debiasing weight of the EMA (1 − β^k for a constant decay β)
 
 
@@ -120,10 +125,11 @@ def foof(
     initial_damping = hyperparams.value_at(damping, jnp.zeros([], jnp.int32))
     for key, shape in param_layout.candidate_layers(params, kernel_input_ndim).items():
       dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
+      factor_shape = param_layout.input_factor_shape(shape)
       layers[layer_name(key)] = FoofLayerState(
-        a_ema=jnp.zeros((shape.d_in, shape.d_in), dtype),
+        a_ema=jnp.zeros(factor_shape, dtype),
         a_updates=jnp.zeros([], jnp.int32),
-        a_inverse=jnp.eye(shape.d_in, dtype=dtype) / initial_damping.astype(dtype),
+        a_inverse=param_layout.identity(factor_shape, dtype) / initial_damping.astype(dtype),
         a_weight=jnp.zeros([], dtype),
       )
     return FoofState(count=jnp.zeros([], jnp.int32), layers=layers, damping=initial_damping)
@@ -134,8 +140,8 @@ def foof(
     stats = param_layout.check_stats(stats, shapes, "foof")
     names = {key: layer_name(key) for key in stats}
     for key in stats:
-      square = (shapes[key].d_in,) * 2
-      amortisation.check_state_layer("foof", state.layers, key, {"a_ema": square, "a_inverse": square})
+      factor = param_layout.input_factor_shape(shapes[key])  # an embedding's diagonal A: a vector
+      amortisation.check_state_layer("foof", state.layers, key, {"a_ema": factor, "a_inverse": factor})
     damping_now = hyperparams.value_at(damping, state.count, state.damping.dtype)
     damping_ok = hyperparams.valid(damping_now)
     decay = hyperparams.value_at(ema_decay, state.count, state.damping.dtype)
@@ -159,7 +165,9 @@ def foof(
         name: (amortisation.debiased(ema, weight), damping_now.astype(ema.dtype))
         for name, (ema, _, weight) in averages.items()
       }
-      solved = factorisation.factorise_by_shape(_INVERSE_AND_FLOOR, operands, distribute_factorisations)
+      solved = factorisation.factorise_by_shape(
+        _INVERSE_AND_FLOOR, operands, distribute_factorisations, _DIAGONAL_INVERSE_AND_FLOOR
+      )
       precision.warn_if_floored("foof", {name: (floor, damping_now) for name, (_, floor) in solved.items()})
       return {name: inverse for name, (inverse, _) in solved.items()}
 

@@ -72,6 +72,11 @@ _DAMPING_MODES = ("heuristic", "standard")
 _INVERSE_AND_FLOOR = functools.partial(linalg.damped_inverse, return_floor=True)
 
 
+def _DIAGONAL_INVERSE_AND_FLOOR(diagonal: jax.Array, damping: jax.Array) -> tuple[jax.Array, jax.Array]:
+  # A diagonal factor (an embedding's A) is inverted elementwise: every divisor is at least λ, no floor.
+  return linalg.damped_inverse_diagonal(diagonal, damping), jnp.zeros([], diagonal.dtype)
+
+
 class HeuristicFactors(NamedTuple):
   """Products of a heuristic-damping re-factorisation."""
 
@@ -83,13 +88,13 @@ class EigenFactors(NamedTuple):
   """Products of a standard-damping re-factorisation: ``A = U_A diag(a) U_Aᵀ``, same for ``G``."""
 
   a_eigenvalues: jax.Array  # (d_in,)
-  a_eigenvectors: jax.Array  # (d_in, d_in), columns
+  a_eigenvectors: jax.Array | None  # (d_in, d_in), columns; None for a diagonal A (embeddings: U_A = I)
   g_eigenvalues: jax.Array  # (d_out,)
   g_eigenvectors: jax.Array  # (d_out, d_out), columns
 
 
 class KfacLayerState(NamedTuple):
-  a_ema: jax.Array  # biased EMA of A (divide by a_weight)
+  a_ema: jax.Array  # biased EMA of A (divide by a_weight); an embedding's diagonal A as its diagonal
   a_updates: jax.Array  # number of finite batches in the EMA of A
   g_ema: jax.Array  # biased EMA of G (divide by g_weight)
   g_updates: jax.Array  # number of finite batches in the EMA of G
@@ -114,7 +119,10 @@ def precondition(
   """The KFAC direction ``D`` of one layer from its stored factorisation."""
   if isinstance(factors, HeuristicFactors):
     return two_sided_precondition(factors.a_inverse, gradient, factors.g_inverse, stats, contraction)
-  rotated = left_precondition(factors.a_eigenvectors.T, gradient, stats, contraction)
+  if factors.a_eigenvectors is None:  # a diagonal A: U_A = I
+    rotated = gradient.astype(factors.a_eigenvalues.dtype)
+  else:
+    rotated = left_precondition(factors.a_eigenvectors.T, gradient, stats, contraction)
   return linalg.kronecker_eigen_solve(
     (factors.a_eigenvalues, factors.a_eigenvectors),
     (factors.g_eigenvalues, factors.g_eigenvectors),
@@ -194,14 +202,15 @@ def kfac(
   amortisation.validate_phase("kfac", phase)
   heuristic = damping_mode == "heuristic"
 
-  def initial_factors(d_in: int, d_out: int, dtype, initial_damping) -> HeuristicFactors | EigenFactors:
+  def initial_factors(shape, dtype, initial_damping) -> HeuristicFactors | EigenFactors:
     # What refactorise gives for A = G = 0 (π = 1), without running the factorisations.
+    d_in, d_out = shape.d_in, shape.d_out
+    a_identity = param_layout.identity(param_layout.input_factor_shape(shape), dtype)
     if heuristic:
       root = jnp.sqrt(initial_damping).astype(dtype)
-      return HeuristicFactors(jnp.eye(d_in, dtype=dtype) / root, jnp.eye(d_out, dtype=dtype) / root)
-    return EigenFactors(
-      jnp.zeros([d_in], dtype), jnp.eye(d_in, dtype=dtype), jnp.zeros([d_out], dtype), jnp.eye(d_out, dtype=dtype)
-    )
+      return HeuristicFactors(a_identity / root, jnp.eye(d_out, dtype=dtype) / root)
+    a_vectors = None if shape.is_embedding else a_identity
+    return EigenFactors(jnp.zeros([d_in], dtype), a_vectors, jnp.zeros([d_out], dtype), jnp.eye(d_out, dtype=dtype))
 
   def init_fn(params) -> KfacState:
     layers = {}
@@ -209,11 +218,11 @@ def kfac(
     for key, shape in param_layout.candidate_layers(params, kernel_input_ndim).items():
       dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
       layers[layer_name(key)] = KfacLayerState(
-        a_ema=jnp.zeros((shape.d_in, shape.d_in), dtype),
+        a_ema=jnp.zeros(param_layout.input_factor_shape(shape), dtype),
         a_updates=jnp.zeros([], jnp.int32),
         g_ema=jnp.zeros((shape.d_out, shape.d_out), dtype),
         g_updates=jnp.zeros([], jnp.int32),
-        factors=initial_factors(shape.d_in, shape.d_out, dtype, initial_damping),
+        factors=initial_factors(shape, dtype, initial_damping),
         a_weight=jnp.zeros([], dtype),
         g_weight=jnp.zeros([], dtype),
       )
@@ -263,7 +272,10 @@ def kfac(
         else:
           operands[name, "a"], operands[name, "g"] = (a,), (g,)
       solved = factorisation.factorise_by_shape(
-        _INVERSE_AND_FLOOR if heuristic else linalg.sym_eigh, operands, distribute_factorisations
+        _INVERSE_AND_FLOOR if heuristic else linalg.sym_eigh,
+        operands,
+        distribute_factorisations,
+        _DIAGONAL_INVERSE_AND_FLOOR if heuristic else lambda a: (a, None),  # diagonal A: U_A = I
       )
       if heuristic:
         floors = {
@@ -310,8 +322,11 @@ def _check_state_layer(layers: dict, key, shape: param_layout.LayerShape, heuris
       "transform with the damping mode the state was saved with, or call tx.init(params)."
     )
   d_in, d_out = shape.d_in, shape.d_out
+  a_factor = param_layout.input_factor_shape(shape)  # an embedding's diagonal A: a vector
   if heuristic:
-    factors = {"factors.a_inverse": (d_in, d_in), "factors.g_inverse": (d_out, d_out)}
+    factors = {"factors.a_inverse": a_factor, "factors.g_inverse": (d_out, d_out)}
   else:
-    factors = {"factors.a_eigenvectors": (d_in, d_in), "factors.g_eigenvectors": (d_out, d_out)}
-  amortisation.check_state_layer("kfac", layers, key, {"a_ema": (d_in, d_in), "g_ema": (d_out, d_out), **factors})
+    factors = {"factors.a_eigenvalues": (d_in,), "factors.g_eigenvectors": (d_out, d_out)}
+    if not shape.is_embedding:  # a diagonal A keeps no eigenvectors (U_A = I)
+      factors["factors.a_eigenvectors"] = (d_in, d_in)
+  amortisation.check_state_layer("kfac", layers, key, {"a_ema": a_factor, "g_ema": (d_out, d_out), **factors})

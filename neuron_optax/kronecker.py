@@ -16,13 +16,14 @@ from neuron_optax.layer_stats import LayerMoments, LayerStats
 
 
 def batch_factors(stats: LayerStats | LayerMoments, dtype) -> tuple[jax.Array, jax.Array]:
-  """``(A_batch, G_batch)`` of one layer's recorded rows (or accumulated moments)."""
+  """``(A_batch, G_batch)`` of one layer's recorded rows (or accumulated moments); an embedding's ``A``
+  is diagonal and kept as its diagonal ``(vocab,)``."""
   return stats.input_moment(dtype), stats.cotangent_moment(dtype)
 
 
 def heuristic_pi(a: jax.Array, g: jax.Array) -> jax.Array:
   """``π = sqrt((tr A / dim A) / (tr G / dim G))``; 1 where either trace is not positive."""
-  mean_a = jnp.trace(a) / a.shape[0]
+  mean_a = (jnp.sum(a) if a.ndim == 1 else jnp.trace(a)) / a.shape[0]  # a diagonal A kept as its diagonal
   mean_g = jnp.trace(g) / g.shape[0]
   valid = (mean_a > 0) & (mean_g > 0)
   ratio = jnp.where(valid, mean_a, 1) / jnp.where(valid, mean_g, 1)

@@ -154,6 +154,18 @@ def _is_factors(stats: Any) -> bool:
   return isinstance(stats, Mapping) and bool(stats) and all(isinstance(v, KroneckerFactors) for v in stats.values())
 
 
+def _check_supported(where: str, stats: Mapping) -> None:
+  """Stacked layers and embeddings are not handled by the Laplace tools yet."""
+  unsupported = sorted(
+    layer_name(key) for key, s in stats.items() if getattr(s, "stack_shape", ()) or getattr(s, "kind", "") == "embed"
+  )
+  if unsupported:
+    raise NotImplementedError(
+      f"{where}: layers {unsupported} are stacked (nn.scan/nn.vmap) or embeddings, which the Laplace tools do "
+      "not handle yet. Pass a sub-dict of stats without them (those parameters are then held at the MAP)."
+    )
+
+
 def _layers(where: str, tree, stats, what: str) -> tuple[dict[LayerKey, param_layout.LayerShape], list[LayerKey]]:
   """Shapes of ``tree``'s candidate layers and the keys of ``stats``, validated."""
   if stats is None or (isinstance(stats, Mapping) and not stats):
@@ -165,6 +177,7 @@ def _layers(where: str, tree, stats, what: str) -> tuple[dict[LayerKey, param_la
     raise TypeError(
       f"{where}: `stats` must be the dict returned by nox.value_grad_and_stats, got {type(stats).__name__}."
     )
+  _check_supported(where, stats)
   shapes = param_layout.candidate_layers(tree)
   missing = sorted(layer_name(k) for k in stats if k not in shapes)
   if missing:
@@ -375,6 +388,7 @@ def kronecker_factors(source, *, ema_decay: float | None = None, positions: int 
   if _is_factors(source):
     return dict(source)
   if _is_moments(source):
+    _check_supported(where, source)
     out = {}
     for key, s in source.items():
       dtype = param_layout.statistics_dtype(jnp.result_type(*jax.tree_util.tree_leaves(s)))
@@ -388,6 +402,11 @@ def kronecker_factors(source, *, ema_decay: float | None = None, positions: int 
     for name, layer in layers.items():
       p = positions_of(name)
       a = _debiased(where, layer, "a", ema_decay)
+      if a.ndim == 1:
+        raise NotImplementedError(
+          f"{where}: layer {name!r} of the state is an embedding (a diagonal input factor), which the Laplace "
+          "tools do not handle yet; pass a mapping of KroneckerFactors without it."
+        )
       g = _debiased(where, layer, "g", ema_decay) * p if hasattr(layer, "g_ema") else None
       out[name] = KroneckerFactors(a, g)
     return out

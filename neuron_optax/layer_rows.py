@@ -1,7 +1,7 @@
 """How a layer call's input becomes rows: the row builders both front-ends share.
 
 Dense layers give rows ``(n, P, d_in)`` (leading axis examples, the other
-non-contracted axes positions). Convolutions give their prepared input (one
+non-contracted axes positions); embeddings their token ids ``(n, P)``. Convolutions give their prepared input (one
 batch axis, padding modes applied) and a :class:`ConvGeometry`, from which the
 im2col rows are built on demand. The functions take the layers' attributes as
 plain values, named as ``nn.DenseGeneral``/``nn.Conv`` and
@@ -25,6 +25,20 @@ def as_rows(x: jax.Array) -> jax.Array:
   if x.ndim == 1:
     return x.reshape(1, 1, x.shape[0])
   return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # no -1: an empty batch has no size to infer
+
+
+def token_rows(ids: jax.Array, key: LayerKey) -> jax.Array:
+  """``(...)`` token ids of an embedding lookup -> ``(n, P)``: leading axis examples, the rest positions.
+
+  The row of a lookup is the one-hot vector of its token, which is never formed.
+  """
+  if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+    raise TypeError(
+      f"Layer {layer_name(key)!r}: an embedding lookup needs integer token ids, got {jnp.result_type(ids)}."
+    )
+  if jnp.ndim(ids) == 0:
+    return jnp.reshape(ids, (1, 1))
+  return jnp.reshape(ids, (jnp.shape(ids)[0], -1))
 
 
 def dense_general_axes(

@@ -14,6 +14,13 @@ Conventions (README, "Conventions"): rows are examples (dense layers; extra
 leading axes such as tokens are positions within an example) or examples times
 output positions (convolutions). ``n`` is the size of the leading (example)
 axis; the per-example cotangent is ``g = n · cot``.
+
+Embeddings (``kind="embed"``) are dense layers whose input row is the one-hot
+vector of a token: they record the token ids, never the one-hot rows. Stacked
+layers (applied inside ``nn.scan``/``nn.vmap``/``nnx.scan``/``nnx.vmap`` over
+parameters with leading layer axes) record every copy: their data fields have
+those axes in front (``stack_shape``), and :meth:`LayerStats.copy` gives one
+copy's statistics; the transforms treat the copies as separate layers.
 """
 
 from __future__ import annotations
@@ -29,9 +36,52 @@ import jax.numpy as jnp
 LayerKey = tuple[Hashable, ...]
 
 
+class StackIndex(tuple):
+  """Last entry of the key of one copy of a stacked layer: its index along the stack axes.
+
+  ``('blocks', 'mlp', StackIndex((2,)))`` is copy 2 of the layer whose kernel
+  ``params['blocks']['mlp']['kernel']`` has one leading stack axis; its name
+  is ``'blocks/mlp[2]'``.
+  """
+
+  def __str__(self) -> str:
+    return "[" + ",".join(map(str, self)) + "]"
+
+  def __repr__(self) -> str:
+    return f"StackIndex({tuple(self)!r})"
+
+
 def layer_name(key: LayerKey) -> str:
-  """Human-readable layer path used in errors and state keys (``'<top-level>'`` for ``()``)."""
+  """Human-readable layer path used in errors and state keys (``'<top-level>'`` for ``()``).
+
+  A copy of a stacked layer is named by its layer and index: ``'blocks/mlp[2]'``.
+  """
+  if key and isinstance(key[-1], StackIndex):
+    return layer_name(key[:-1]) + str(key[-1])
   return "/".join(map(str, key)) if key else "<top-level>"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRows:
+  """One-hot input rows kept as token ids (a pytree): row ``(i, p)`` is ``e_{ids[i, p]}`` in ``R^vocab``.
+
+  What an embedding's statistics give the linear algebra instead of ``(n, P,
+  vocab)`` one-hot rows: products with them are gathers and scatter-adds.
+  """
+
+  ids: jax.Array  # (n, P) integer token ids
+  vocab: int
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The shape of the one-hot rows these ids stand for, ``(n, P, vocab)``."""
+    return tuple(self.ids.shape) + (self.vocab,)
+
+  def one_hot(self, dtype=None) -> jax.Array:
+    return jax.nn.one_hot(self.ids, self.vocab, dtype=dtype or jnp.float32)
+
+
+jax.tree_util.register_dataclass(TokenRows, data_fields=["ids"], meta_fields=["vocab"])
 
 
 class ConvGeometry(NamedTuple):
@@ -111,7 +161,8 @@ class LayerStats:
       Convolutions: a tuple with each call's (prepared) input; their im2col
       rows are only built when :attr:`inputs` is read, so a step that needs
       only the gradient-shaped products (FNGD's weighted sum, FOOF's
-      ``A⁻¹∇W``) never forms them.
+      ``A⁻¹∇W``) never forms them. Embeddings: the token ids ``(n, P)``, the
+      one-hot rows they stand for are never formed.
     cotangents: ``(n, P, d_out)`` cotangent of the (mean) loss w.r.t. the layer
       outputs. The layer's weight gradient is ``inputsᵀ cotangents`` summed
       over examples and positions.
@@ -119,12 +170,18 @@ class LayerStats:
       Fisher (``S`` label sets; square-root probability weights already applied
       for the full Fisher), or ``None`` for the empirical Fisher, whose single
       set is ``n * cotangents``.
-    kind: ``"dense"`` or ``"conv"`` (static).
+    kind: ``"dense"``, ``"conv"`` or ``"embed"`` (static).
     has_bias: whether the layer has a bias, the last row of the gradient matrix (static).
-    kernel_shape: the kernel's shape (static).
+    kernel_shape: the kernel's shape (an embedding's table ``(vocab, features)``;
+      one copy's kernel for stacked layers) (static).
     kernel_input_ndim: how many leading kernel axes are input axes; the kernel
       is the matrix ``kernel.reshape(prod(shape[:k]), prod(shape[k:]))`` (static).
     conv: the convolution's :class:`ConvGeometry` (``None`` for dense layers; static).
+    stack_shape: the leading stack axes of a layer applied inside ``nn.scan`` /
+      ``nn.vmap`` over stacked parameters (its parameter is
+      ``stack_shape + kernel_shape``); every data field then has these axes in
+      front (``fisher_cotangents``: ``stack_shape + (S, n, P, d_out)``), and
+      the methods below apply to one copy (:meth:`copy`) (static).
   """
 
   layer_inputs: jax.Array | tuple[jax.Array, ...]
@@ -135,14 +192,38 @@ class LayerStats:
   kernel_shape: tuple[int, ...] = ()
   kernel_input_ndim: int = 1
   conv: ConvGeometry | None = None
+  stack_shape: tuple[int, ...] = ()
 
   def replace(self, **changes) -> LayerStats:
     return dataclasses.replace(self, **changes)
 
   has_rows = True  # the recorded rows are available (LayerMoments: only their second moments)
 
+  def copy(self, index: tuple[int, ...]) -> LayerStats:
+    """The statistics of copy ``index`` (a tuple over :attr:`stack_shape`) of a stacked layer."""
+    index = tuple(index)
+    if len(index) != len(self.stack_shape):
+      raise ValueError(f"copy index {index} does not match the stack shape {self.stack_shape}.")
+    leaves = jax.tree.map(lambda x: x[index], (self.layer_inputs, self.cotangents, self.fisher_cotangents))
+    return self.replace(layer_inputs=leaves[0], cotangents=leaves[1], fisher_cotangents=leaves[2], stack_shape=())
+
+  def _one_copy(self, what: str) -> None:
+    if self.stack_shape:
+      raise ValueError(
+        f"LayerStats.{what} of a stacked layer (stack shape {self.stack_shape}): select one copy "
+        "with .copy(index) first."
+      )
+
   def input_moment(self, dtype=None) -> jax.Array:
-    """``A_batch = mean_r ā_r ā_rᵀ`` over the recorded rows, ``(d_in, d_in)``."""
+    """``A_batch = mean_r ā_r ā_rᵀ`` over the recorded rows, ``(d_in, d_in)``.
+
+    Embeddings: the diagonal ``(vocab,)`` (token frequencies), the matrix is diagonal.
+    """
+    self._one_copy("input_moment")
+    if self.kind == "embed":
+      ids = self.layer_inputs.reshape(-1)
+      counts = jnp.zeros(self.d_in, dtype or jnp.float32).at[ids].add(1)
+      return counts / ids.shape[0]
     x = self.augmented_inputs(dtype)
     x = x.reshape(-1, x.shape[-1])
     return (x.T @ x) / x.shape[0]
@@ -160,7 +241,10 @@ class LayerStats:
 
   @property
   def inputs(self) -> jax.Array:
-    """``(n, P, d_in)`` input rows without the bias column (im2col patches for convolutions)."""
+    """``(n, P, d_in)`` input rows without the bias column (im2col patches for convolutions, one-hot rows for embeddings)."""
+    self._one_copy("inputs")
+    if self.kind == "embed":
+      return jax.nn.one_hot(self.layer_inputs, self.d_in, dtype=self.cotangents.dtype)
     if self.conv is None:
       return self.layer_inputs
     parts = [self.conv.rows(x) for x in self.layer_inputs]
@@ -168,19 +252,20 @@ class LayerStats:
 
   @property
   def batch_size(self) -> int:
-    return self.cotangents.shape[0]
+    return self.cotangents.shape[len(self.stack_shape)]
 
   @property
   def num_rows(self) -> int:
     """Rows ``R = n · P`` (examples × positions)."""
-    return self.cotangents.shape[0] * self.cotangents.shape[1]
+    k = len(self.stack_shape)
+    return self.cotangents.shape[k] * self.cotangents.shape[k + 1]
 
   @property
   def d_in(self) -> int:
     """Rows of the gradient matrix: kernel input size, plus one for the bias."""
-    if self.conv is None:
+    if self.conv is None and self.kind != "embed":
       return self.layer_inputs.shape[-1] + int(self.has_bias)
-    return math.prod(self.kernel_shape[:-1]) + int(self.has_bias)
+    return math.prod(self.kernel_shape[: self.kernel_input_ndim]) + int(self.has_bias)
 
   @property
   def d_out(self) -> int:
@@ -193,14 +278,27 @@ class LayerStats:
       return x
     return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
 
+  def row_operand(self, dtype=None) -> jax.Array | TokenRows:
+    """The augmented input rows as the linear algebra takes them: :meth:`augmented_inputs`,
+    or for embeddings the token ids (:class:`TokenRows`) instead of one-hot rows."""
+    if self.kind == "embed":
+      self._one_copy("row_operand")
+      return TokenRows(self.layer_inputs, self.d_in)
+    return self.augmented_inputs(dtype)
+
   def kernel_gradient(self, cotangents: jax.Array) -> jax.Array:
     """``Σ_rows a_r c_rᵀ`` (``(d_in without bias, d_out)``) for cotangent rows ``c`` shaped like :attr:`cotangents`.
 
     With the recorded cotangents this is the kernel's gradient; with
     re-weighted ones (FNGD) a weighted sum of per-example gradients. For
     convolutions it is a backward-filter convolution per call; the im2col
-    rows are not formed.
+    rows are not formed. For embeddings it is a scatter-add of the
+    cotangents into the rows of their tokens.
     """
+    self._one_copy("kernel_gradient")
+    if self.kind == "embed":
+      ids = self.layer_inputs.reshape(-1)
+      return jax.ops.segment_sum(cotangents.reshape(ids.shape[0], -1), ids, num_segments=self.d_in)
     if self.conv is None:
       a = self.layer_inputs.astype(cotangents.dtype)
       return a.reshape(-1, a.shape[-1]).T @ cotangents.reshape(-1, cotangents.shape[-1])
@@ -214,6 +312,7 @@ class LayerStats:
 
   def per_example_cotangents(self, dtype=None) -> jax.Array:
     """``(S, n, P, d_out)`` Fisher cotangents ``g`` (empirical: ``n * cot``)."""
+    self._one_copy("per_example_cotangents")
     if self.fisher_cotangents is None:
       g = self.cotangents[None] * self.batch_size
     else:
@@ -224,8 +323,9 @@ class LayerStats:
 jax.tree_util.register_dataclass(
   LayerStats,
   data_fields=["layer_inputs", "cotangents", "fisher_cotangents"],
-  meta_fields=["kind", "has_bias", "kernel_shape", "kernel_input_ndim", "conv"],
+  meta_fields=["kind", "has_bias", "kernel_shape", "kernel_input_ndim", "conv", "stack_shape"],
 )
+
 
 Stats = dict[LayerKey, LayerStats]
 
@@ -241,7 +341,8 @@ class LayerMoments:
   gradient) reject them.
 
   Attributes:
-    input_second_moment: ``mean_r ā_r ā_rᵀ`` ``(d_in, d_in)`` (bias column included).
+    input_second_moment: ``mean_r ā_r ā_rᵀ`` ``(d_in, d_in)`` (bias column included;
+      embeddings: its diagonal ``(vocab,)``).
     cotangent_second_moment: ``Σ_s mean_r g_sr g_srᵀ`` ``(d_out, d_out)``.
     kind, has_bias, kernel_shape, kernel_input_ndim: as in :class:`LayerStats` (static).
   """
@@ -254,6 +355,7 @@ class LayerMoments:
   kernel_input_ndim: int = 1
 
   has_rows = False
+  stack_shape = ()  # moments are accumulated per copy of a stacked layer
 
   @classmethod
   def of(cls, stats: LayerStats, dtype=None) -> LayerMoments:

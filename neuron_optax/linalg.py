@@ -6,12 +6,21 @@ shape ``(S, n, P, d_out)`` (``S`` label sets, ``P`` positions per example). The
 per-example gradient of column ``(s, i)`` is ``ψ_si = Σ_p a_ip g_sipᵀ``; these
 functions compute products with the ``ψ`` without materialising them where a
 cheaper contraction exists (Benzing 2022, App. I, eqs. 21-23).
+
+An embedding's inputs are one-hot rows, given as their token ids
+(:class:`~neuron_optax.layer_stats.TokenRows`): products with them become
+token comparisons, gathers and scatter-adds, and no ``vocab``-sized row is
+formed.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from neuron_optax.layer_stats import TokenRows
+
+Rows = jax.Array | TokenRows
 
 
 def sym_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -129,29 +138,66 @@ def damped_inverse(
   return (inverse, floor) if return_floor else inverse
 
 
-def as_columns(a: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def damped_inverse_diagonal(diagonal: jax.Array, damping: jax.Array | float) -> jax.Array:
+  """``(diag(d) + λI)⁻¹`` of a diagonal factor kept as its diagonal (an embedding's input factor).
+
+  The diagonal of a second moment is non-negative; it is clamped at 0 as the
+  eigenvalues in :func:`kronecker_eigen_solve` are, so every divisor is at least ``λ``.
+  """
+  damping = jnp.asarray(damping, diagonal.dtype)
+  return 1 / (jnp.maximum(diagonal, 0) + damping[..., None])
+
+
+def as_columns(a: Rows, g: jax.Array) -> tuple[Rows, jax.Array]:
   """Broadcasts inputs ``(n,P,di)`` against cotangents ``(S,n,P,do)`` into ``m = S·n`` columns."""
   s = g.shape[0]
+  if isinstance(a, TokenRows):
+    ids = jnp.broadcast_to(a.ids[None], (s,) + a.ids.shape).reshape((-1,) + a.ids.shape[1:])
+    return TokenRows(ids, a.vocab), g.reshape((-1,) + g.shape[2:])
   a_cols = jnp.broadcast_to(a[None], (s,) + a.shape).reshape((-1,) + a.shape[1:])
   return a_cols, g.reshape((-1,) + g.shape[2:])
 
 
-def per_example_gradients(a: jax.Array, g: jax.Array) -> jax.Array:
+def _scatter_rows(ids: jax.Array, values: jax.Array, vocab: int) -> jax.Array:
+  """``Σ_p e_{ids_p} v_pᵀ`` of one column: ``(vocab, d_out)`` from ids ``(P,)`` and values ``(P, d_out)``."""
+  return jax.ops.segment_sum(values, ids, num_segments=vocab)
+
+
+def per_example_gradients(a: Rows, g: jax.Array) -> jax.Array:
   """``ψ`` of every column: ``(S·n, d_in, d_out)``. Costs ``S·n·P·d_in·d_out``."""
   a_cols, g_cols = as_columns(a, g)
+  if isinstance(a_cols, TokenRows):
+    return jax.vmap(lambda ids, v: _scatter_rows(ids, v, a_cols.vocab))(a_cols.ids, g_cols)
   return jnp.einsum("mpi,mpo->mio", a_cols, g_cols)
 
 
-def gradient_gram(a: jax.Array, g: jax.Array) -> jax.Array:
+def _token_gram(a_cols: TokenRows, g_cols: jax.Array) -> jax.Array:
+  """``K = ΨᵀΨ`` for one-hot inputs: ``Σ_pq [t_mp = t_nq] <g_mp, g_nq>``, ``O(m²P²(1 + d_out))``.
+
+  Or through the per-example gradients (scatter-adds, ``m·vocab·d_out``) when that is cheaper.
+  """
+  m, p = a_cols.ids.shape
+  d_out = g_cols.shape[-1]
+  if m * a_cols.vocab * d_out * (1 + m) <= m * m * p * p * (1 + d_out):
+    psi = jax.vmap(lambda ids, v: _scatter_rows(ids, v, a_cols.vocab))(a_cols.ids, g_cols).reshape(m, -1)
+    return psi @ psi.T
+  same = (a_cols.ids[:, None, :, None] == a_cols.ids[None, :, None, :]).astype(g_cols.dtype)
+  return jnp.einsum("mnpq,mpo,nqo->mn", same, g_cols, g_cols)
+
+
+def gradient_gram(a: Rows, g: jax.Array) -> jax.Array:
   """``K[(s,i),(t,j)] = <ψ_si, ψ_tj>`` of shape ``(S·n, S·n)``.
 
   One position (``P = 1``): ``(ĀĀᵀ) ⊙ (ĜĜᵀ)`` (Khatri-Rao identity; cost
   ``m²(d_in + d_out)``). Several positions (convolutions, tokens): the exact
   sum over position pairs, by whichever is cheaper of materialising the
   per-example gradients (``m·P·d_in·d_out + m²·d_in·d_out``) or the position
-  Gram matrices (``m²P²(d_in + d_out)``).
+  Gram matrices (``m²P²(d_in + d_out)``). One-hot inputs (:class:`TokenRows`):
+  ``ĀĀᵀ`` is token equality.
   """
   a_cols, g_cols = as_columns(a, g)
+  if isinstance(a_cols, TokenRows):
+    return _token_gram(a_cols, g_cols)
   m, p, d_in = a_cols.shape
   d_out = g_cols.shape[-1]
   if p == 1:
@@ -167,13 +213,13 @@ def gradient_gram(a: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.sum(aa * gg, axis=(2, 3))
 
 
-def gradient_dots(a: jax.Array, g: jax.Array, matrix: jax.Array) -> jax.Array:
+def gradient_dots(a: Rows, g: jax.Array, matrix: jax.Array) -> jax.Array:
   """``Jᵀ v``: ``<ψ_si, V>`` for every column, ``(S·n,)``, for ``V`` of shape ``(d_in, d_out)``."""
-  av = jnp.einsum("npi,io->npo", a, matrix)
+  av = matrix[a.ids] if isinstance(a, TokenRows) else jnp.einsum("npi,io->npo", a, matrix)
   return jnp.einsum("npo,snpo->sn", av, g).reshape(-1)
 
 
-def weighted_gradient_sum(a: jax.Array, g: jax.Array, weights: jax.Array) -> jax.Array:
+def weighted_gradient_sum(a: Rows, g: jax.Array, weights: jax.Array) -> jax.Array:
   """``J w = Σ_si w_si ψ_si`` of shape ``(d_in, d_out)`` for ``weights`` of shape ``(S·n,)``.
 
   The weighted-input trick: weight the cotangents, then one ``aᵀ g`` product;
@@ -181,6 +227,8 @@ def weighted_gradient_sum(a: jax.Array, g: jax.Array, weights: jax.Array) -> jax
   """
   s, n = g.shape[:2]
   weighted = jnp.einsum("sn,snpo->npo", weights.reshape(s, n), g)
+  if isinstance(a, TokenRows):
+    return _scatter_rows(a.ids.reshape(-1), weighted.reshape(-1, weighted.shape[-1]), a.vocab)
   # One (rows × d_in)ᵀ (rows × d_out) product, the layout of the weight-gradient matmul it replaces.
   return a.reshape(-1, a.shape[-1]).T @ weighted.reshape(-1, weighted.shape[-1])
 
@@ -206,15 +254,17 @@ def kronecker_eigen_solve(
   raised to the float resolution ``τ = RESOLUTION·ε·max(a)·max(g)`` of
   ``A⊗G`` (:func:`kronecker_floor`; as :func:`damped_solve` treats one matrix):
   a no-op unless ``λ < τ``. With ``a_rotated=True``, ``matrix`` is ``U_Aᵀ V``
-  already (callers that can form it in a cheaper order).
+  already (callers that can form it in a cheaper order). ``U_A = None`` stands for the identity (a diagonal ``A``).
   """
   a_values, a_vectors = a_eigh
   g_values, g_vectors = g_eigh
-  rotated = matrix if a_rotated else a_vectors.T @ matrix
+  # A diagonal A (an embedding's input factor) has eigenvectors I, stored as None.
+  rotated = matrix if a_rotated or a_vectors is None else a_vectors.T @ matrix
   rotated = rotated @ g_vectors
   scale = jnp.outer(jnp.maximum(a_values, 0), jnp.maximum(g_values, 0)) + damping
   scale = jnp.maximum(scale, _kronecker_resolution(a_values, g_values))
-  return a_vectors @ (rotated / scale) @ g_vectors.T
+  solved = (rotated / scale) @ g_vectors.T
+  return solved if a_vectors is None else a_vectors @ solved
 
 
 def _kronecker_resolution(a_values: jax.Array, g_values: jax.Array) -> jax.Array:

@@ -2,68 +2,59 @@
 
 :func:`value_grad_and_stats` wraps a loss function that applies a linen model
 and returns, next to the loss and its gradient, a :class:`LayerStats` for every
-captured layer (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``).
+captured layer (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Embed``).
 
 How: a ``flax.linen.intercept_methods`` interceptor sees every module call;
-for captured layers it reports the call's input rows and output to the shared
+for captured layers it reports the call's input and output to the shared
 :class:`~neuron_optax.capture_driver.Recorder`, and the shared driver
 (:mod:`neuron_optax.capture_driver`) does the rest.
 
-Captured layers must run in the trace of the loss itself: a layer applied inside
-a lifted transform (``nn.remat``, ``nn.scan``, ``nn.vmap``, ``nn.jit``, ...) or
-a JAX transform within ``loss_fn`` raises ``NotImplementedError`` (not yet
-supported).
+Layers inside lifted transforms: ``nn.scan``/``nn.vmap`` over stacked parameters
+(``variable_axes={'params': 0}``), ``nn.remat``, ``nn.remat_scan`` and
+``nn.jit`` (and ``jax.checkpoint``/``jax.jit`` inside ``loss_fn``) are captured
+through probes that the driver adds to the ``params`` collection next to each
+such layer's kernel (so the transform slices them like the kernel); ``loss_fn``
+therefore sees a ``params`` tree with these extra zero leaves. Layers whose
+weights serve several iterations of a ``vmap``/``scan`` (``nn.RNN``,
+``variable_broadcast='params'``, ``jax.vmap`` over examples) and layers inside
+other transforms (``nn.cond``, ``nn.while_loop``, ...) raise
+``NotImplementedError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from neuron_optax import capture_driver, layer_rows
-from neuron_optax.capture_driver import FisherType, Likelihood, Recorder
-from neuron_optax.layer_stats import LayerKey, layer_name
+from neuron_optax.capture_driver import CallLayout, FisherType, Likelihood, Recorder
+from neuron_optax.layer_stats import LayerKey
 
-
-def _find_trace_state_getter() -> Callable[[], Any] | None:
-  """``get_opaque_trace_state`` of this JAX version, or ``None`` where it has none.
-
-  Public as ``jax.extend.core.get_opaque_trace_state`` from JAX 0.10 on and as
-  ``jax.core.get_opaque_trace_state`` in the stackless-tracing releases before
-  (the ones Flax's ``flax.core.tracers.current_trace`` also uses). Older JAX has no
-  equivalent; there the lifted-transform check below is skipped and such models
-  fail as before (with JAX's ``UnexpectedTracerError`` under ``jit``).
-  """
-  for namespace in ("jax.extend.core", "jax.core"):
-    try:
-      module = __import__(namespace, fromlist=["get_opaque_trace_state"])
-      getter = module.get_opaque_trace_state
-    except (ImportError, AttributeError):
-      continue
-    return lambda: getter(convention="flax")
-  return None
-
-
-_get_trace_state = _find_trace_state_getter()
-
-
-def _trace_state() -> Any:
-  """An opaque token of the innermost active JAX trace: equal tokens mean the same trace."""
-  return None if _get_trace_state is None else _get_trace_state()
+_TRANSFORMS = (
+  "nn.scan, nn.vmap and nn.remat_scan over stacked parameters (variable_axes={'params': 0}), nn.remat, "
+  "nn.jit, jax.checkpoint and jax.jit"
+)
 
 
 def _is_captured(module: nn.Module) -> bool:
-  return isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))
+  return isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed))
+
+
+def _param_name(module: nn.Module) -> str:
+  return "embedding" if isinstance(module, nn.Embed) else "kernel"
 
 
 def _recorded(module: nn.Module, x: jax.Array, key: LayerKey):
-  """Dense rows ``(n, P, d_in)``, or a convolution's ``(prepared input, geometry)``."""
+  """Dense rows ``(n, P, d_in)``, token ids ``(n, P)``, or a convolution's ``(prepared input, geometry)``."""
+  if isinstance(module, nn.Embed):
+    return layer_rows.token_rows(x, key)
   if isinstance(module, nn.Conv):
     return layer_rows.conv_input(
       x,
@@ -82,7 +73,9 @@ def _recorded(module: nn.Module, x: jax.Array, key: LayerKey):
 
 
 def _meta(module: nn.Module, x_ndim: int, key: LayerKey) -> dict[str, Any]:
-  kernel = module.get_variable("params", "kernel")
+  kernel = module.get_variable("params", _param_name(module))
+  if isinstance(module, nn.Embed):
+    return dict(kind="embed", has_bias=False, kernel_shape=tuple(kernel.shape), kernel_input_ndim=1)
   if isinstance(module, nn.DenseGeneral):
     axis, _ = layer_rows.dense_general_axes(module.axis, module.batch_dims, x_ndim, key)
     input_ndim = len(axis)
@@ -96,23 +89,48 @@ def _meta(module: nn.Module, x_ndim: int, key: LayerKey) -> dict[str, Any]:
   )
 
 
+def with_probes(params, probes: Mapping[LayerKey, list[tuple[jax.Array, jax.Array]]] | None):
+  """``params`` with each layer's probes added next to its kernel (``params[*key][probe name]``)."""
+  if not probes or not any(probes.values()):
+    return params
+  frozen = isinstance(params, FrozenDict)
+  tree = dict(params)
+  for key, calls in probes.items():
+    if not calls:
+      continue
+    node = tree
+    for name in key:
+      node[name] = dict(node[name])
+      node = node[name]
+    for index, (output_probe, input_probe) in enumerate(calls):
+      output_name, input_name = capture_driver.probe_names(index)
+      node[output_name], node[input_name] = output_probe, input_probe
+  return FrozenDict(tree) if frozen else tree
+
+
 class _Interceptor:
   """A ``flax.linen.intercept_methods`` interceptor reporting to one :class:`Recorder`."""
 
   def __init__(self, recorder: Recorder):
     self.recorder = recorder
-    self.trace_state = None  # the loss's own trace, set by `intercepting`
 
   @contextlib.contextmanager
   def intercepting(self):
     """Intercepts module calls; call inside the traced loss so that its trace is the reference."""
-    self.trace_state = _trace_state()
+    self.recorder.start()
     with nn.intercept_methods(self):
       yield self
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or not _is_captured(module) or not args:
+    if (
+      context.method_name != "__call__"
+      or not _is_captured(module)
+      or not args
+      # A lifted transform's wrapper module (nn.vmap(nn.Dense)): its parameters live in the
+      # transformed scope, where the interceptor sees the wrapped call.
+      or module.get_variable("params", _param_name(module)) is None
+    ):
       call = lambda: next_fun(*args, **kwargs)
     else:
       call = lambda: self._captured_call(module, next_fun, args, kwargs)
@@ -120,22 +138,13 @@ class _Interceptor:
 
   def _captured_call(self, module, next_fun, args, kwargs):
     key = tuple(module.path)
-    if _trace_state() != self.trace_state:
-      # A lifted transform (nn.remat -> jax.checkpoint, nn.scan -> lax.scan, nn.vmap, nn.jit,
-      # nn.while_loop, nn.cond, ...) or a JAX transform inside loss_fn traces this call in an inner
-      # trace: the recorded inputs would be that trace's tracers and leak out of it (under jit an
-      # UnexpectedTracerError far from here), and the layer's gradient would not line up with them.
-      raise NotImplementedError(
-        f"Layer {layer_name(key)!r} is applied inside a lifted Flax transform (nn.remat, nn.scan, "
-        "nn.vmap, nn.jit, nn.while_loop, nn.cond, ...) or a JAX transform within loss_fn "
-        "(jax.checkpoint, jax.vmap, lax.scan, ...), which traces it separately; "
-        "value_grad_and_stats cannot capture such layers yet. Apply the captured layers outside "
-        "the transform: drop nn.remat around these blocks, unroll nn.scan into a Python loop of "
-        "separately named blocks, or jit the whole training step instead of using nn.jit."
-      )
     x = args[0]
-    y = next_fun(*args, **kwargs)
-    return self.recorder.layer_call(key, _recorded(module, x, key), _meta(module, jnp.ndim(x), key), y)
+    layout = CallLayout(lambda v: _recorded(module, v, key), _meta(module, jnp.ndim(x), key))
+
+    def probe(index):
+      return tuple(module.get_variable("params", name) for name in capture_driver.probe_names(index))
+
+    return self.recorder.captured_call(key, x, lambda: next_fun(*args, **kwargs), layout, probe, _TRANSFORMS)
 
 
 def value_grad_and_stats(
@@ -166,14 +175,18 @@ def value_grad_and_stats(
     A function with ``loss_fn``'s signature (plus ``rng=`` for ``fisher="mc"``)
     returning ``(value, grads, stats)``; ``stats`` maps each captured layer's
     module path (the keys of the ``params`` tree) to a :class:`LayerStats`.
-    Captured modules: ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv``. All
-    other parameters are not in ``stats`` and pass through the transforms.
+    Captured modules: ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` and
+    ``nn.Embed``, also inside ``nn.scan``/``nn.vmap``/``nn.remat_scan`` over
+    stacked parameters (their statistics have the stack axes in front,
+    ``LayerStats.stack_shape``), ``nn.remat`` and ``nn.jit``. All other
+    parameters are not in ``stats`` and pass through the transforms.
 
   Raises:
     NotImplementedError: (when the returned function is called or traced) a
-      captured layer is applied inside a lifted transform (``nn.remat``,
-      ``nn.scan``, ``nn.vmap``, ``nn.jit``, ...) or a JAX transform within
-      ``loss_fn``; such layers cannot be captured yet.
+      captured layer's weights serve several iterations of a ``vmap``/``scan``
+      (``nn.RNN``, ``variable_broadcast='params'``, ``jax.vmap`` over
+      examples), or it is applied inside another transform (``nn.cond``,
+      ``nn.while_loop``, differentiation inside ``loss_fn``).
   """
   capture_driver.validate_capture_args(fisher, likelihood)
 
@@ -181,13 +194,13 @@ def value_grad_and_stats(
   def wrapped(params, *args, rng: jax.Array | None = None, **kwargs):
     def run(recorder: Recorder, p):
       with _Interceptor(recorder).intercepting():
-        out = loss_fn(p, *args, **kwargs)
+        out = loss_fn(with_probes(p, recorder.probes), *args, **kwargs)
       loss, aux = capture_driver.split_aux(out, has_aux)
       return loss, aux, None
 
     def no_layers():
       return ValueError(
-        "value_grad_and_stats found no nn.Dense/nn.DenseGeneral/nn.Conv call inside loss_fn. "
+        "value_grad_and_stats found no nn.Dense/nn.DenseGeneral/nn.Conv/nn.Embed call inside loss_fn. "
         "The loss function must apply a Flax linen model (model.apply) when called."
       )
 

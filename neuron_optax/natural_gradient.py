@@ -49,9 +49,11 @@ exactly; only the rest goes through the Woodbury form. Other Fishers
 layer (the paper's block-diagonal control, §3.2).
 
 Which parameters. The Fisher is over the parameters of the captured layers
-(``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``; kernel and bias) only. Other
-leaves (norm scales, embeddings, ...) are **not** part of the Fisher: their
-gradients pass through unchanged, for the chained optimiser to handle.
+(``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Embed``; kernel and bias;
+every copy of a stacked layer is a layer of its own) only. Other leaves (norm
+scales, ...) are **not** part of the Fisher: their gradients pass through
+unchanged, for the chained optimiser to handle. An embedding's input rows are
+one-hot: its Gram block is the token-equality matrix times the cotangents'.
 
 Fisher batch. By default the Fisher comes from the same mini-batch as the
 gradient (``stats``). Passing ``fisher_stats`` (from
@@ -179,7 +181,8 @@ def natural_gradient(
     updates, state, params=None, *, stats: Stats | None = None, fisher_stats: Stats | None = None, **extra_args
   ):
     del params, extra_args
-    shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
+    # Stateless: the statistics' own layouts (stacked layers) need no kernel_input_ndim.
+    shapes = param_layout.candidate_layers(updates, kernel_input_ndim, stats if fisher_stats is None else fisher_stats)
     fisher = _fisher_stats(stats, fisher_stats, shapes)
     keys = list(fisher)
     if not keys:
@@ -187,7 +190,7 @@ def natural_gradient(
     grads = param_layout.gradient_matrices(updates, shapes, keys)
     dtype = param_layout.statistics_dtype(jnp.result_type(*grads.values()))
     grads = {key: grad.astype(dtype) for key, grad in grads.items()}
-    inputs = {key: fisher[key].augmented_inputs(dtype) for key in keys}
+    inputs = {key: fisher[key].row_operand(dtype) for key in keys}  # embeddings: token ids, not one-hot rows
     cots = {key: fisher[key].per_example_cotangents(dtype) for key in keys}
     damping_now = hyperparams.value_at(damping, state.count, dtype)
     damping_ok = hyperparams.valid(damping_now)

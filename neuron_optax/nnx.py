@@ -108,12 +108,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neuron_optax import capture_driver, layer_rows
-from neuron_optax.capture_driver import FisherType, Likelihood, Recorder
+from neuron_optax.capture_driver import CallLayout, FisherType, Likelihood, Recorder
 from neuron_optax.layer_stats import LayerKey, layer_name
+from neuron_optax.param_layout import KernelLayout
 
 __all__ = ["value_grad_and_stats", "kernel_input_ndim", "captured_layers"]
 
-_CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+_CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum, nnx.Embed)
 
 
 # --------------------------------------------------------------------------- #
@@ -121,12 +122,7 @@ _CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
 # --------------------------------------------------------------------------- #
 
 
-class _Layout(NamedTuple):
-  rows: Callable[[jax.Array], Any]  # layer input -> (n, P, d_in), or a conv's (input, geometry)
-  meta: dict[str, Any]  # LayerStats static fields
-  # Output axes in the canonical order (example/position axes, then kernel output axes in kernel
-  # order), or None when the output already is canonical.
-  output_perm: tuple[int, ...] | None = None
+_Layout = CallLayout  # rows (input -> rows), meta (LayerStats static fields), output_perm
 
 
 class _EinsumLayout(NamedTuple):
@@ -201,6 +197,9 @@ def _meta(module, kind: str, input_ndim: int) -> dict[str, Any]:
 
 def _layout(module, key: LayerKey, x: jax.Array, args, kwargs) -> _Layout | None:
   """How to read rows off this call of ``module``; ``None`` leaves it uncaptured."""
+  if isinstance(module, nnx.Embed):
+    meta = dict(kind="embed", has_bias=False, kernel_shape=tuple(module.embedding.shape), kernel_input_ndim=1)
+    return _Layout(functools.partial(layer_rows.token_rows, key=key), meta)
   if isinstance(module, nnx.Conv):
     rows = functools.partial(
       layer_rows.conv_input,
@@ -254,6 +253,15 @@ class _Entry(NamedTuple):
 
 _RECORDING_CLASSES: dict[type, type] = {}
 _ACTIVE: dict[int, _Entry] = {}  # id(module copy) -> what to record while loss_fn runs
+_RECORDERS: list[Recorder] = []  # the recorders of the loss functions running now, innermost last
+# A static attribute set on every captured layer of the private copy while loss_fn runs: NNX transforms
+# inside loss_fn (nnx.scan, nnx.vmap, nnx.remat) copy modules with their static attributes, so a copy
+# knows which layer it is; the probes of such layers are attributes next to their kernels.
+_KEY_ATTRIBUTE = "_nox_layer_key"
+_TRANSFORMS = (
+  "nnx.scan and nnx.vmap over stacked modules (in_axes=0 for the module's state), nnx.remat, nnx.jit, "
+  "jax.checkpoint and jax.jit"
+)
 
 
 def _recording_class(cls: type) -> type:
@@ -266,15 +274,13 @@ def _recording_class(cls: type) -> type:
     call = functools.partial(cls.__call__, self)
     entry = _ACTIVE.get(id(self))
     if entry is None:
-      # A copy of an intercepted module, made by an NNX transform (nnx.remat, nnx.scan, nnx.vmap,
-      # nnx.jit, nnx.clone) inside loss_fn: its calls cannot be recorded, and leaving them out would
-      # make the layer's rows disagree with its gradient.
-      raise NotImplementedError(
-        f"neuron_optax.nnx.value_grad_and_stats: a {cls.__name__} layer was applied inside a "
-        "nested NNX transform (nnx.remat/nnx.scan/nnx.vmap/nnx.jit/nnx.clone) within loss_fn, "
-        "which copies the module; such calls cannot be captured. Apply the layers directly in "
-        "loss_fn (wrap loss_fn itself in the transform instead)."
-      )
+      # A copy made by an NNX transform (nnx.scan, nnx.vmap, nnx.remat, nnx.jit, nnx.clone) inside
+      # loss_fn. A captured layer's copy knows its layer; the recorder decides from the trace it runs
+      # in whether it can be captured. Any other copy (the model's, for the Fisher) is not recorded.
+      key = getattr(self, _KEY_ATTRIBUTE, None)
+      if key is None or not _RECORDERS:
+        return call(*args, **kwargs)
+      entry = _Entry(_RECORDERS[-1], key, True, False)
     if entry.capture:
       layer = call
       call = lambda *a, **k: _layer_call(entry.recorder, self, entry.key, layer, a, k)
@@ -306,24 +312,45 @@ class _Recording:
       self.targets[id(model)] = (model, entry._replace(model=True))
     self.swapped: list[tuple[nnx.Module, type]] = []
 
+    self.recorder = recorder
+    self.attributes: list[tuple[nnx.Module, str]] = []
+
   def __enter__(self):
     try:
+      self.recorder.start()
+      _RECORDERS.append(self.recorder)
       for module, entry in self.targets.values():
         original = type(module)
         # object.__setattr__: the module's own __setattr__ would treat __class__ as an attribute.
         object.__setattr__(module, "__class__", _recording_class(original))
         self.swapped.append((module, original))
         _ACTIVE[id(module)] = entry
+        if entry.capture:
+          self._set(module, _KEY_ATTRIBUTE, entry.key)
+          weights = getattr(module, "embedding" if isinstance(module, nnx.Embed) else "kernel")
+          for index, probes in enumerate((self.recorder.probes or {}).get(entry.key, [])):
+            for name, probe in zip(capture_driver.probe_names(index), probes):
+              # The kernel's Variable type: the transform's state filters treat the probe like the kernel.
+              self._set(module, name, type(weights)(probe))
     except BaseException:
       self.__exit__()
       raise
     return self
 
+  def _set(self, module: nnx.Module, name: str, value) -> None:
+    setattr(module, name, value)
+    self.attributes.append((module, name))
+
   def __exit__(self, *exc_info):
+    for module, name in reversed(self.attributes):
+      delattr(module, name)
+    self.attributes.clear()
     for module, original in reversed(self.swapped):
       _ACTIVE.pop(id(module), None)
       object.__setattr__(module, "__class__", original)
     self.swapped.clear()
+    if self.recorder in _RECORDERS:
+      _RECORDERS.remove(self.recorder)
     return False
 
 
@@ -331,10 +358,17 @@ def _layer_call(recorder: Recorder, module, key: LayerKey, call, args, kwargs):
   """One call of a captured module: its output, with its rows reported to ``recorder``."""
   x = args[0] if args else kwargs.get("inputs")
   layout = None if x is None else _layout(module, key, x, args, kwargs)
-  y = call(*args, **kwargs)
   if layout is None:
-    return y
-  return recorder.layer_call(key, layout.rows(x), layout.meta, y, layout.output_perm)
+    return call(*args, **kwargs)
+
+  def probe(index):
+    return tuple(getattr(module, name, None) for name in capture_driver.probe_names(index))
+
+  return recorder.captured_call(key, x, lambda: call(*args, **kwargs), layout, _probe_values(probe), _TRANSFORMS)
+
+
+def _probe_values(probe: Callable[[int], tuple]) -> Callable[[int], tuple]:
+  return lambda index: tuple(None if v is None else v[...] for v in probe(index))
 
 
 # --------------------------------------------------------------------------- #
@@ -435,18 +469,34 @@ def value_grad_and_stats(
   return wrapped
 
 
-def kernel_input_ndim(model: nnx.Module) -> dict[str, int]:
-  """``{layer path: number of kernel input axes}`` read off the model's captured modules.
+def _copy_ndim(module) -> int:
+  """The rank of one copy's kernel, as the module's attributes describe it."""
+  if isinstance(module, nnx.LinearGeneral):
+    return len(tuple(module.in_features)) + len(tuple(module.out_features)) + len(module.batch_axis)
+  if isinstance(module, (nnx.Conv, nnx.Einsum)):
+    return len(module.kernel_shape)
+  return 2  # nnx.Linear, nnx.Embed
 
-  Pass it to a transform (``nox.foof(1.0, kernel_input_ndim=nox.nnx.kernel_input_ndim(model))``)
-  when the model has ``nnx.LinearGeneral``/``nnx.Einsum`` layers whose output
+
+def kernel_input_ndim(model: nnx.Module) -> dict[str, int | KernelLayout]:
+  """``{layer path: layout}`` read off the model's captured modules.
+
+  A layer maps to its number of kernel input axes; a stacked layer (a module
+  built with ``nnx.vmap``, whose kernel has leading copy axes, applied with
+  ``nnx.scan``/``nnx.vmap``) to a :class:`~neuron_optax.KernelLayout` with its
+  stack axes. Pass it to a transform (``nox.foof(1.0,
+  kernel_input_ndim=nox.nnx.kernel_input_ndim(model))``) when the model has
+  stacked layers (FOOF, KFAC, FNGD and ``accumulate_micro_batches`` keep one
+  state per copy) or ``nnx.LinearGeneral``/``nnx.Einsum`` layers whose output
   has several axes, which the parameters alone cannot tell apart from input
   axes. ``nnx.Einsum`` layers that are not plain matrix contractions are left out.
   """
   layout = {}
   for key, module in captured_layers(model).items():
+    weights = module.embedding if isinstance(module, nnx.Embed) else module.kernel
+    stack = weights.ndim - _copy_ndim(module)
     if isinstance(module, nnx.LinearGeneral):
-      k = len(module.in_features)
+      k = len(tuple(module.in_features))
     elif isinstance(module, nnx.Einsum):
       if module.einsum_str is None:  # given at call time: the layout is only known then
         continue
@@ -459,6 +509,6 @@ def kernel_input_ndim(model: nnx.Module) -> dict[str, int]:
         continue
       k = len(contracted)
     else:
-      k = module.kernel.ndim - 1
-    layout[layer_name(key)] = k
+      k = weights.ndim - stack - 1 if not isinstance(module, nnx.Embed) else 1
+    layout[layer_name(key)] = KernelLayout(k, stack) if stack > 0 else k
   return layout

@@ -12,6 +12,14 @@ works: nested dicts, ``FrozenDict``, ``flax.nnx.State`` and leaf wrappers such
 as ``nnx.Param`` (whose array appears under a trailing attribute key, dropped
 from the layer path). A layer's key is the path of its ``kernel`` leaf without
 the last entry: ``('Dense_0',)``, ``('layers', 0)``, ``()`` for a top-level layer.
+
+Embeddings (an ``embedding`` leaf, ``(vocab, features)``) are layers without a
+bias whose input rows are one-hot. A **stacked** layer (applied inside
+``nn.scan``/``nn.vmap`` over parameters with leading layer axes, a
+:class:`KernelLayout` with ``stack_ndim > 0``) is ``L`` separate layers, one per
+copy, keyed ``path + (StackIndex(index),)`` (named ``'blocks/mlp[2]'``): each
+copy has its own gradient matrix, statistics and optimiser state, and the
+directions of all copies are written back as one stacked leaf.
 """
 
 from __future__ import annotations
@@ -23,11 +31,27 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from neuron_optax.layer_stats import LayerKey, LayerMoments, LayerStats, Stats, layer_name
+from neuron_optax.layer_stats import LayerKey, LayerMoments, LayerStats, StackIndex, Stats, layer_name
 
-KernelInputNdim = Mapping[str, int] | Callable[[str, tuple[int, ...]], int | None] | None
 Path = tuple[Hashable, ...]
+
+
+class KernelLayout(NamedTuple):
+  """How a parameter splits into copies, input and output axes.
+
+  ``param[index]`` for an index over the first ``stack_ndim`` axes is one
+  copy's kernel, whose first ``input_ndim`` axes are inputs and the rest
+  outputs. A plain ``int`` in a ``kernel_input_ndim`` mapping means
+  ``KernelLayout(int, 0)``.
+  """
+
+  input_ndim: int
+  stack_ndim: int = 0
+
+
+KernelInputNdim = Mapping[str, int | KernelLayout] | Callable[[str, tuple[int, ...]], int | KernelLayout | None] | None
 
 # Attention projections of flax.linen.MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention
 # map d_model to (heads, head_dim): their 3-D kernels have one input axis.
@@ -80,29 +104,51 @@ def default_kernel_input_ndim(path: str, shape: tuple[int, ...]) -> int:
   return len(shape) - 1
 
 
-def _resolve_input_ndim(kernel_input_ndim: KernelInputNdim, path: str, shape, used: set) -> int:
+def _as_layout(value: int | KernelLayout) -> KernelLayout:
+  return value if isinstance(value, KernelLayout) else KernelLayout(int(value))
+
+
+def _resolve_layout(kernel_input_ndim: KernelInputNdim, path: str, shape, used: set, captured) -> KernelLayout | None:
+  """The layout given for ``path`` (the user's, else the captured statistics'), or ``None`` for the default."""
   if callable(kernel_input_ndim):
     k = kernel_input_ndim(path, shape)
-    return default_kernel_input_ndim(path, shape) if k is None else k
-  for pattern, k in (kernel_input_ndim or {}).items():
-    if pattern == path or fnmatch.fnmatchcase(path, pattern):
-      used.add(pattern)
-      return k
-  return default_kernel_input_ndim(path, shape)
+    if k is not None:
+      return _as_layout(k)
+  else:
+    for pattern, k in (kernel_input_ndim or {}).items():
+      if pattern == path or fnmatch.fnmatchcase(path, pattern):
+        used.add(pattern)
+        return _as_layout(k)
+  return captured
 
 
 class LayerShape(NamedTuple):
-  """Static shape of one candidate layer's gradient matrix."""
+  """Static shape of one candidate layer's gradient matrix (one copy's, for stacked layers)."""
 
   d_in: int  # including the bias row
   d_out: int
   has_bias: bool
-  kernel_shape: tuple[int, ...]
+  kernel_shape: tuple[int, ...]  # one copy's kernel
   kernel_input_ndim: int
+  param: str = "kernel"  # the leaf holding the weights: "kernel", or "embedding" (one-hot input rows)
+  stack_shape: tuple[int, ...] = ()  # the layer's stack axes (this is one copy of them)
+
+  @property
+  def is_embedding(self) -> bool:
+    return self.param == "embedding"
 
 
-def candidate_layers(params, kernel_input_ndim: KernelInputNdim = None) -> dict[LayerKey, LayerShape]:
-  """Every ``kernel`` leaf of rank >= 2: the layers a transform allocates state for.
+def _leaf_and_index(key: LayerKey) -> tuple[LayerKey, tuple[int, ...] | None]:
+  """The module path of a layer key, and the copy index of a stacked layer's copy."""
+  if key and isinstance(key[-1], StackIndex):
+    return key[:-1], tuple(key[-1])
+  return key, None
+
+
+def candidate_layers(
+  params, kernel_input_ndim: KernelInputNdim = None, stats: Stats | None = None
+) -> dict[LayerKey, LayerShape]:
+  """Every ``kernel`` leaf of rank >= 2 and every 2-D ``embedding`` leaf: the layers a transform allocates state for.
 
   The parameters alone do not say how a kernel splits into input and output
   axes; the default is "all but the last axis are inputs" (``nn.Dense``,
@@ -110,24 +156,49 @@ def candidate_layers(params, kernel_input_ndim: KernelInputNdim = None) -> dict[
   kernels of layers named ``query``/``key``/``value`` (Flax attention) have one
   input axis. ``kernel_input_ndim`` overrides this: a mapping from a layer path
   or glob pattern (``"Block_0/Dense_1"``, ``"*/proj"``) to its number of input
-  axes, or a callable ``(path, kernel_shape) -> int | None`` (``None`` keeps
-  the default).
+  axes or a :class:`KernelLayout` (with stack axes), or a callable
+  ``(path, kernel_shape) -> int | KernelLayout | None`` (``None`` keeps the
+  default). Where it says nothing, ``stats`` (captured statistics, if given)
+  give the layout of their layers. A stacked layer yields one entry per copy.
   """
   used: set = set()
   layers = {}
   flat = flatten(params).leaves
+  captured = {key: KernelLayout(s.kernel_input_ndim, len(s.stack_shape)) for key, s in (stats or {}).items()}
   for path, leaf in flat.items():
-    if not path or path[-1] != "kernel" or jnp.ndim(leaf) < 2:
+    if not path or path[-1] not in ("kernel", "embedding") or jnp.ndim(leaf) < 2:
       continue
     key = tuple(path[:-1])
     shape = tuple(jnp.shape(leaf))
-    k = _resolve_input_ndim(kernel_input_ndim, layer_name(key), shape, used)
-    if not 1 <= k < len(shape):
+    layout = _resolve_layout(kernel_input_ndim, layer_name(key), shape, used, captured.get(key))
+    embedding = path[-1] == "embedding"
+    if layout is None:
+      if embedding and len(shape) != 2:
+        continue  # an embedding table with more axes: not one we capture unless told its layout
+      layout = KernelLayout(1 if embedding else default_kernel_input_ndim(layer_name(key), shape))
+    stack, k = layout.stack_ndim, layout.input_ndim
+    if not 0 <= stack < len(shape) - 1 or not 1 <= k < len(shape) - stack or (embedding and k != 1):
+      given = layout if stack else k
       raise ValueError(
-        f"kernel_input_ndim[{layer_name(key)!r}]={k} is not in [1, {len(shape) - 1}] for a kernel of shape {shape}."
+        f"kernel_input_ndim[{layer_name(key)!r}]={given} is not in [1, {len(shape) - stack - 1}] for a "
+        f"{path[-1]} of shape {shape} with {stack} stack axes (embeddings have 1 input axis)."
       )
-    has_bias = key + ("bias",) in flat
-    layers[key] = LayerShape(math.prod(shape[:k]) + int(has_bias), math.prod(shape[k:]), has_bias, shape, k)
+    kernel_shape = shape[stack:]
+    has_bias = not embedding and key + ("bias",) in flat
+    layer = LayerShape(
+      math.prod(kernel_shape[:k]) + int(has_bias),
+      math.prod(kernel_shape[k:]),
+      has_bias,
+      kernel_shape,
+      k,
+      path[-1],
+      shape[:stack],
+    )
+    if not stack:
+      layers[key] = layer
+      continue
+    for index in np.ndindex(*shape[:stack]):
+      layers[key + (StackIndex(index),)] = layer
   if isinstance(kernel_input_ndim, Mapping) and set(kernel_input_ndim) - used:
     raise ValueError(
       f"kernel_input_ndim names layers without a kernel in params: {sorted(set(kernel_input_ndim) - used)}."
@@ -135,9 +206,28 @@ def candidate_layers(params, kernel_input_ndim: KernelInputNdim = None) -> dict[
   return layers
 
 
+def kernel_layouts(stats: Stats) -> dict[str, int | KernelLayout]:
+  """``{layer path: layout}`` of the captured layers, for a transform's ``kernel_input_ndim=``.
+
+  A plain layer maps to its number of kernel input axes, a stacked one to a
+  :class:`KernelLayout` with its stack axes. Stateful transforms (FOOF, KFAC,
+  FNGD, ``accumulate_micro_batches``) allocate one state per copy of a stacked
+  layer at ``init``, before any statistics exist, so they need this layout
+  (``nox.kernel_input_ndim(stats)``) when the model has stacked layers.
+  """
+  layouts = {}
+  for key, s in stats.items():
+    stack = len(s.stack_shape)
+    layouts[layer_name(key)] = KernelLayout(s.kernel_input_ndim, stack) if stack else s.kernel_input_ndim
+  return layouts
+
+
 def kernel_dtype(params, key: LayerKey):
-  """The dtype of layer ``key``'s kernel leaf."""
-  return flatten(params).leaves[key + ("kernel",)].dtype
+  """The dtype of layer ``key``'s kernel (or embedding) leaf."""
+  leaves = flatten(params).leaves
+  path, _ = _leaf_and_index(key)
+  leaf = leaves.get(path + ("kernel",))
+  return (leaves[path + ("embedding",)] if leaf is None else leaf).dtype
 
 
 def check_stats(
@@ -145,11 +235,12 @@ def check_stats(
 ) -> Stats:
   """Trace-time validation of ``stats`` against the layers of the incoming updates.
 
-  Returns the statistics of the layers present in the updates. Layers whose
-  parameters are not there (masked out by ``optax.masked``, routed to another
-  optimiser by ``optax.multi_transform``) are ignored; statistics that match
-  none of the updates' layers are an error (e.g. the whole variables dict
-  passed instead of its ``'params'`` collection).
+  Returns the statistics of the layers present in the updates, a stacked
+  layer's split into one entry per copy (``key + (StackIndex(index),)``).
+  Layers whose parameters are not there (masked out by ``optax.masked``,
+  routed to another optimiser by ``optax.multi_transform``) are ignored;
+  statistics that match none of the updates' layers are an error (e.g. the
+  whole variables dict passed instead of its ``'params'`` collection).
   """
   if stats is None:
     raise ValueError(
@@ -161,7 +252,21 @@ def check_stats(
     raise TypeError(
       f"{transform}: `stats` must be the dict returned by nox.value_grad_and_stats, got {type(stats).__name__}."
     )
-  present = {key: s for key, s in stats.items() if key in layers}
+  present = {}
+  for key, s in stats.items():
+    copies = [key + (StackIndex(index),) for index in np.ndindex(*s.stack_shape)] if s.stack_shape else []
+    if copies and all(copy in layers for copy in copies):
+      present.update((copy, s.copy(tuple(copy[-1]))) for copy in copies)
+    elif copies and key in layers:
+      raise ValueError(
+        f"{transform}: layer {layer_name(key)!r} is stacked: its parameter holds {len(copies)} copies "
+        f"(stack shape {s.stack_shape}) of a {s.kernel_shape} kernel (applied inside nn.scan/nn.vmap), "
+        "but the transform treats it as one matrix. Pass kernel_input_ndim=nox.kernel_input_ndim(stats) "
+        "(nox.nnx.kernel_input_ndim(model) for NNX) to the transform, so that init gives every copy "
+        "its own state."
+      )
+    elif key in layers:
+      present[key] = s
   if stats and layers and not present:
     key = next(iter(stats))
     raise ValueError(
@@ -171,15 +276,22 @@ def check_stats(
     )
   for key, s in present.items():
     shape = layers[key]
+    path, index = _leaf_and_index(key)
+    if (s.kind == "embed") != shape.is_embedding:
+      raise ValueError(
+        f"{transform}: layer {layer_name(key)!r} is {'an embedding' if s.kind == 'embed' else 'a ' + s.kind} "
+        f"layer in stats but its parameters hold a {shape.param!r}."
+      )
     if shape.kernel_shape != s.kernel_shape:
       raise ValueError(
         f"{transform}: layer {layer_name(key)!r} has kernel {shape.kernel_shape} in params but {s.kernel_shape} in stats."
       )
     if shape.kernel_input_ndim != s.kernel_input_ndim:
+      layout = s.kernel_input_ndim if index is None else KernelLayout(s.kernel_input_ndim, len(index))
       raise ValueError(
         f"{transform}: layer {layer_name(key)!r} has {s.kernel_input_ndim} kernel input axes "
         f"(kernel {s.kernel_shape}), but the state was built assuming {shape.kernel_input_ndim}. "
-        f"Pass kernel_input_ndim={{{layer_name(key)!r}: {s.kernel_input_ndim}}} to the transform."
+        f"Pass kernel_input_ndim={{{layer_name(path)!r}: {layout}}} to the transform."
       )
     if shape.d_in != s.d_in or shape.d_out != s.d_out or shape.has_bias != s.has_bias:
       raise ValueError(
@@ -201,25 +313,26 @@ def check_stats(
 def _check_rows(transform: str, key: LayerKey, s: LayerStats) -> None:
   """The recorded inputs, cotangents and Fisher cotangents of one layer describe the same rows."""
   name = layer_name(key)
-  cot = tuple(s.cotangents.shape)
+  stacked = len(s.stack_shape)  # a stacked layer's arrays have its stack axes in front
+  cot = tuple(s.cotangents.shape)[stacked:]
   if len(cot) != 3:
     raise ValueError(
       f"{transform}: layer {name!r} has cotangents of shape {cot}; LayerStats.cotangents must be "
       "(examples, positions, d_out), as nox.value_grad_and_stats records them."
     )
   if s.conv is None:
-    inputs = tuple(jnp.shape(s.layer_inputs))
+    inputs = tuple(jnp.shape(s.layer_inputs))[stacked:]
     rows_in = inputs[:2] if len(inputs) == 3 else None
   else:
     rows_in = (s.conv.examples, sum(s.conv.positions(x) for x in s.layer_inputs))
-    inputs = tuple(tuple(jnp.shape(x)) for x in s.layer_inputs)
+    inputs = tuple(tuple(jnp.shape(x))[stacked:] for x in s.layer_inputs)
   if rows_in != cot[:2]:
     raise ValueError(
       f"{transform}: layer {name!r} recorded inputs {inputs} for (examples, positions) = {rows_in} but "
       f"cotangents {cot} for {cot[:2]}: the statistics were edited or assembled from different batches. "
       "Pass the stats that nox.value_grad_and_stats returned for this batch."
     )
-  if s.fisher_cotangents is not None and tuple(s.fisher_cotangents.shape[1:]) != cot:
+  if s.fisher_cotangents is not None and tuple(s.fisher_cotangents.shape)[stacked + 1 :] != cot:
     raise ValueError(
       f"{transform}: layer {name!r} has Fisher cotangents {tuple(s.fisher_cotangents.shape)} for cotangents "
       f"{cot}; they must be (label sets,) + {cot}. Pass the stats that nox.value_grad_and_stats returned."
@@ -232,12 +345,18 @@ def _check_rows(transform: str, key: LayerKey, s: LayerStats) -> None:
     )
 
 
+def _leaf(flat: Mapping[Path, Any], key: LayerKey, name: str) -> jax.Array:
+  path, index = _leaf_and_index(key)
+  leaf = flat[path + (name,)]
+  return leaf if index is None else leaf[index]
+
+
 def gradient_matrix(flat: Mapping[Path, Any], key: LayerKey, shape: LayerShape) -> jax.Array:
-  """``(d_in(+1), d_out)`` matrix of the layer's kernel (and bias) leaves."""
-  kernel = flat[key + ("kernel",)].reshape(shape.d_in - int(shape.has_bias), shape.d_out)
+  """``(d_in(+1), d_out)`` matrix of the layer's kernel (and bias) leaves (one copy's for a stacked layer)."""
+  kernel = _leaf(flat, key, shape.param).reshape(shape.d_in - int(shape.has_bias), shape.d_out)
   if not shape.has_bias:
     return kernel
-  return jnp.concatenate([kernel, flat[key + ("bias",)].reshape(1, shape.d_out)], axis=0)
+  return jnp.concatenate([kernel, _leaf(flat, key, "bias").reshape(1, shape.d_out)], axis=0)
 
 
 def gradient_matrices(tree, layers: Mapping[LayerKey, LayerShape], keys) -> dict[LayerKey, jax.Array]:
@@ -246,34 +365,63 @@ def gradient_matrices(tree, layers: Mapping[LayerKey, LayerShape], keys) -> dict
   return {key: gradient_matrix(flat, key, layers[key]) for key in keys}
 
 
-def _split_matrix(flat: dict[Path, Any], key: LayerKey, shape: LayerShape, matrix: jax.Array) -> None:
-  """Writes a gradient-matrix-shaped update back into ``flat`` (in place)."""
-  kernel_leaf = flat[key + ("kernel",)]
+def _split_matrix(shape: LayerShape, matrix: jax.Array) -> dict[str, jax.Array]:
+  """A gradient-matrix-shaped update as one copy's leaves ``{leaf name: array}``."""
   rows = shape.d_in - int(shape.has_bias)
-  flat[key + ("kernel",)] = matrix[:rows].reshape(kernel_leaf.shape).astype(kernel_leaf.dtype)
+  leaves = {shape.param: matrix[:rows].reshape(shape.kernel_shape)}
   if shape.has_bias:
-    bias_leaf = flat[key + ("bias",)]
-    flat[key + ("bias",)] = matrix[rows].reshape(bias_leaf.shape).astype(bias_leaf.dtype)
+    leaves["bias"] = matrix[rows]
+  return leaves
 
 
 def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys, fn: Callable[[LayerKey, jax.Array], jax.Array]):
   """Replaces the gradient matrix of every layer in ``keys`` by ``fn(key, matrix)``.
 
   A direction that is not finite (a bad batch) is replaced by zeros, so that
-  layer takes no step; the optimizer states stay finite by construction.
+  layer (that copy of a stacked layer) takes no step; the optimizer states
+  stay finite by construction. The copies of a stacked layer are written back
+  as one stacked leaf.
   """
   tree = flatten(updates)
   flat = dict(tree.leaves)
+  copies: dict[Path, dict[tuple[int, ...], jax.Array]] = {}
   for key in keys:
-    direction = fn(key, gradient_matrix(flat, key, layers[key]))
+    shape = layers[key]
+    direction = fn(key, gradient_matrix(tree.leaves, key, shape))
     finite = jnp.all(jnp.isfinite(direction))
-    _split_matrix(flat, key, layers[key], direction)
+    path, index = _leaf_and_index(key)
     # Guarding the split leaves (not the matrix) lets XLA fold slice(concatenate(kernel, bias))
     # away, so a direction built as kernel and bias parts is never copied into one matrix.
-    for leaf in ("kernel", "bias") if layers[key].has_bias else ("kernel",):
-      value = flat[key + (leaf,)]
-      flat[key + (leaf,)] = jnp.where(finite, value, jnp.zeros_like(value))
+    for name, value in _split_matrix(shape, direction).items():
+      leaf = tree.leaves[path + (name,)]
+      value = jnp.where(finite, value, jnp.zeros_like(value)).astype(leaf.dtype)
+      if index is None:
+        flat[path + (name,)] = value.reshape(leaf.shape)
+      else:
+        copies.setdefault(path + (name,), {})[index] = value
+  for leaf_path, parts in copies.items():
+    leaf = tree.leaves[leaf_path]
+    stack_shape = leaf.shape[: len(next(iter(parts)))]
+    indices = list(np.ndindex(*stack_shape))
+    if all(index in parts for index in indices):
+      flat[leaf_path] = jnp.stack([parts[index] for index in indices]).reshape(leaf.shape)
+    else:
+      value = leaf
+      for index, part in parts.items():
+        value = value.at[index].set(part.reshape(leaf.shape[len(index) :]))
+      flat[leaf_path] = value
   return tree.rebuild(flat)
+
+
+def input_factor_shape(shape: LayerShape) -> tuple[int, ...]:
+  """Shape of a layer's input factor ``A``: ``(d_in, d_in)``, or ``(vocab,)`` for an embedding,
+  whose ``A`` (of one-hot rows) is diagonal and kept as its diagonal."""
+  return (shape.d_in,) if shape.is_embedding else (shape.d_in, shape.d_in)
+
+
+def identity(factor_shape: tuple[int, ...], dtype) -> jax.Array:
+  """The identity matrix in a factor's storage (a vector of ones for a diagonal factor)."""
+  return jnp.ones(factor_shape, dtype) if len(factor_shape) == 1 else jnp.eye(factor_shape[0], dtype=dtype)
 
 
 def statistics_dtype(dtype) -> jnp.dtype:

@@ -41,7 +41,7 @@ def assert_stats_match_grads(grads, stats, keys=None, *, rtol: float = 1e-10, at
     d_kernel = s.d_in - int(s.has_bias)
     np.testing.assert_allclose(
       from_rows[:d_kernel],
-      np.asarray(node["kernel"]).reshape(d_kernel, -1),
+      np.asarray(node["embedding" if s.kind == "embed" else "kernel"]).reshape(d_kernel, -1),
       rtol=rtol,
       atol=atol,
       err_msg=f"kernel of layer {key}",

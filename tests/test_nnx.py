@@ -707,17 +707,18 @@ def test_errors_are_clear():
   with pytest.raises(NotImplementedError, match="masked"):
     nox_nnx.value_grad_and_stats(lambda m, x: m(x).sum())(masked, images)
 
-  class Remat(nnx.Module):
+  class PerExample(nnx.Module):  # jax.vmap over examples: one weight serves every example's iteration
     def __init__(self, rngs):
       self.linear = nnx.Linear(4, 3, rngs=rngs)
 
     def __call__(self, x):
-      return nnx.remat(lambda m, x: m(x))(self.linear, x)
+      return nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(self.linear, x)
 
-  remat = nnx.eval_shape(lambda: Remat(nnx.Rngs(0)))
-  with pytest.raises(NotImplementedError, match="nested NNX transform"):
-    nox_nnx.value_grad_and_stats(_xent)(remat, x, y)
-  assert not nox_nnx._ACTIVE  # the interception was undone despite the error
+  per_example = nnx.eval_shape(lambda: PerExample(nnx.Rngs(0)))
+  with pytest.raises(NotImplementedError, match=r"'linear'.*serve several iterations"):
+    nox_nnx.value_grad_and_stats(_xent)(per_example, x, y)
+  assert not nox_nnx._ACTIVE and not nox_nnx._RECORDERS  # the interception was undone despite the error
+  assert not hasattr(per_example.linear, nox_nnx._KEY_ATTRIBUTE)
   # a transform given stats for a layer its parameters do not have
   _, grads, stats = _jitted(_xent)(model, x, y)
   other = nnx.state(nnx.eval_shape(lambda: NnxMLP(nnx.Rngs(0), hidden=6, dtype=jnp.float32)), nnx.Param)
