@@ -289,8 +289,12 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, batch_size: int):
-  """``chain(PRE, clip, OPT, scale(-lr))`` with ``lr`` injected (``hyperparams['step_size']``)."""
+def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, batch_size: int, kernel_input_ndim=None):
+  """``chain(PRE, clip, OPT, scale(-lr))`` with ``lr`` injected (``hyperparams['step_size']``).
+
+  ``kernel_input_ndim``: the captured layers' layouts, ``nox.kernel_input_ndim(stats)`` (the
+  scanned model's kernels have a leading stack axis, one FOOF/KFAC state per block).
+  """
   o = recipe.options
   run_steps = max(1, int(round(float(o["horizon"]) * steps)))
   parts = []
@@ -304,6 +308,7 @@ def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, ba
         stats_window=window,
         ema_decay=float(o["ema"]),
         contraction=o["contraction"],
+        kernel_input_ndim=kernel_input_ndim,
       )
     elif recipe.pre == "kfac":
       pre = nox.kfac(
@@ -312,9 +317,15 @@ def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, ba
         stats_window=window,
         ema_decay=float(o["ema"]),
         contraction=o["contraction"],
+        kernel_input_ndim=kernel_input_ndim,
       )
     else:
-      pre = nox.fngd(float(o["alpha"]), steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+      pre = nox.fngd(
+        float(o["alpha"]),
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        kernel_input_ndim=kernel_input_ndim,
+      )
     if o["layers"] != "all":
       mask = jax.tree_util.tree_map_with_path(
         lambda path, _: layer_selected(_path_names(path)[:-1], o["layers"]), params
@@ -567,12 +578,19 @@ def main(argv=None):
     flush=True,
   )
 
+  layouts = None
+  if any(r.uses_stats for r in recipes):  # shapes only: no computation
+    stats_shapes = jax.eval_shape(lambda p: nox.value_grad_and_stats(loss_fn)(p, example)[2], params0[seeds[0]])
+    layouts = nox.kernel_input_ndim(stats_shapes)
+
   compiled: dict[str, tuple] = {}
   runs: list[Run] = []
   for recipe in recipes:
     key = recipe.structure()
     if key not in compiled:
-      tx, run_steps = build_transform(recipe, params0[seeds[0]], config["steps"], steps_per_epoch, batch_size)
+      tx, run_steps = build_transform(
+        recipe, params0[seeds[0]], config["steps"], steps_per_epoch, batch_size, kernel_input_ndim=layouts
+      )
       compiled[key] = (tx, run_steps, make_step(loss_fn, tx, recipe.uses_stats))
     tx, run_steps, step = compiled[key]
     for seed in seeds:

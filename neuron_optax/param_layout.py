@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neuron_optax.layer_stats import LayerKey, LayerMoments, LayerStats, StackIndex, Stats, layer_name
+from neuron_optax.layer_stats import LayerKey, LayerMoments, LayerStats, StackIndex, Stats, TokenRows, layer_name
 
 Path = tuple[Hashable, ...]
 
@@ -320,7 +320,11 @@ def _check_rows(transform: str, key: LayerKey, s: LayerStats) -> None:
       f"{transform}: layer {name!r} has cotangents of shape {cot}; LayerStats.cotangents must be "
       "(examples, positions, d_out), as nox.value_grad_and_stats records them."
     )
-  if s.conv is None:
+  if s.kind == "embed":  # (examples, positions) token ids
+    ids = s.layer_inputs.ids if isinstance(s.layer_inputs, TokenRows) else s.layer_inputs
+    inputs = tuple(jnp.shape(ids))[stacked:]
+    rows_in = inputs if len(inputs) == 2 else None
+  elif s.conv is None:
     inputs = tuple(jnp.shape(s.layer_inputs))[stacked:]
     rows_in = inputs[:2] if len(inputs) == 3 else None
   else:
