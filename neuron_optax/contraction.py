@@ -62,8 +62,8 @@ def recorded_gradient(stats: LayerStats, dtype) -> jax.Array:
   return jnp.concatenate([kernel, jnp.sum(cot.reshape(-1, cot.shape[-1]), axis=0)[None]], axis=0)
 
 
-def recorded_gradient_matches(gradient: jax.Array, stats: LayerStats) -> jax.Array:
-  """Whether the incoming gradient is the recorded ``Āᵀ Cot`` (a randomised check, traced).
+def recorded_gradient_matches(gradient: jax.Array, stats: LayerStats, scale: jax.Array | float = 1.0) -> jax.Array:
+  """Whether the incoming gradient is ``scale`` times the recorded ``Āᵀ Cot`` (a randomised check, traced).
 
   Compares ``rᵀ ∇W s`` with ``rᵀ Āᵀ (Cot s)`` for fixed Gaussian probes
   ``r, s``: ``O(d_in·d_out + rows·(d_in + d_out))`` (for convolutions one
@@ -84,9 +84,9 @@ def recorded_gradient_matches(gradient: jax.Array, stats: LayerStats) -> jax.Arr
   from_rows = r[: d_in - int(stats.has_bias)] @ stats.kernel_gradient(cot_s[..., None])[:, 0]
   if stats.has_bias:
     from_rows = from_rows + r[-1] * jnp.sum(cot_s)
-  scale = jnp.sqrt(jnp.sum(gradient * gradient))
-  tolerance = np.sqrt(np.finfo(gradient.dtype).eps) * scale
-  return jnp.isfinite(scale) & (jnp.abs(projected - from_rows) <= tolerance)
+  norm = jnp.sqrt(jnp.sum(gradient * gradient))
+  tolerance = np.sqrt(np.finfo(gradient.dtype).eps) * norm
+  return jnp.isfinite(norm) & (jnp.abs(projected - scale * from_rows) <= tolerance)
 
 
 def _gradient_product(matrix: jax.Array, gradient: jax.Array, stats: LayerStats) -> jax.Array:

@@ -15,6 +15,8 @@ formed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -70,7 +72,12 @@ def _prepare(matrix: jax.Array, damping: jax.Array | float):
 
 
 def damped_solve(
-  matrix: jax.Array, damping: jax.Array | float, rhs: jax.Array, *, return_floor: bool = False
+  matrix: jax.Array,
+  damping: jax.Array | float,
+  rhs: jax.Array,
+  *,
+  return_floor: bool = False,
+  on_floor: Callable[[jax.Array], None] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """``(M + λI)⁻¹ rhs`` for a symmetric PSD ``M`` and ``λ > 0``.
 
@@ -93,7 +100,9 @@ def damped_solve(
 
   With ``return_floor=True`` also returns, per matrix, the ``τ`` that raised
   an eigenvalue by more than 1 % (0 where none was), for the precision
-  warning (:mod:`neuron_optax.precision`).
+  warning (:mod:`neuron_optax.precision`); ``on_floor(τ)`` is called with it
+  inside the eigendecomposition branch only, so that a warning costs nothing
+  in the usual Cholesky case.
   """
   symmetric, damping, damped, resolved = _prepare(matrix, damping)
   vector = rhs.ndim == matrix.ndim - 1
@@ -105,6 +114,8 @@ def damped_solve(
 
   def eigh_solve(_):
     evecs, divisors, floor = _floored_eigen(symmetric, damping)
+    if on_floor is not None:
+      on_floor(floor)
     return evecs @ ((jnp.swapaxes(evecs, -1, -2) @ columns) / divisors[..., None]), floor
 
   use_cholesky = resolved & jnp.all(jnp.isfinite(solution))

@@ -35,14 +35,14 @@ to a small difference of large terms, and its round-off is divided by ``λ``
 (float32, ``λ`` = 1e-6 of the Fisher's mean eigenvalue: 70 % error). With the
 empirical Fisher of the gradient's own batch the recorded gradient is
 ``∇_rec = Ψ1/n``, whose direction has the cancellation-free form
-``(F + λI)⁻¹∇_rec = Ψ(K + nλI)⁻¹1``. So ``∇ = s ∇_rec + r`` with
-``s = <∇, ∇_rec>/‖∇_rec‖²`` (a rest ``r`` below ``√ε‖∇‖`` in a layer is
-round-off and set to zero), and::
+``(F + λI)⁻¹∇_rec = Ψ(K + nλI)⁻¹1``. Where the incoming ``∇`` is
+``s ∇_rec`` (a randomised run-time check, tolerance ``√ε``, as for the row
+contraction of FOOF; ``s = <∇, ∇_rec>/‖∇_rec‖²`` from ``Ψᵀ∇`` and ``K``)::
 
-    (F + λI)⁻¹∇ = Ψ(K + nλI)⁻¹(s 1 − Ψᵀr/λ) + r/λ
+    (F + λI)⁻¹∇ = s Ψ(K + nλI)⁻¹1
 
-exactly; only the rest goes through the Woodbury form. Other Fishers
-(``fisher="mc"``, ``"full"``, ``fisher_stats``) use ``s = 0``, ``r = ∇``.
+and any other ``∇`` (changed by an earlier transform; other Fishers:
+``fisher="mc"``, ``"full"``, ``fisher_stats``) goes through the Woodbury form.
 
 ``block_diagonal=True`` uses the Fisher's diagonal blocks, one per layer
 (``F_ℓ = (1/n) Ψ_ℓ Ψ_ℓᵀ``): the same computation with one ``m × m`` system per
@@ -85,8 +85,8 @@ import jax.numpy as jnp
 import optax
 
 from neuron_optax import hyperparams, linalg, param_layout, precision
-from neuron_optax.contraction import recorded_gradient
-from neuron_optax.layer_stats import LayerKey, Stats, layer_name
+from neuron_optax.contraction import recorded_gradient_matches
+from neuron_optax.layer_stats import LayerKey, LayerStats, Stats, layer_name
 
 
 class NaturalGradientState(NamedTuple):
@@ -197,29 +197,34 @@ def natural_gradient(
 
     # The Woodbury form (∇ − Ψc)/λ cancels where ∇ lies in the span of the columns: its round-off,
     # divided by a small λ, swamps the direction (float32, λ = 1e-6 of the Fisher's mean eigenvalue:
-    # 70 % error). With the empirical Fisher of this batch the recorded gradient is Ψ1/n, whose
-    # direction has the cancellation-free form (F + λI)⁻¹Ψ1/n = Ψ(K + nλI)⁻¹1 (FNGD's); ∇ is split into
-    # s times the recorded gradient and a rest, and only the rest goes through the Woodbury form.
+    # 70 % error). With the empirical Fisher of this batch the recorded gradient is ∇_rec = Ψ1/n, whose
+    # direction has the cancellation-free form (F + λI)⁻¹Ψ1/n = Ψ(K + nλI)⁻¹1 (FNGD's). So where ∇ is
+    # s·∇_rec (checked at run time), that form is used.
     empirical = fisher_stats is None and all(fisher[key].fisher_cotangents is None for key in keys)
-    recorded = {key: recorded_gradient(fisher[key], dtype) for key in keys} if empirical else None
 
     def solve(layer_keys, where):
       """Directions for the Fisher block spanned by ``layer_keys``."""
       sets, n = cots[layer_keys[0]].shape[:2]
       _check_columns(sets * n, max_columns, f" block of layer {where!r}" if block_diagonal else "")
       gram = sum(linalg.gradient_gram(inputs[k], cots[k]) for k in layer_keys)
-      if recorded is None:
-        scale, rest = jnp.zeros([], dtype), {k: grads[k] for k in layer_keys}
-      else:
-        scale, rest = _split_recorded({k: grads[k] for k in layer_keys}, {k: recorded[k] for k in layer_keys})
-      rhs = scale - sum(linalg.gradient_dots(inputs[k], cots[k], rest[k]) for k in layer_keys) / damping_now
-      coefficients, floor = linalg.damped_solve(gram, n * damping_now, rhs, return_floor=True)
-      floors[where] = (floor, n * damping_now)
+      dots = sum(linalg.gradient_dots(inputs[k], cots[k], grads[k]) for k in layer_keys)
+      recorded = jnp.asarray(False)
+      scale = jnp.zeros([], dtype)
+      if empirical:
+        recorded, scale = _multiple_of_recorded(
+          {k: grads[k] for k in layer_keys}, {k: fisher[k] for k in layer_keys}, gram, dots
+        )
+      rhs = jnp.where(recorded, scale, -dots / damping_now)
+      # The precision warning, if any, is issued inside the eigendecomposition branch: no host
+      # callback in the usual (Cholesky) step.
+      warn = lambda floor: precision.warn_if_floored("natural_gradient", {where: (floor, n * damping_now)})
+      coefficients = linalg.damped_solve(gram, n * damping_now, rhs, on_floor=warn)
       return {
-        k: linalg.weighted_gradient_sum(inputs[k], cots[k], coefficients) + rest[k] / damping_now for k in layer_keys
+        k: linalg.weighted_gradient_sum(inputs[k], cots[k], coefficients)
+        + jnp.where(recorded, 0, grads[k] / damping_now)
+        for k in layer_keys
       }
 
-    floors = {}
     if block_diagonal:
       directions = {}
       for key in keys:
@@ -236,7 +241,6 @@ def natural_gradient(
         )
       directions = solve(keys, "all captured layers")
 
-    precision.warn_if_floored("natural_gradient", floors)
     # An invalid damping (a schedule's or an injected value) gives no step, as a non-finite batch.
     out = param_layout.map_layers(updates, shapes, keys, lambda key, _: jnp.where(damping_ok, directions[key], jnp.nan))
     return out, NaturalGradientState(count=optax.safe_int32_increment(state.count))
@@ -244,23 +248,19 @@ def natural_gradient(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _split_recorded(
-  grads: Mapping[LayerKey, jax.Array], recorded: Mapping[LayerKey, jax.Array]
-) -> tuple[jax.Array, dict[LayerKey, jax.Array]]:
-  """``(s, r)`` with ``∇ = s·∇_rec + r``, ``s = <∇, ∇_rec> / ‖∇_rec‖²`` over the block.
+def _multiple_of_recorded(
+  grads: Mapping[LayerKey, jax.Array], stats: Mapping[LayerKey, LayerStats], gram: jax.Array, dots: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """``(whether ∇ = s·∇_rec, s)`` for the empirical Fisher's columns ``Ψ`` and ``∇_rec = Ψ1/n``.
 
-  A layer's rest below ``√ε·‖∇_ℓ‖`` is round-off (the incoming gradient is
-  the recorded one, up to summation order, or a multiple of it: accumulation,
-  clipping) and is set to zero, so that it is not divided by ``λ``; as for the
-  recorded-gradient check of :mod:`neuron_optax.contraction`, a genuine change
-  of that relative size goes unnoticed.
+  ``s = <∇, ∇_rec> / ‖∇_rec‖²`` costs nothing more: ``<∇, ∇_rec> = 1ᵀΨᵀ∇/n`` (the
+  ``dots``) and ``‖∇_rec‖² = 1ᵀK1/n²``. Whether ``∇/s`` is the recorded gradient
+  is the randomised check of :func:`~neuron_optax.contraction.recorded_gradient_matches`
+  per layer (tolerance ``√ε``): an unchanged gradient, or one that earlier
+  transforms rescaled (clipping, accumulation of equal gradients).
   """
-  dot = sum(jnp.sum(grads[k] * recorded[k]) for k in grads)
-  norm = sum(jnp.sum(recorded[k] * recorded[k]) for k in grads)
-  scale = jnp.where(norm > 0, dot / jnp.where(norm > 0, norm, 1), 0)
-  rest = {}
-  for k, grad in grads.items():
-    r = grad - scale * recorded[k]
-    tolerance = jnp.sqrt(jnp.finfo(grad.dtype).eps) * jnp.sqrt(jnp.sum(grad * grad))
-    rest[k] = jnp.where(jnp.sqrt(jnp.sum(r * r)) <= tolerance, jnp.zeros_like(r), r)
-  return scale, rest
+  n = dots.shape[0]
+  norm = jnp.sum(gram) / (n * n)
+  scale = jnp.where(norm > 0, (jnp.sum(dots) / n) / jnp.where(norm > 0, norm, 1), 0)
+  matches = [recorded_gradient_matches(grad, stats[k], scale) for k, grad in grads.items()]
+  return (scale != 0) & jnp.all(jnp.stack(matches)), scale
