@@ -54,7 +54,7 @@ def kfac_foof_similarity(
   if foof_damping is not None:
     hyperparams.check_positive("kfac_foof_similarity", "foof_damping", foof_damping)
   shapes = param_layout.candidate_layers(grads, kernel_input_ndim, stats)
-  stats = param_layout.check_stats(stats, shapes, "kfac_foof_similarity")
+  stats = param_layout.check_stats(stats, shapes, "kfac_foof_similarity", tied_tables=False)
   gradients = param_layout.gradient_matrices(grads, shapes, stats)
   similarity = {}
   for key, layer_stats in stats.items():
