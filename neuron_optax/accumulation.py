@@ -69,7 +69,7 @@ def accumulate_micro_batches(
 
   def update_fn(updates, state: AccumulationState, params=None, *, stats: Stats | None = None, **extra_args):
     shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
-    stats = param_layout.check_stats(stats, shapes, "accumulate_micro_batches")
+    stats = param_layout.check_stats(stats, shapes, "accumulate_micro_batches", tied_tables=False)
     gradients = jax.tree.map(jnp.add, state.gradients, updates)
     moments = dict(state.moments)
     for key, layer_stats in stats.items():

@@ -190,10 +190,29 @@ def nesting(reference: Any) -> Nesting | None:
 # --------------------------------------------------------------------------- #
 
 
-def probe_names(index: int) -> tuple[str, str]:
-  """Names of the output and input probes of a layer's ``index``-th call inside a transform,
-  stored next to its parameters (linen: in the ``params`` collection; NNX: as attributes)."""
-  return f"__nox_output_probe_{index}__", f"__nox_input_probe_{index}__"
+class _Attend:
+  """Last entry of the record key of an embedding table's calls as an output layer (``Embed.attend``)."""
+
+  def __repr__(self) -> str:
+    return "attend"
+
+
+# ``key + (ATTEND,)`` records the ``attend`` calls of the embedding at ``key``: a dense layer with
+# kernel ``tableᵀ`` (attend orientation ``(features, vocab)``), folded into the table's statistics
+# as ``LayerStats.tied``.
+ATTEND = _Attend()
+
+
+def is_attend(key: LayerKey) -> bool:
+  return bool(key) and key[-1] is ATTEND
+
+
+def probe_names(index: int, key: LayerKey = ()) -> tuple[str, str]:
+  """Names of the output and input probes of the ``index``-th call recorded under ``key`` inside a
+  transform, stored next to the layer's parameters (linen: in the ``params`` collection; NNX: as
+  attributes)."""
+  part = "attend_" if is_attend(key) else ""
+  return f"__nox_{part}output_probe_{index}__", f"__nox_{part}input_probe_{index}__"
 
 
 def _zero_cotangent(x: jax.Array):
@@ -401,8 +420,7 @@ class Recorder:
       )
     y = call()
     recorded = layout.rows(x)  # validates the call and, for convolutions, gives the geometry
-    rows, conv = recorded if isinstance(recorded, tuple) else (recorded, None)
-    meta["conv"] = conv
+    meta["conv"] = recorded[1] if isinstance(recorded, tuple) else None
     if key in self.meta and self.meta[key] != meta:
       raise ValueError(f"Layer {layer_name(key)!r} was called twice with different layouts.")
     self.meta[key] = meta
@@ -430,9 +448,10 @@ class Recorder:
 
   def _stack_shape(self, key: LayerKey, meta: dict[str, Any]) -> tuple[int, ...]:
     """The leading axes the layer's parameter has outside the transform (``()``: not stacked)."""
-    name = "embedding" if meta["kind"] == "embed" else "kernel"
-    outer = self.param_shapes.get(key + (name,))
-    inner = tuple(meta["kernel_shape"])
+    attend = is_attend(key)
+    name = "embedding" if meta["kind"] == "embed" or attend else "kernel"
+    outer = self.param_shapes.get((key[:-1] if attend else key) + (name,))
+    inner = tuple(meta["kernel_shape"])[:: -1 if attend else 1]  # attend's kernel is the table transposed
     if outer is None:
       raise NotImplementedError(
         f"Layer {layer_name(key)!r} is applied inside a transform, but the differentiated "
@@ -537,7 +556,34 @@ def assemble_stats(meta: dict[LayerKey, dict[str, Any]], calls: Mapping[LayerKey
     stats[key] = LayerStats(
       layer_inputs=layer_inputs, cotangents=layer_cots, fisher_cotangents=layer_fisher, **layer_meta
     )
-  return stats
+  return _fold_attend_calls(stats)
+
+
+def _fold_attend_calls(stats: Stats) -> Stats:
+  """An embedding's ``attend`` calls (recorded as a dense layer with kernel ``tableᵀ``) as its ``tied`` part."""
+  folded: Stats = {key: s for key, s in stats.items() if not is_attend(key)}
+  for key, s in stats.items():
+    if not is_attend(key):
+      continue
+    table = key[:-1]
+    lookup = folded.get(table)
+    if lookup is None:  # the table is only used as an output layer: no lookups
+      k = len(s.stack_shape)
+      n = s.cotangents.shape[k]
+      features = s.kernel_shape[0]
+      fisher = None if s.fisher_cotangents is None else s.fisher_cotangents.shape[: k + 2]
+      lookup = LayerStats(
+        layer_inputs=jnp.zeros(s.stack_shape + (n, 0), jnp.int32),
+        cotangents=jnp.zeros(s.stack_shape + (n, 0, features), s.cotangents.dtype),
+        fisher_cotangents=None if fisher is None else jnp.zeros(fisher + (0, features), s.cotangents.dtype),
+        kind="embed",
+        has_bias=False,
+        kernel_shape=tuple(s.kernel_shape[::-1]),
+        kernel_input_ndim=1,
+        stack_shape=s.stack_shape,
+      )
+    folded[table] = lookup.replace(tied=s)
+  return folded
 
 
 def _inner_inputs(call: _InnerCall, stack: tuple[int, ...], recorded: jax.Array) -> jax.Array:

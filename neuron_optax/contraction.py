@@ -57,6 +57,8 @@ def recorded_gradient(stats: LayerStats, dtype) -> jax.Array:
   """``Āᵀ Cot``: the layer's gradient matrix recomputed from the recorded rows (no im2col for convolutions)."""
   cot = stats.cotangents.astype(dtype)
   kernel = stats.kernel_gradient(cot)
+  if getattr(stats, "tied", None) is not None:  # an embedding tied to an output layer: both uses
+    kernel = kernel + stats.tied_gradient(dtype)
   if not stats.has_bias:
     return kernel
   return jnp.concatenate([kernel, jnp.sum(cot.reshape(-1, cot.shape[-1]), axis=0)[None]], axis=0)
@@ -80,10 +82,13 @@ def recorded_gradient_matches(gradient: jax.Array, stats: LayerStats, scale: jax
   r = jnp.asarray(probes.standard_normal(d_in), gradient.dtype)
   s = jnp.asarray(probes.standard_normal(d_out), gradient.dtype)
   projected = r @ gradient @ s
-  cot_s = stats.cotangents.astype(gradient.dtype) @ s  # (n, P)
-  from_rows = r[: d_in - int(stats.has_bias)] @ stats.kernel_gradient(cot_s[..., None])[:, 0]
-  if stats.has_bias:
-    from_rows = from_rows + r[-1] * jnp.sum(cot_s)
+  if stats.kind == "embed":  # a scatter-add (of both uses, if tied): the recorded gradient is cheap
+    from_rows = r @ recorded_gradient(stats, gradient.dtype) @ s
+  else:
+    cot_s = stats.cotangents.astype(gradient.dtype) @ s  # (n, P)
+    from_rows = r[: d_in - int(stats.has_bias)] @ stats.kernel_gradient(cot_s[..., None])[:, 0]
+    if stats.has_bias:
+      from_rows = from_rows + r[-1] * jnp.sum(cot_s)
   norm = jnp.sqrt(jnp.sum(gradient * gradient))
   tolerance = np.sqrt(np.finfo(gradient.dtype).eps) * norm
   return jnp.isfinite(norm) & (jnp.abs(projected - scale * from_rows) <= tolerance)

@@ -59,7 +59,7 @@ def kfac_foof_similarity(
       raise ValueError(f"kfac_foof_similarity: {name} must be a number or a scalar array, not a schedule.")
     hyperparams.check_scalar_or_schedule("kfac_foof_similarity", name, value)  # concrete values only
   shapes = param_layout.candidate_layers(grads, kernel_input_ndim, stats)
-  stats = param_layout.check_stats(stats, shapes, "kfac_foof_similarity")
+  stats = param_layout.check_stats(stats, shapes, "kfac_foof_similarity", tied_tables=False)
   gradients = param_layout.gradient_matrices(grads, shapes, stats)
   similarity = {}
   for key, layer_stats in stats.items():

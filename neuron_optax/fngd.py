@@ -146,7 +146,7 @@ def _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_ev
 
 def empirical_rows(stats: LayerStats, dtype) -> tuple[jax.Array | TokenRows, jax.Array]:
   """``(ā, g)``: augmented inputs ``(n, P, d_in)`` (embeddings: token ids) and true-label cotangents ``(1, n, P, d_out)``."""
-  a = stats.row_operand(dtype)
+  a = stats.row_operand(dtype, empirical=True)
   g = stats.cotangents.astype(dtype)[None] * stats.batch_size
   return a, g
 
@@ -177,8 +177,12 @@ def weighted_direction(stats: LayerStats, weights: jax.Array, dtype) -> jax.Arra
   ``g_i = n · cot_i``, so the cotangents are weighted by ``n · c``; the bias row
   is the weighted cotangent sum (no augmented copy of the inputs). For
   convolutions this is one backward-filter convolution with the weighted
-  cotangents: the im2col rows are never formed.
+  cotangents: the im2col rows are never formed. For embeddings (also tied to
+  an output layer) a scatter-add of the weighted per-example cotangents.
   """
+  if stats.kind == "embed":
+    a, g = empirical_rows(stats, dtype)
+    return linalg.weighted_gradient_sum(a, g, weights.astype(dtype))
   per_example = weights.astype(dtype) * stats.batch_size
   weighted = stats.cotangents.astype(dtype) * per_example[:, None, None]
   kernel = stats.kernel_gradient(weighted)

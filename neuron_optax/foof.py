@@ -9,8 +9,12 @@ row) and inputs ``ā_r = [a_r, 1]``::
 
 ``D`` is the weight change that moves each layer's outputs (its neurons) along
 their gradient ``∂L/∂z`` in the least-squares sense, with the proximity term
-``λ``. Other leaves pass through unchanged. Chain with a first-order optimiser
-for step size and momentum::
+``λ``. An embedding's rows are one-hot, so its ``A`` is the diagonal of token
+frequencies, kept as a vector: ``D`` divides each row of ``∇W`` by ``f_v + λ``.
+Each copy of a stacked layer (``nn.scan``) is a layer of its own. A table tied
+to an output layer (``Embed.attend``) passes through, with a warning. Other
+leaves pass through unchanged. Chain with a first-order optimiser for step
+size and momentum::
 
     tx = optax.chain(nox.foof(damping=1.0), optax.sgd(0.1, momentum=0.9))
 
@@ -137,7 +141,7 @@ def foof(
   def update_fn(updates, state: FoofState, params=None, *, stats: Stats | None = None, **extra_args):
     del params, extra_args
     shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
-    stats = param_layout.check_stats(stats, shapes, "foof")
+    stats = param_layout.check_stats(stats, shapes, "foof", tied_tables=False)
     names = {key: layer_name(key) for key in stats}
     for key in stats:
       factor = param_layout.input_factor_shape(shapes[key])  # an embedding's diagonal A: a vector

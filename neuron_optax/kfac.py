@@ -37,6 +37,11 @@ Design decisions:
     from the recorded rows (``contraction``), as in FOOF.
   * Statistics and factors are kept in at least float32; the direction is cast
     back to each parameter's dtype.
+  * Embeddings: ``A`` is the diagonal of token frequencies, stored and
+    inverted as a vector (standard damping: ``U_A = I``). A table tied to an
+    output layer (``Embed.attend``) passes through, with a warning: the two
+    uses' factors lie on opposite sides of the table. Each copy of a stacked
+    layer (``nn.scan``) is a layer of its own.
   * Conv layers and tokens: both factors are means over all rows
     (examples × positions), the convention of the whole library; the scale of
     ``G`` (and so the meaning of ``λ`` under standard damping) therefore
@@ -231,7 +236,7 @@ def kfac(
   def update_fn(updates, state: KfacState, params=None, *, stats: Stats | None = None, **extra_args):
     del params, extra_args
     shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
-    stats = param_layout.check_stats(stats, shapes, "kfac")
+    stats = param_layout.check_stats(stats, shapes, "kfac", tied_tables=False)
     names = {key: layer_name(key) for key in stats}
     for key in stats:
       _check_state_layer(state.layers, key, shapes[key], heuristic)

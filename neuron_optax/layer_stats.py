@@ -66,11 +66,16 @@ class TokenRows:
   """One-hot input rows kept as token ids (a pytree): row ``(i, p)`` is ``e_{ids[i, p]}`` in ``R^vocab``.
 
   What an embedding's statistics give the linear algebra instead of ``(n, P,
-  vocab)`` one-hot rows: products with them are gathers and scatter-adds.
+  vocab)`` one-hot rows: products with them are gathers and scatter-adds. For a
+  table tied to an output layer (``Embed.attend``, ``logits = q tableᵀ``) it
+  also carries that use's rows, whose per-example gradients add to the
+  lookups': ``ψ_si = Σ_p e_{t_ip} g_sipᵀ + Σ_q h_siq q_iqᵀ``.
   """
 
   ids: jax.Array  # (n, P) integer token ids
   vocab: int
+  queries: jax.Array | None = None  # (n, Q, features): the inputs of the attend calls
+  attend_cotangents: jax.Array | None = None  # (S, n, Q, vocab): their per-example output cotangents h
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -81,7 +86,7 @@ class TokenRows:
     return jax.nn.one_hot(self.ids, self.vocab, dtype=dtype or jnp.float32)
 
 
-jax.tree_util.register_dataclass(TokenRows, data_fields=["ids"], meta_fields=["vocab"])
+jax.tree_util.register_dataclass(TokenRows, data_fields=["ids", "queries", "attend_cotangents"], meta_fields=["vocab"])
 
 
 class ConvGeometry(NamedTuple):
@@ -182,6 +187,10 @@ class LayerStats:
       ``stack_shape + kernel_shape``); every data field then has these axes in
       front (``fisher_cotangents``: ``stack_shape + (S, n, P, d_out)``), and
       the methods below apply to one copy (:meth:`copy`) (static).
+    tied: an embedding's calls as an output layer (``Embed.attend``:
+      ``logits = q tableᵀ``), a dense :class:`LayerStats` with kernel
+      ``tableᵀ`` (``(features, vocab)``, no bias); the table's gradient is the
+      sum of both uses' (``None``: the table is only looked up).
   """
 
   layer_inputs: jax.Array | tuple[jax.Array, ...]
@@ -193,6 +202,7 @@ class LayerStats:
   kernel_input_ndim: int = 1
   conv: ConvGeometry | None = None
   stack_shape: tuple[int, ...] = ()
+  tied: LayerStats | None = None
 
   def replace(self, **changes) -> LayerStats:
     return dataclasses.replace(self, **changes)
@@ -205,7 +215,13 @@ class LayerStats:
     if len(index) != len(self.stack_shape):
       raise ValueError(f"copy index {index} does not match the stack shape {self.stack_shape}.")
     leaves = jax.tree.map(lambda x: x[index], (self.layer_inputs, self.cotangents, self.fisher_cotangents))
-    return self.replace(layer_inputs=leaves[0], cotangents=leaves[1], fisher_cotangents=leaves[2], stack_shape=())
+    return self.replace(
+      layer_inputs=leaves[0],
+      cotangents=leaves[1],
+      fisher_cotangents=leaves[2],
+      stack_shape=(),
+      tied=None if self.tied is None else self.tied.copy(index),
+    )
 
   def _one_copy(self, what: str) -> None:
     if self.stack_shape:
@@ -278,12 +294,22 @@ class LayerStats:
       return x
     return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
 
-  def row_operand(self, dtype=None) -> jax.Array | TokenRows:
+  def row_operand(self, dtype=None, *, empirical: bool = False) -> jax.Array | TokenRows:
     """The augmented input rows as the linear algebra takes them: :meth:`augmented_inputs`,
-    or for embeddings the token ids (:class:`TokenRows`) instead of one-hot rows."""
+    or for embeddings the token ids (:class:`TokenRows`) instead of one-hot rows, with the rows
+    of a tied output use and their per-example cotangents (the Fisher's, or with ``empirical``
+    the true labels' ``n · cot``)."""
     if self.kind == "embed":
       self._one_copy("row_operand")
-      return TokenRows(self.layer_inputs, self.d_in)
+      if self.tied is None:
+        return TokenRows(self.layer_inputs, self.d_in)
+      queries = self.tied.inputs if dtype is None else self.tied.inputs.astype(dtype)
+      if empirical:
+        cotangents = self.tied.cotangents[None] * self.batch_size
+        cotangents = cotangents if dtype is None else cotangents.astype(dtype)
+      else:
+        cotangents = self.tied.per_example_cotangents(dtype)
+      return TokenRows(self.layer_inputs, self.d_in, queries, cotangents)
     return self.augmented_inputs(dtype)
 
   def kernel_gradient(self, cotangents: jax.Array) -> jax.Array:
@@ -293,7 +319,8 @@ class LayerStats:
     re-weighted ones (FNGD) a weighted sum of per-example gradients. For
     convolutions it is a backward-filter convolution per call; the im2col
     rows are not formed. For embeddings it is a scatter-add of the
-    cotangents into the rows of their tokens.
+    cotangents into the rows of their tokens (the lookups' part only: a tied
+    output use adds :meth:`tied_gradient`).
     """
     self._one_copy("kernel_gradient")
     if self.kind == "embed":
@@ -310,8 +337,19 @@ class LayerStats:
       start += positions
     return total
 
+  def tied_gradient(self, dtype=None) -> jax.Array | None:
+    """A tied table's gradient from its output use, ``Σ_rows h_r q_rᵀ`` in the table's orientation
+    ``(vocab, features)`` (``None`` without one)."""
+    if self.tied is None:
+      return None
+    cotangents = self.tied.cotangents if dtype is None else self.tied.cotangents.astype(dtype)
+    return self.tied.kernel_gradient(cotangents).T
+
   def per_example_cotangents(self, dtype=None) -> jax.Array:
-    """``(S, n, P, d_out)`` Fisher cotangents ``g`` (empirical: ``n * cot``)."""
+    """``(S, n, P, d_out)`` Fisher cotangents ``g`` (empirical: ``n * cot``).
+
+    A tied table's output use keeps its own (``tied.per_example_cotangents``), with the same ``n``.
+    """
     self._one_copy("per_example_cotangents")
     if self.fisher_cotangents is None:
       g = self.cotangents[None] * self.batch_size
@@ -322,7 +360,7 @@ class LayerStats:
 
 jax.tree_util.register_dataclass(
   LayerStats,
-  data_fields=["layer_inputs", "cotangents", "fisher_cotangents"],
+  data_fields=["layer_inputs", "cotangents", "fisher_cotangents", "tied"],
   meta_fields=["kind", "has_bias", "kernel_shape", "kernel_input_ndim", "conv", "stack_shape"],
 )
 

@@ -162,11 +162,17 @@ def damped_inverse_diagonal(diagonal: jax.Array, damping: jax.Array | float) -> 
 def as_columns(a: Rows, g: jax.Array) -> tuple[Rows, jax.Array]:
   """Broadcasts inputs ``(n,P,di)`` against cotangents ``(S,n,P,do)`` into ``m = S·n`` columns."""
   s = g.shape[0]
-  if isinstance(a, TokenRows):
-    ids = jnp.broadcast_to(a.ids[None], (s,) + a.ids.shape).reshape((-1,) + a.ids.shape[1:])
-    return TokenRows(ids, a.vocab), g.reshape((-1,) + g.shape[2:])
-  a_cols = jnp.broadcast_to(a[None], (s,) + a.shape).reshape((-1,) + a.shape[1:])
-  return a_cols, g.reshape((-1,) + g.shape[2:])
+
+  def columns(x):
+    return jnp.broadcast_to(x[None], (s,) + x.shape).reshape((-1,) + x.shape[1:])
+
+  g_cols = g.reshape((-1,) + g.shape[2:])
+  if not isinstance(a, TokenRows):
+    return columns(a), g_cols
+  if a.queries is None:
+    return TokenRows(columns(a.ids), a.vocab), g_cols
+  h = a.attend_cotangents
+  return TokenRows(columns(a.ids), a.vocab, columns(a.queries), h.reshape((-1,) + h.shape[2:])), g_cols
 
 
 def _scatter_rows(ids: jax.Array, values: jax.Array, vocab: int) -> jax.Array:
@@ -174,41 +180,24 @@ def _scatter_rows(ids: jax.Array, values: jax.Array, vocab: int) -> jax.Array:
   return jax.ops.segment_sum(values, ids, num_segments=vocab)
 
 
+def _token_psi(a_cols: TokenRows, g_cols: jax.Array) -> jax.Array:
+  """Per-example gradients ``(m, vocab, d_out)`` of one-hot columns (and of a tied output use)."""
+  psi = jax.vmap(lambda ids, v: _scatter_rows(ids, v, a_cols.vocab))(a_cols.ids, g_cols)
+  if a_cols.queries is not None:
+    psi = psi + jnp.einsum("mqv,mqf->mvf", a_cols.attend_cotangents, a_cols.queries)
+  return psi
+
+
 def per_example_gradients(a: Rows, g: jax.Array) -> jax.Array:
   """``ψ`` of every column: ``(S·n, d_in, d_out)``. Costs ``S·n·P·d_in·d_out``."""
   a_cols, g_cols = as_columns(a, g)
   if isinstance(a_cols, TokenRows):
-    return jax.vmap(lambda ids, v: _scatter_rows(ids, v, a_cols.vocab))(a_cols.ids, g_cols)
+    return _token_psi(a_cols, g_cols)
   return jnp.einsum("mpi,mpo->mio", a_cols, g_cols)
 
 
-def _token_gram(a_cols: TokenRows, g_cols: jax.Array) -> jax.Array:
-  """``K = ΨᵀΨ`` for one-hot inputs: ``Σ_pq [t_mp = t_nq] <g_mp, g_nq>``, ``O(m²P²(1 + d_out))``.
-
-  Or through the per-example gradients (scatter-adds, ``m·vocab·d_out``) when that is cheaper.
-  """
-  m, p = a_cols.ids.shape
-  d_out = g_cols.shape[-1]
-  if m * a_cols.vocab * d_out * (1 + m) <= m * m * p * p * (1 + d_out):
-    psi = jax.vmap(lambda ids, v: _scatter_rows(ids, v, a_cols.vocab))(a_cols.ids, g_cols).reshape(m, -1)
-    return psi @ psi.T
-  same = (a_cols.ids[:, None, :, None] == a_cols.ids[None, :, None, :]).astype(g_cols.dtype)
-  return jnp.einsum("mnpq,mpo,nqo->mn", same, g_cols, g_cols)
-
-
-def gradient_gram(a: Rows, g: jax.Array) -> jax.Array:
-  """``K[(s,i),(t,j)] = <ψ_si, ψ_tj>`` of shape ``(S·n, S·n)``.
-
-  One position (``P = 1``): ``(ĀĀᵀ) ⊙ (ĜĜᵀ)`` (Khatri-Rao identity; cost
-  ``m²(d_in + d_out)``). Several positions (convolutions, tokens): the exact
-  sum over position pairs, by whichever is cheaper of materialising the
-  per-example gradients (``m·P·d_in·d_out + m²·d_in·d_out``) or the position
-  Gram matrices (``m²P²(d_in + d_out)``). One-hot inputs (:class:`TokenRows`):
-  ``ĀĀᵀ`` is token equality.
-  """
-  a_cols, g_cols = as_columns(a, g)
-  if isinstance(a_cols, TokenRows):
-    return _token_gram(a_cols, g_cols)
+def _dense_gram(a_cols: jax.Array, g_cols: jax.Array) -> jax.Array:
+  """``K = ΨᵀΨ`` of dense columns ``(m, P, d_in)``, ``(m, P, d_out)`` (see :func:`gradient_gram`)."""
   m, p, d_in = a_cols.shape
   d_out = g_cols.shape[-1]
   if p == 1:
@@ -224,10 +213,55 @@ def gradient_gram(a: Rows, g: jax.Array) -> jax.Array:
   return jnp.sum(aa * gg, axis=(2, 3))
 
 
+def _token_gram(a_cols: TokenRows, g_cols: jax.Array) -> jax.Array:
+  """``K = ΨᵀΨ`` for one-hot inputs: ``Σ_pq [t_mp = t_nq] <g_mp, g_nq>``, ``O(m²P²(1 + d_out))``.
+
+  With a tied output use (``h``, ``q``), ``ψ_m = Σ_p e_{t_mp} g_mpᵀ + Σ_q h_mq q_mqᵀ``, so ``K`` adds
+  that use's own Gram ``Σ_qr (q_mq·q_nr)(h_mq·h_nr)`` and the cross terms
+  ``Σ_pq h_nq[t_mp] (g_mp·q_nq)`` and their transpose. Or through the per-example gradients
+  (``m·vocab·d_out`` memory) when that is cheaper.
+  """
+  m, p = a_cols.ids.shape
+  d_out, vocab = g_cols.shape[-1], a_cols.vocab
+  tied = a_cols.queries is not None
+  q = a_cols.queries.shape[1] if tied else 0
+  cost_psi = m * vocab * d_out * (1 + m) + m * q * vocab * d_out
+  cost_pairs = m * m * (p * p * (1 + d_out) + q * q * (d_out + vocab) + 2 * p * q * (1 + d_out))
+  if cost_psi <= cost_pairs:
+    psi = _token_psi(a_cols, g_cols).reshape(m, -1)
+    return psi @ psi.T
+  same = (a_cols.ids[:, None, :, None] == a_cols.ids[None, :, None, :]).astype(g_cols.dtype)
+  gram = jnp.einsum("mnpq,mpo,nqo->mn", same, g_cols, g_cols)
+  if not tied:
+    return gram
+  h_at_tokens = jnp.take(a_cols.attend_cotangents, a_cols.ids, axis=2)  # h_nq[t_mp]: (n, Q, m, P)
+  cross = jnp.einsum("nqmp,mpf,nqf->mn", h_at_tokens, g_cols, a_cols.queries)
+  return gram + _dense_gram(a_cols.queries, a_cols.attend_cotangents) + cross + cross.T
+
+
+def gradient_gram(a: Rows, g: jax.Array) -> jax.Array:
+  """``K[(s,i),(t,j)] = <ψ_si, ψ_tj>`` of shape ``(S·n, S·n)``.
+
+  One position (``P = 1``): ``(ĀĀᵀ) ⊙ (ĜĜᵀ)`` (Khatri-Rao identity; cost
+  ``m²(d_in + d_out)``). Several positions (convolutions, tokens): the exact
+  sum over position pairs, by whichever is cheaper of materialising the
+  per-example gradients (``m·P·d_in·d_out + m²·d_in·d_out``) or the position
+  Gram matrices (``m²P²(d_in + d_out)``). One-hot inputs (:class:`TokenRows`):
+  ``ĀĀᵀ`` is token equality.
+  """
+  a_cols, g_cols = as_columns(a, g)
+  if isinstance(a_cols, TokenRows):
+    return _token_gram(a_cols, g_cols)
+  return _dense_gram(a_cols, g_cols)
+
+
 def gradient_dots(a: Rows, g: jax.Array, matrix: jax.Array) -> jax.Array:
   """``Jᵀ v``: ``<ψ_si, V>`` for every column, ``(S·n,)``, for ``V`` of shape ``(d_in, d_out)``."""
   av = matrix[a.ids] if isinstance(a, TokenRows) else jnp.einsum("npi,io->npo", a, matrix)
-  return jnp.einsum("npo,snpo->sn", av, g).reshape(-1)
+  dots = jnp.einsum("npo,snpo->sn", av, g)
+  if isinstance(a, TokenRows) and a.queries is not None:  # a tied output use: <h qᵀ, V> = hᵀ V q
+    dots = dots + jnp.einsum("snqv,vf,nqf->sn", a.attend_cotangents, matrix, a.queries)
+  return dots.reshape(-1)
 
 
 def weighted_gradient_sum(a: Rows, g: jax.Array, weights: jax.Array) -> jax.Array:
@@ -239,7 +273,10 @@ def weighted_gradient_sum(a: Rows, g: jax.Array, weights: jax.Array) -> jax.Arra
   s, n = g.shape[:2]
   weighted = jnp.einsum("sn,snpo->npo", weights.reshape(s, n), g)
   if isinstance(a, TokenRows):
-    return _scatter_rows(a.ids.reshape(-1), weighted.reshape(-1, weighted.shape[-1]), a.vocab)
+    total = _scatter_rows(a.ids.reshape(-1), weighted.reshape(-1, weighted.shape[-1]), a.vocab)
+    if a.queries is not None:  # a tied output use: Σ w h qᵀ
+      total = total + jnp.einsum("sn,snqv,nqf->vf", weights.reshape(s, n), a.attend_cotangents, a.queries)
+    return total
   # One (rows × d_in)ᵀ (rows × d_out) product, the layout of the weight-gradient matmul it replaces.
   return a.reshape(-1, a.shape[-1]).T @ weighted.reshape(-1, weighted.shape[-1])
 

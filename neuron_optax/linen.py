@@ -89,6 +89,10 @@ def _meta(module: nn.Module, x_ndim: int, key: LayerKey) -> dict[str, Any]:
   )
 
 
+def _attend_meta(table: jax.Array) -> dict[str, Any]:
+  return dict(kind="dense", has_bias=False, kernel_shape=tuple(table.shape[::-1]), kernel_input_ndim=1)
+
+
 def with_probes(params, probes: Mapping[LayerKey, list[tuple[jax.Array, jax.Array]]] | None):
   """``params`` with each layer's probes added next to its kernel (``params[*key][probe name]``)."""
   if not probes or not any(probes.values()):
@@ -99,11 +103,11 @@ def with_probes(params, probes: Mapping[LayerKey, list[tuple[jax.Array, jax.Arra
     if not calls:
       continue
     node = tree
-    for name in key:
+    for name in key[:-1] if capture_driver.is_attend(key) else key:  # attend calls: next to the table
       node[name] = dict(node[name])
       node = node[name]
     for index, (output_probe, input_probe) in enumerate(calls):
-      output_name, input_name = capture_driver.probe_names(index)
+      output_name, input_name = capture_driver.probe_names(index, key)
       node[output_name], node[input_name] = output_probe, input_probe
   return FrozenDict(tree) if frozen else tree
 
@@ -123,8 +127,9 @@ class _Interceptor:
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
+    method = context.method_name
     if (
-      context.method_name != "__call__"
+      not (method == "__call__" or (method == "attend" and isinstance(module, nn.Embed)))
       or not _is_captured(module)
       or not args
       # A lifted transform's wrapper module (nn.vmap(nn.Dense)): its parameters live in the
@@ -133,16 +138,20 @@ class _Interceptor:
     ):
       call = lambda: next_fun(*args, **kwargs)
     else:
-      call = lambda: self._captured_call(module, next_fun, args, kwargs)
+      call = lambda: self._captured_call(module, next_fun, args, kwargs, method == "attend")
     return self.recorder.nested_call(call)
 
-  def _captured_call(self, module, next_fun, args, kwargs):
+  def _captured_call(self, module, next_fun, args, kwargs, attend: bool):
     key = tuple(module.path)
     x = args[0]
-    layout = CallLayout(lambda v: _recorded(module, v, key), _meta(module, jnp.ndim(x), key))
+    if attend:  # Embed.attend: logits = q tableᵀ, a dense layer with kernel tableᵀ, recorded with the table
+      key = key + (capture_driver.ATTEND,)
+      layout = CallLayout(layer_rows.as_rows, _attend_meta(module.get_variable("params", "embedding")))
+    else:
+      layout = CallLayout(lambda v: _recorded(module, v, key), _meta(module, jnp.ndim(x), key))
 
     def probe(index):
-      return tuple(module.get_variable("params", name) for name in capture_driver.probe_names(index))
+      return tuple(module.get_variable("params", name) for name in capture_driver.probe_names(index, key))
 
     return self.recorder.captured_call(key, x, lambda: next_fun(*args, **kwargs), layout, probe, _TRANSFORMS)
 

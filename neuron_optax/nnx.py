@@ -47,7 +47,8 @@ axis) is left uncaptured with a warning: its parameters pass through the
 transforms unchanged. Subclasses of these modules (``nnx.LoRALinear``) are
 captured through their ``__call__``'s input and output. ``nnx.MultiHeadAttention``
 is captured through its ``query``/``key``/``value``/``out`` ``LinearGeneral``
-layers.
+layers. ``nnx.Embed`` is captured with one-hot input rows kept as token ids,
+and its ``attend`` (a tied output layer) adds that use's rows.
 
 How the layers are intercepted (NNX has no method interceptor): the model is
 split into its ``nnx.Param`` state and the rest; inside the differentiated
@@ -81,18 +82,25 @@ statistics) is written back. Only the model's (the first argument's)
 ``nnx.Param`` variables are differentiated and only its layers are captured;
 a layer shared with another argument counts as the model's.
 
-Limitations: layers applied inside nested NNX transforms
-(``nnx.remat``, ``nnx.scan``, ``nnx.vmap``) act on copies that cannot be
-intercepted: that raises ``NotImplementedError`` rather than returning
-statistics that disagree with the gradient; for ``fisher="mc"``/``"full"``
-``loss_fn`` must call the model (its ``__call__``) exactly once and the model
-must return one array (logits or predictions).
+Layers inside NNX transforms: ``nnx.scan``/``nnx.vmap`` copy the modules they
+get; a captured layer's copy carries its layer's path (a static attribute set
+on the private copy while ``loss_fn`` runs), so its calls are recorded too.
+Over stacked modules (built with ``nnx.vmap``, ``in_axes=0`` for their state)
+each call reads two zero probes stored as Variables of the kernel's type next
+to the kernel, which the transform slices like the kernel (see
+:mod:`neuron_optax.capture_driver`); ``nnx.remat`` and ``nnx.jit`` work the
+same way. A layer whose weights serve several iterations of a vmap/scan, or
+called inside ``nnx.cond``/``nnx.while_loop``, raises ``NotImplementedError``
+rather than returning statistics that disagree with the gradient. For
+``fisher="mc"``/``"full"`` ``loss_fn`` must call the model (its ``__call__``)
+exactly once, directly, and the model must return one array (logits or
+predictions).
 
 Kernel layout: the transforms split a kernel into input and output axes by
 ``kernel_input_ndim`` ("all but the last", attention ``query/key/value``: 1).
-For other multi-axis ``nnx.LinearGeneral``/``nnx.Einsum`` outputs pass
-``kernel_input_ndim=nox.nnx.kernel_input_ndim(model)``, which reads the
-layout off the modules.
+For stacked modules and other multi-axis ``nnx.LinearGeneral``/``nnx.Einsum``
+outputs pass ``kernel_input_ndim=nox.nnx.kernel_input_ndim(model)``, which
+reads the layout off the modules.
 """
 
 from __future__ import annotations
@@ -289,6 +297,28 @@ def _recording_class(cls: type) -> type:
     return call(*args, **kwargs)
 
   namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+  if issubclass(cls, nnx.Embed):
+
+    def attend(self, query, *args, **kwargs):
+      # A tied output layer, logits = q tableᵀ: a dense layer with kernel tableᵀ, recorded with the table.
+      call = functools.partial(cls.attend, self)
+      entry = _ACTIVE.get(id(self))
+      key = entry.key if entry is not None else getattr(self, _KEY_ATTRIBUTE, None)
+      if key is None or (entry is not None and not entry.capture) or not _RECORDERS:
+        return call(query, *args, **kwargs)
+      recorder = entry.recorder if entry is not None else _RECORDERS[-1]
+      key = key + (capture_driver.ATTEND,)
+      meta = dict(kind="dense", has_bias=False, kernel_shape=tuple(self.embedding.shape[::-1]), kernel_input_ndim=1)
+      layout = _Layout(layer_rows.as_rows, meta)
+
+      def probe(index):
+        return tuple(getattr(self, name, None) for name in capture_driver.probe_names(index, key))
+
+      return recorder.captured_call(
+        key, query, lambda: call(query, *args, **kwargs), layout, _probe_values(probe), _TRANSFORMS
+      )
+
+    namespace["attend"] = attend
   class_kwargs = {"pytree": cls._pytree__is_pytree} if hasattr(cls, "_pytree__is_pytree") else {}
   recording = types.new_class(cls.__name__, (cls,), class_kwargs, lambda ns: ns.update(namespace))
   _RECORDING_CLASSES[cls] = recording
@@ -328,10 +358,11 @@ class _Recording:
         if entry.capture:
           self._set(module, _KEY_ATTRIBUTE, entry.key)
           weights = getattr(module, "embedding" if isinstance(module, nnx.Embed) else "kernel")
-          for index, probes in enumerate((self.recorder.probes or {}).get(entry.key, [])):
-            for name, probe in zip(capture_driver.probe_names(index), probes):
-              # The kernel's Variable type: the transform's state filters treat the probe like the kernel.
-              self._set(module, name, type(weights)(probe))
+          for key in (entry.key, entry.key + (capture_driver.ATTEND,)):  # an embedding's attend calls too
+            for index, probes in enumerate((self.recorder.probes or {}).get(key, [])):
+              for name, probe in zip(capture_driver.probe_names(index, key), probes):
+                # The kernel's Variable type: the transform's state filters treat the probe like the kernel.
+                self._set(module, name, type(weights)(probe))
     except BaseException:
       self.__exit__()
       raise

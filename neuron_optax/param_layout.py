@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -231,7 +232,12 @@ def kernel_dtype(params, key: LayerKey):
 
 
 def check_stats(
-  stats: Stats | None, layers: Mapping[LayerKey, LayerShape], transform: str, *, need_rows: bool = False
+  stats: Stats | None,
+  layers: Mapping[LayerKey, LayerShape],
+  transform: str,
+  *,
+  need_rows: bool = False,
+  tied_tables: bool = True,
 ) -> Stats:
   """Trace-time validation of ``stats`` against the layers of the incoming updates.
 
@@ -241,6 +247,9 @@ def check_stats(
   routed to another optimiser by ``optax.multi_transform``) are ignored;
   statistics that match none of the updates' layers are an error (e.g. the
   whole variables dict passed instead of its ``'params'`` collection).
+  ``tied_tables=False`` (FOOF, KFAC: their factors cannot combine a table's
+  two uses) leaves embeddings tied to an output layer out, with a warning:
+  their gradients pass through.
   """
   if stats is None:
     raise ValueError(
@@ -254,6 +263,17 @@ def check_stats(
     )
   present = {}
   for key, s in stats.items():
+    if not tied_tables and getattr(s, "tied", None) is not None:
+      if _present(key, s, layers):
+        warnings.warn(
+          f"{transform}: embedding {layer_name(key)!r} is tied to an output layer (Embed.attend); "
+          f"{transform} does not precondition tied tables (the lookups' input factor and the output "
+          "layer's lie on different sides of the table), so its gradient passes through unchanged. "
+          "natural_gradient and fngd precondition tied tables exactly; route the table to another "
+          "optimiser with optax.multi_transform to silence this warning.",
+          stacklevel=3,
+        )
+      continue
     copies = [key + (StackIndex(index),) for index in np.ndindex(*s.stack_shape)] if s.stack_shape else []
     if copies and all(copy in layers for copy in copies):
       present.update((copy, s.copy(tuple(copy[-1]))) for copy in copies)
@@ -347,6 +367,11 @@ def _check_rows(transform: str, key: LayerKey, s: LayerStats) -> None:
       "precondition with, and the mean loss over no examples is undefined. Skip empty batches (e.g. "
       "drop_remainder=True in the data pipeline)."
     )
+
+
+def _present(key: LayerKey, s, layers: Mapping[LayerKey, LayerShape]) -> bool:
+  """Whether the updates hold layer ``key`` (or its first copy, for a stacked layer)."""
+  return key in layers or (bool(s.stack_shape) and key + (StackIndex((0,) * len(s.stack_shape)),) in layers)
 
 
 def _leaf(flat: Mapping[Path, Any], key: LayerKey, name: str) -> jax.Array:

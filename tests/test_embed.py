@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from conftest import assert_stats_match_grads
 from flax import nnx
 
@@ -101,42 +102,9 @@ def test_embed_rows_and_directions_equal_one_hot_dense_for_every_method(x64):
     params = jax.tree.map(lambda p, d: p - 0.3 * d, params, out["foof"][0])
 
 
-class NnxEmbedded(nnx.Module):
-  def __init__(self, rngs):
-    self.embed = nnx.Embed(VOCAB, FEATURES, param_dtype=jnp.float64, rngs=rngs)
-    self.head = nnx.Linear(FEATURES, CLASSES, param_dtype=jnp.float64, rngs=rngs)
-
-  def __call__(self, tokens):
-    return self.head(jnp.tanh(self.embed(tokens)))
-
-
-def test_nnx_embed_matches_linen(x64):
-  tokens, labels = _data()
-  model = NnxEmbedded(nnx.Rngs(0))
-  params = {"embed": {"embedding": model.embed.embedding[...]}, "head": nnx.to_pure_dict(nnx.state(model.head))}
-  assert nox.nnx.kernel_input_ndim(model) == {"embed": 1, "head": 1}
-
-  def loss_fn(model, tokens, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(model(tokens), labels).mean()
-
-  @nnx.jit
-  def run(model):
-    _, grads, stats = nox.nnx.value_grad_and_stats(loss_fn)(model, tokens, labels)
-    tx = nox.kfac(0.05, damping_mode="standard")
-    state = nnx.state(model, nnx.Param)
-    return stats, tx.update(grads, tx.init(state), state, stats=stats)[0]
-
-  stats, direction = run(model)
-  _, linen_grads, linen_stats = nox.value_grad_and_stats(_xent(Embedded(), tokens, labels))(params)
-  np.testing.assert_array_equal(stats[("embed",)].layer_inputs, tokens)
-  np.testing.assert_allclose(stats[("embed",)].cotangents, linen_stats[("embed",)].cotangents, rtol=1e-12)
-  tx = nox.kfac(0.05, damping_mode="standard")
-  expected, _ = tx.update(linen_grads, tx.init(params), params, stats=linen_stats)
-  np.testing.assert_allclose(direction["embed"]["embedding"][...], expected["embed"]["embedding"], rtol=1e-10)
-
-
-def test_token_rows_linear_algebra_equals_one_hot_rows(x64):
-  """Gram matrix (both contraction orders), Jᵀv and Jw of one-hot rows kept as token ids."""
+def test_token_rows_linear_algebra_equals_explicit_per_example_gradients(x64):
+  """Gram matrix (both contraction orders), Jᵀv and Jw of one-hot rows kept as token ids, with and
+  without a tied output use, against explicit per-example gradients ``ψ``."""
   from neuron_optax import linalg
   from neuron_optax.layer_stats import TokenRows
 
@@ -144,11 +112,133 @@ def test_token_rows_linear_algebra_equals_one_hot_rows(x64):
   for vocab, positions in ((4, 3), (60, 2)):  # per-example gradients cheaper / position pairs cheaper
     ids = jnp.asarray(rng.integers(0, vocab, size=(5, positions)))
     g = jnp.asarray(rng.normal(size=(2, 5, positions, 3)))
-    rows, one_hot = TokenRows(ids, vocab), jax.nn.one_hot(ids, vocab, dtype=jnp.float64)
+    queries, h = jnp.asarray(rng.normal(size=(5, 2, 3))), jnp.asarray(rng.normal(size=(2, 5, 2, vocab)))
     v, w = jnp.asarray(rng.normal(size=(vocab, 3))), jnp.asarray(rng.normal(size=(10,)))
-    np.testing.assert_allclose(linalg.gradient_gram(rows, g), linalg.gradient_gram(one_hot, g), rtol=1e-12)
-    np.testing.assert_allclose(linalg.gradient_dots(rows, g, v), linalg.gradient_dots(one_hot, g, v), rtol=1e-12)
-    np.testing.assert_allclose(
-      linalg.weighted_gradient_sum(rows, g, w), linalg.weighted_gradient_sum(one_hot, g, w), rtol=1e-12, atol=1e-14
+    psi = np.einsum("nps,tnpo->tnso", np.eye(vocab)[np.asarray(ids)], np.asarray(g)).reshape(10, vocab, 3)
+    tied_psi = psi + np.einsum("tnqs,nqf->tnsf", np.asarray(h), np.asarray(queries)).reshape(10, vocab, 3)
+    for rows, expected in ((TokenRows(ids, vocab), psi), (TokenRows(ids, vocab, queries, h), tied_psi)):
+      flat = expected.reshape(10, -1)
+      np.testing.assert_allclose(linalg.per_example_gradients(rows, g), expected, rtol=1e-12, atol=1e-14)
+      np.testing.assert_allclose(linalg.gradient_gram(rows, g), flat @ flat.T, rtol=1e-11, atol=1e-12)
+      np.testing.assert_allclose(linalg.gradient_dots(rows, g, v), flat @ np.asarray(v).reshape(-1), rtol=1e-11)
+      np.testing.assert_allclose(
+        linalg.weighted_gradient_sum(rows, g, w), np.einsum("m,mso->so", w, expected), rtol=1e-11
+      )
+
+
+class Tied(nn.Module):
+  """Lookup, a tanh-Dense, and the table again as the output layer (``Embed.attend``), or, with
+  ``untied``, a bias-free Dense head whose kernel is the table transposed."""
+
+  untied: bool = False
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(VOCAB, FEATURES, param_dtype=jnp.float64, name="embed")
+    h = jnp.tanh(nn.Dense(FEATURES, param_dtype=jnp.float64, name="mid")(embed(tokens)))
+    if self.untied:
+      return nn.Dense(VOCAB, use_bias=False, param_dtype=jnp.float64, name="head")(h)
+    return embed.attend(h)
+
+
+def test_tied_table_rows_and_exact_natural_gradient_and_fngd(x64):
+  """A tied table records the rows of both uses (its output use exactly as a bias-free head with the
+  table transposed as kernel would); the natural gradient (whole network and block-diagonal) and FNGD
+  match explicit per-example gradients over both uses; FOOF and KFAC warn and pass it through."""
+  from jax.flatten_util import ravel_pytree
+
+  tokens, labels = _data()
+  model = Tied()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  untied = {**params, "head": {"kernel": params["embed"]["embedding"].T}}
+  kw = dict(fisher="full", likelihood="categorical")
+  _, grads, stats = jax.jit(nox.value_grad_and_stats(_xent(model, tokens, labels), **kw))(params)
+  _, _, untied_stats = jax.jit(nox.value_grad_and_stats(_xent(Tied(untied=True), tokens, labels), **kw))(untied)
+  table, head = stats[("embed",)], untied_stats[("head",)]
+  assert set(stats) == {("embed",), ("mid",)} and table.tied.kernel_shape == (FEATURES, VOCAB)
+  for field in ("inputs", "cotangents", "fisher_cotangents"):
+    np.testing.assert_allclose(getattr(table.tied, field), getattr(head, field), rtol=1e-10, atol=1e-16)
+  np.testing.assert_allclose(
+    table.kernel_gradient(table.cotangents) + table.tied_gradient(), grads["embed"]["embedding"], rtol=1e-10
+  )
+
+  damping, alpha = 0.05, 0.3
+  transforms = {
+    "natural_gradient": nox.natural_gradient(damping),
+    "block": nox.natural_gradient(damping, block_diagonal=True),
+    "fngd": nox.fngd(alpha, steps_per_epoch=1, batch_size=N),
+    "foof": nox.foof(1.0),
+    "kfac": nox.kfac(0.1),
+  }
+
+  @jax.jit
+  def directions(params):
+    _, grads, stats = nox.value_grad_and_stats(_xent(model, tokens, labels))(params)  # empirical Fisher
+    return grads, {name: tx.update(grads, tx.init(params), params, stats=stats)[0] for name, tx in transforms.items()}
+
+  with pytest.warns(UserWarning, match="'embed' is tied to an output layer") as warned:
+    grads, out = directions(params)
+  assert {str(w.message).split(":")[0] for w in warned} == {"foof", "kfac"}
+  for name in ("foof", "kfac"):  # the tied table passes through, the other layers are preconditioned
+    np.testing.assert_array_equal(out[name]["embed"]["embedding"], grads["embed"]["embedding"])
+    assert not np.allclose(out[name]["mid"]["kernel"], grads["mid"]["kernel"])
+
+  def example_loss(p, t, y):
+    return _xent(model, t[None], y[None])(p)
+
+  psi = jax.jit(jax.vmap(lambda t, y: ravel_pytree(jax.grad(example_loss)(params, t, y))[0]))(tokens, labels)
+  psi, grad = np.asarray(psi), np.asarray(ravel_pytree(grads)[0])
+  np.testing.assert_allclose(psi.mean(0), grad, rtol=1e-10, atol=1e-15)
+  table_leaves = jax.tree.map(lambda x: jnp.full(x.shape, x.shape == (VOCAB, FEATURES)), params)
+  in_table = np.asarray(ravel_pytree(table_leaves)[0])
+  table_psi = psi[:, in_table]
+  gram = table_psi @ table_psi.T
+  c = np.linalg.solve(np.eye(N) + gram / (alpha * np.linalg.norm(gram)), np.ones(N)) / N
+  expected = {
+    "natural_gradient": np.linalg.solve(psi.T @ psi / N + damping * np.eye(len(grad)), grad),
+    "block": np.linalg.solve(table_psi.T @ table_psi / N + damping * np.eye(in_table.sum()), grad[in_table]),
+    "fngd": c @ table_psi,
+  }
+  for name, reference in expected.items():
+    direction = np.asarray(ravel_pytree(out[name])[0])
+    got = direction if name == "natural_gradient" else direction[in_table]
+    np.testing.assert_allclose(got, reference, rtol=1e-8, atol=1e-12, err_msg=name)
+
+
+class NnxTied(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(VOCAB, FEATURES, param_dtype=jnp.float64, rngs=rngs)
+    self.mid = nnx.Linear(FEATURES, FEATURES, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.embed.attend(jnp.tanh(self.mid(self.embed(tokens))))
+
+
+def test_nnx_embed_and_tied_output_match_linen(x64):
+  tokens, labels = _data()
+  model = NnxTied(nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  assert nox.nnx.kernel_input_ndim(model) == {"embed": 1, "mid": 1}
+
+  def loss_fn(model, tokens, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(model(tokens), labels).mean()
+
+  @nnx.jit
+  def run(model):
+    _, grads, stats = nox.nnx.value_grad_and_stats(loss_fn, fisher="full", likelihood="categorical")(
+      model, tokens, labels
     )
-    np.testing.assert_allclose(linalg.per_example_gradients(rows, g), linalg.per_example_gradients(one_hot, g))
+    state, tx = nnx.state(model, nnx.Param), nox.natural_gradient(0.05)
+    return stats, tx.update(grads, tx.init(state), state, stats=stats)[0]
+
+  stats, direction = run(model)
+  capture = nox.value_grad_and_stats(_xent(Tied(), tokens, labels), fisher="full", likelihood="categorical")
+  _, linen_grads, linen_stats = jax.jit(capture)(params)
+  nnx_table, linen_table = stats[("embed",)], linen_stats[("embed",)]
+  np.testing.assert_array_equal(nnx_table.layer_inputs, tokens)
+  for part, expected in ((nnx_table, linen_table), (nnx_table.tied, linen_table.tied)):
+    for field in ("layer_inputs", "cotangents", "fisher_cotangents"):
+      np.testing.assert_allclose(getattr(part, field), getattr(expected, field), rtol=1e-10, atol=1e-16)
+  tx = nox.natural_gradient(0.05)
+  expected, _ = tx.update(linen_grads, tx.init(params), params, stats=linen_stats)
+  np.testing.assert_allclose(direction["embed"]["embedding"][...], expected["embed"]["embedding"], rtol=1e-9)

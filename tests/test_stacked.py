@@ -217,6 +217,14 @@ def test_remat_scan_vmap_and_jit_match_unrolled(x64, kind):
   )
 
 
+class SharedBlock(nn.Module):
+  dense: nn.Module
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(self.dense(x))
+
+
 class Unsupported(nn.Module):
   kind: str
 
@@ -230,6 +238,9 @@ class Unsupported(nn.Module):
     if self.kind == "vmap_in_loss":
       dense = nn.Dense(WIDTH, name="dense")
       return jax.vmap(dense)(x)
+    if self.kind == "shared_by_two_remat_blocks":
+      shared = nn.Dense(WIDTH, name="shared")
+      return nn.remat(SharedBlock)(shared, name="block_1")(nn.remat(SharedBlock)(shared, name="block_0")(x))
     return nn.cond(True, lambda module, x: module(x), lambda module, x: 2 * module(x), Cell2(name="cell"), x)
 
 
@@ -240,6 +251,7 @@ class Unsupported(nn.Module):
     ("broadcast_vmap", r"'dense'.*serve several iterations"),
     ("vmap_in_loss", r"'dense'.*serve several iterations"),
     ("cond", r"'cell/mlp'.*traces it for cond"),
+    ("shared_by_two_remat_blocks", r"'shared' is applied inside two separate transforms"),
   ],
 )
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
