@@ -292,7 +292,7 @@ def _path_names(path) -> tuple[str, ...]:
 def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, batch_size: int, kernel_input_ndim=None):
   """``chain(PRE, clip, OPT, scale(-lr))`` with ``lr`` injected (``hyperparams['step_size']``).
 
-  ``kernel_input_ndim``: the captured layers' layouts, ``nox.kernel_input_ndim(stats)`` (the
+  ``kernel_input_ndim``: the captured layers' layouts, ``nox.kernel_layouts(stats)`` (the
   scanned model's kernels have a leading stack axis, one FOOF/KFAC state per block).
   """
   o = recipe.options
@@ -581,7 +581,7 @@ def main(argv=None):
   layouts = None
   if any(r.uses_stats for r in recipes):  # shapes only: no computation
     stats_shapes = jax.eval_shape(lambda p: nox.value_grad_and_stats(loss_fn)(p, example)[2], params0[seeds[0]])
-    layouts = nox.kernel_input_ndim(stats_shapes)
+    layouts = nox.kernel_layouts(stats_shapes)
 
   compiled: dict[str, tuple] = {}
   runs: list[Run] = []

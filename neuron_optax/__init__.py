@@ -14,7 +14,7 @@ Public API:
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
   TrainState            flax TrainState whose apply_gradients(grads=..., stats=...) forwards stats
   PrecisionWarning      a damping below the float resolution of a layer's factor (warned once per layer)
-  kernel_input_ndim     the layouts (input and stack axes) of captured layers, for the transforms
+  kernel_layouts        the layouts (input and stack axes) of captured layers, for the transforms
   nnx.value_grad_and_stats  the same capture for flax.nnx models
 """
 
@@ -41,41 +41,45 @@ from neuron_optax.laplace import (
 from neuron_optax.layer_stats import LayerMoments, LayerStats
 from neuron_optax.linen import value_grad_and_stats
 from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
-from neuron_optax.param_layout import KernelLayout
-from neuron_optax.param_layout import kernel_layouts as kernel_input_ndim
+from neuron_optax.param_layout import KernelLayout, kernel_layouts
 from neuron_optax.precision import PrecisionWarning
 from neuron_optax.train_state import TrainState
 
 __all__ = [
-  "accumulate_micro_batches",
-  "AccumulationState",
-  "LayerMoments",
-  "NaturalGradientState",
-  "TrainState",
+  # Capture
+  "value_grad_and_stats",
   "nnx",
   "LayerStats",
+  "LayerMoments",
   "KernelLayout",
-  "kernel_input_ndim",
-  "value_grad_and_stats",
+  "kernel_layouts",
+  # Transforms and their states
   "foof",
   "FoofState",
   "kfac",
   "KfacState",
-  "kfac_foof_similarity",
   "natural_gradient",
+  "NaturalGradientState",
+  "fngd",
+  "FngdState",
+  # Training-loop helpers
+  "accumulate_micro_batches",
+  "AccumulationState",
+  "amortisation_phase",
+  "coefficient_phase",
+  "TrainState",
+  # Fisher products and Laplace posteriors (Benzing 2022 App. C)
   "fisher_vector_product",
   "damped_fisher_solve",
   "fisher_diagonal",
+  "kronecker_factors",
+  "KroneckerFactors",
   "laplace_sample",
   "laplace_sample_from_noise",
   "laplace_log_marginal_likelihood",
   "tune_prior_precision",
-  "kronecker_factors",
-  "KroneckerFactors",
   "linearized_predictive",
-  "fngd",
-  "FngdState",
-  "amortisation_phase",
-  "coefficient_phase",
+  # Diagnostics
+  "kfac_foof_similarity",
   "PrecisionWarning",
 ]

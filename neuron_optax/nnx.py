@@ -99,7 +99,7 @@ predictions).
 Kernel layout: the transforms split a kernel into input and output axes by
 ``kernel_input_ndim`` ("all but the last", attention ``query/key/value``: 1).
 For stacked modules and other multi-axis ``nnx.LinearGeneral``/``nnx.Einsum``
-outputs pass ``kernel_input_ndim=nox.nnx.kernel_input_ndim(model)``, which
+outputs pass ``kernel_input_ndim=nox.nnx.kernel_layouts(model)``, which
 reads the layout off the modules.
 """
 
@@ -120,7 +120,7 @@ from neuron_optax.capture_driver import CallLayout, FisherType, Likelihood, Reco
 from neuron_optax.layer_stats import LayerKey, layer_name
 from neuron_optax.param_layout import KernelLayout
 
-__all__ = ["value_grad_and_stats", "kernel_input_ndim", "captured_layers"]
+__all__ = ["value_grad_and_stats", "kernel_layouts", "captured_layers"]
 
 _CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum, nnx.Embed)
 
@@ -509,14 +509,14 @@ def _copy_ndim(module) -> int:
   return 2  # nnx.Linear, nnx.Embed
 
 
-def kernel_input_ndim(model: nnx.Module) -> dict[str, int | KernelLayout]:
+def kernel_layouts(model: nnx.Module) -> dict[str, int | KernelLayout]:
   """``{layer path: layout}`` read off the model's captured modules.
 
   A layer maps to its number of kernel input axes; a stacked layer (a module
   built with ``nnx.vmap``, whose kernel has leading copy axes, applied with
   ``nnx.scan``/``nnx.vmap``) to a :class:`~neuron_optax.KernelLayout` with its
   stack axes. Pass it to a transform (``nox.foof(1.0,
-  kernel_input_ndim=nox.nnx.kernel_input_ndim(model))``) when the model has
+  kernel_input_ndim=nox.nnx.kernel_layouts(model))``) when the model has
   stacked layers (FOOF, KFAC, FNGD and ``accumulate_micro_batches`` keep one
   state per copy) or ``nnx.LinearGeneral``/``nnx.Einsum`` layers whose output
   has several axes, which the parameters alone cannot tell apart from input

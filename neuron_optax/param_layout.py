@@ -214,7 +214,7 @@ def kernel_layouts(stats: Stats) -> dict[str, int | KernelLayout]:
   :class:`KernelLayout` with its stack axes. Stateful transforms (FOOF, KFAC,
   FNGD, ``accumulate_micro_batches``) allocate one state per copy of a stacked
   layer at ``init``, before any statistics exist, so they need this layout
-  (``nox.kernel_input_ndim(stats)``) when the model has stacked layers.
+  (``nox.kernel_layouts(stats)``) when the model has stacked layers.
   """
   layouts = {}
   for key, s in stats.items():
@@ -281,8 +281,8 @@ def check_stats(
       raise ValueError(
         f"{transform}: layer {layer_name(key)!r} is stacked: its parameter holds {len(copies)} copies "
         f"(stack shape {s.stack_shape}) of a {s.kernel_shape} kernel (applied inside nn.scan/nn.vmap), "
-        "but the transform treats it as one matrix. Pass kernel_input_ndim=nox.kernel_input_ndim(stats) "
-        "(nox.nnx.kernel_input_ndim(model) for NNX) to the transform, so that init gives every copy "
+        "but the transform treats it as one matrix. Pass kernel_input_ndim=nox.kernel_layouts(stats) "
+        "(nox.nnx.kernel_layouts(model) for NNX) to the transform, so that init gives every copy "
         "its own state."
       )
     elif key in layers:

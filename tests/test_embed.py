@@ -218,7 +218,7 @@ def test_nnx_embed_and_tied_output_match_linen(x64):
   tokens, labels = _data()
   model = NnxTied(nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  assert nox.nnx.kernel_input_ndim(model) == {"embed": 1, "mid": 1}
+  assert nox.nnx.kernel_layouts(model) == {"embed": 1, "mid": 1}
 
   def loss_fn(model, tokens, labels):
     return optax.softmax_cross_entropy_with_integer_labels(model(tokens), labels).mean()

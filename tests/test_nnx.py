@@ -292,7 +292,7 @@ def test_linear_general_multi_axis(x64):
   out = np.einsum("nkp,ko->npo", h, np.asarray(model.middle.kernel[...]))
   np.testing.assert_allclose(middle.cotangents, 2 * out / out.size, rtol=1e-10)
   assert_stats_match_grads(grads, stats, atol=1e-13)
-  assert nox_nnx.kernel_input_ndim(model) == {"proj": 2, "merge": 2, "middle": 1}
+  assert nox_nnx.kernel_layouts(model) == {"proj": 2, "merge": 2, "middle": 1}
 
 
 def test_kernel_input_ndim_from_the_model_for_multi_axis_outputs(x64):
@@ -312,7 +312,7 @@ def test_kernel_input_ndim_from_the_model_for_multi_axis_outputs(x64):
   with pytest.raises(ValueError, match=r"kernel_input_ndim=\{'split': 1\}"):
     tx = nox.foof(1.0)
     tx.update(grads, tx.init(params), params, stats=stats)
-  tx = nox.foof(1.0, kernel_input_ndim=nox_nnx.kernel_input_ndim(model))
+  tx = nox.foof(1.0, kernel_input_ndim=nox_nnx.kernel_layouts(model))
   updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
   a = augment(np.asarray(x))
   g = np.concatenate(
@@ -359,7 +359,7 @@ def test_einsum_plain_contractions_are_captured(x64):
   np.testing.assert_allclose(ellipsis.cotangents, cot2.reshape(2, 3, 6), rtol=1e-10)
   np.testing.assert_allclose(permuted.cotangents, cot1, rtol=1e-10, atol=1e-15)
   assert_stats_match_grads(grads, stats, atol=1e-13)
-  assert nox_nnx.kernel_input_ndim(model) == {"permuted": 1, "ellipsis": 1}
+  assert nox_nnx.kernel_layouts(model) == {"permuted": 1, "ellipsis": 1}
 
 
 @pytest.mark.parametrize(

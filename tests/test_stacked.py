@@ -112,7 +112,7 @@ def test_scanned_directions_match_unrolled_for_every_method(x64):
   x, y = _data()
   params = init_f64(Scanned(), x)
   _, _, stats = nox.value_grad_and_stats(_xent(Scanned(), x, y))(params)
-  layout = nox.kernel_input_ndim(stats)
+  layout = nox.kernel_layouts(stats)
   assert layout == {"cells/mlp": nox.KernelLayout(1, 1), "head": 1}
   scanned = {name: make(layout) for name, make in METHODS.items()}
   unrolled = {name: make(None) for name, make in METHODS.items()}
@@ -205,7 +205,7 @@ def test_remat_scan_vmap_and_jit_match_unrolled(x64, kind):
     out = []
     for model, p, layout in ((Lifted(kind), params, True), (LiftedUnrolled(kind), unrolled_params, False)):
       _, grads, stats = nox.value_grad_and_stats(_xent(model, x, y))(p)
-      tx = nox.foof(0.5, kernel_input_ndim=nox.kernel_input_ndim(stats) if layout else None)
+      tx = nox.foof(0.5, kernel_input_ndim=nox.kernel_layouts(stats) if layout else None)
       out.append((stats, tx.update(grads, tx.init(p), p, stats=stats)[0]))
     return out
 
@@ -275,7 +275,7 @@ def test_stateful_transforms_need_the_layout_of_stacked_layers():
   tx = nox.foof(1.0)  # the default layout reads the (3, 4, 4) kernel as one 12 x 4 matrix
   with pytest.raises(ValueError, match=r"'cells/mlp' is stacked.*kernel_input_ndim=nox.kernel_input_ndim\(stats\)"):
     jax.eval_shape(lambda g, s, p: tx.update(g, tx.init(p), p, stats=s), grads, stats, params)
-  tx = nox.foof(1.0, kernel_input_ndim=nox.kernel_input_ndim(stats))
+  tx = nox.foof(1.0, kernel_input_ndim=nox.kernel_layouts(stats))
   state = jax.eval_shape(tx.init, params)
   assert set(state.layers) == {"cells/mlp[0]", "cells/mlp[1]", "cells/mlp[2]", "head"}
   assert state.layers["cells/mlp[1]"].a_ema.shape == (WIDTH + 1, WIDTH + 1)
@@ -352,7 +352,7 @@ def test_nnx_stacked_modules_match_unrolled(x64, kind):
   x, y = _data()
   model = NnxStacked(nnx.Rngs(0), kind)
   unrolled = NnxUnrolled(model)
-  layout = nox.nnx.kernel_input_ndim(model)
+  layout = nox.nnx.kernel_layouts(model)
   assert layout == {"blocks/linear": nox.KernelLayout(1, 1), "head": 1}
 
   @nnx.jit
@@ -427,7 +427,7 @@ def test_scanned_bfloat16_transformer_takes_finite_steps_with_every_method():
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
   _, _, stats = jax.eval_shape(nox.value_grad_and_stats(loss_fn), params)
-  layout = nox.kernel_input_ndim(stats)
+  layout = nox.kernel_layouts(stats)
   assert layout["blocks/attention/out"] == nox.KernelLayout(2, 1) and layout["embed"] == 1
   methods = {
     "foof": nox.foof(1.0, kernel_input_ndim=layout),
