@@ -273,7 +273,7 @@ def test_stateful_transforms_need_the_layout_of_stacked_layers():
   capture = nox.value_grad_and_stats(_xent(Scanned(), x, y))
   _, grads, stats = jax.eval_shape(capture, params)
   tx = nox.foof(1.0)  # the default layout reads the (3, 4, 4) kernel as one 12 x 4 matrix
-  with pytest.raises(ValueError, match=r"'cells/mlp' is stacked.*kernel_input_ndim=nox.kernel_input_ndim\(stats\)"):
+  with pytest.raises(ValueError, match=r"'cells/mlp' is stacked.*kernel_input_ndim=nox.kernel_layouts\(stats\)"):
     jax.eval_shape(lambda g, s, p: tx.update(g, tx.init(p), p, stats=s), grads, stats, params)
   tx = nox.foof(1.0, kernel_input_ndim=nox.kernel_layouts(stats))
   state = jax.eval_shape(tx.init, params)
