@@ -403,12 +403,20 @@ def _split_matrix(shape: LayerShape, matrix: jax.Array) -> dict[str, jax.Array]:
   return leaves
 
 
-def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys, fn: Callable[[LayerKey, jax.Array], jax.Array]):
+def map_layers(
+  updates,
+  layers: Mapping[LayerKey, LayerShape],
+  keys,
+  fn: Callable[[LayerKey, jax.Array], jax.Array],
+  *,
+  keep_non_finite: bool = False,
+):
   """Replaces the gradient matrix of every layer in ``keys`` by ``fn(key, matrix)``.
 
   A direction that is not finite (a bad batch) is replaced by zeros, so that
   layer (that copy of a stacked layer) takes no step; the optimizer states
-  stay finite by construction. The copies of a stacked layer are written back
+  stay finite by construction (``keep_non_finite=True``: written as is, for
+  results that are not steps, such as posterior samples). The copies of a stacked layer are written back
   as one stacked leaf.
   """
   tree = flatten(updates)
@@ -417,7 +425,7 @@ def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys, fn: Callabl
   for key in keys:
     shape = layers[key]
     direction = fn(key, gradient_matrix(tree.leaves, key, shape))
-    finite = jnp.all(jnp.isfinite(direction))
+    finite = True if keep_non_finite else jnp.all(jnp.isfinite(direction))
     path, index = _leaf_and_index(key)
     # Guarding the split leaves (not the matrix) lets XLA fold slice(concatenate(kernel, bias))
     # away, so a direction built as kernel and bias parts is never copied into one matrix.
