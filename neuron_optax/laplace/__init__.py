@@ -18,6 +18,20 @@ are part of ``F``; every other leaf is ignored on input and returned as zeros
 by the Fisher products (the samplers return it unchanged, broadcast along the
 sample axis: those parameters are held at their value).
 
+Transformers. Every copy of an ``nn.scan``/``nnx.scan``-stacked layer is a
+layer of its own (its own columns' block, its own Kronecker factors, named
+``'cells/mlp[2]'``), as the optimizers treat it. An ``nn.Embed`` table is a
+bias-free dense layer on one-hot rows, kept as token ids: its Gram block is
+token equality and its Kronecker input factor the diagonal of token
+frequencies. A table tied to an output layer (``Embed.attend``) is exact in
+``"full"`` and ``"diagonal"`` (its columns carry both uses); the Kronecker
+structures raise ``NotImplementedError`` for it (no single ``A ⊗ G`` holds
+both uses). With ``P`` output positions per example (tokens), the captured
+Fisher is that of each example's negative log-likelihood *averaged* over its
+positions, ``(1/n) Σ_i (1/P²) Σ_p J_ipᵀ H_ip J_ip``; the curvature of the
+log-likelihood *summed* over ``N`` sequences is ``N P² F``, so pass
+``dataset_size=N * P**2`` for a posterior over whole sequences.
+
 Fisher products (App. C.2, C.3)::
 
     F v           = (1/n) Ψ (Ψᵀ v)
