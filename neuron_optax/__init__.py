@@ -7,7 +7,8 @@ Public API:
   kfac_foof_similarity  per-layer cosine similarity of KFAC and FOOF  (Benzing 2022, Fig. 3B)
   natural_gradient      exact (F + λI)⁻¹ g via the Woodbury identity  (Benzing 2022 App. I)
   fisher_vector_product, damped_fisher_solve, laplace_sample, laplace_log_marginal_likelihood,
-  tune_prior_precision, ...  Fisher products and Laplace posteriors (Benzing 2022 App. C)
+  tune_prior_precision, glm_predictive, grid_search_prior_precision, ...  Fisher products, Laplace
+                        posteriors and their predictives (Benzing 2022 App. C; laplace-torch's vocabulary)
   fngd                  inverse-free fast natural gradient            (FNGD)
   amortisation_phase    the kind of a FOOF/KFAC step, for loops that compile one step per phase
   coefficient_phase     the same for FNGD's coefficient sharing
@@ -29,13 +30,17 @@ from neuron_optax.kfac import KfacState, kfac
 from neuron_optax.laplace import (
   KroneckerFactors,
   damped_fisher_solve,
+  expected_calibration_error,
   fisher_diagonal,
   fisher_vector_product,
+  glm_predictive,
+  grid_search_prior_precision,
   kronecker_factors,
   laplace_log_marginal_likelihood,
   laplace_sample,
   laplace_sample_from_noise,
   linearized_predictive,
+  negative_log_likelihood,
   tune_prior_precision,
 )
 from neuron_optax.layer_stats import LayerMoments, LayerStats
@@ -79,6 +84,10 @@ __all__ = [
   "laplace_log_marginal_likelihood",
   "tune_prior_precision",
   "linearized_predictive",
+  "glm_predictive",
+  "grid_search_prior_precision",
+  "negative_log_likelihood",
+  "expected_calibration_error",
   # Diagnostics
   "kfac_foof_similarity",
   "PrecisionWarning",

@@ -102,7 +102,14 @@ from neuron_optax.laplace.functions import (
   tune_prior_precision,
 )
 from neuron_optax.laplace.posteriors import STRUCTURES
-from neuron_optax.laplace.predictive import linearized_predictive
+from neuron_optax.laplace.predictive import (
+  LinkApprox,
+  expected_calibration_error,
+  glm_predictive,
+  grid_search_prior_precision,
+  linearized_predictive,
+  negative_log_likelihood,
+)
 from neuron_optax.laplace.products import damped_fisher_solve, fisher_diagonal, fisher_vector_product
 
 __all__ = [
@@ -117,5 +124,10 @@ __all__ = [
   "laplace_sample",
   "laplace_sample_from_noise",
   "linearized_predictive",
+  "glm_predictive",
+  "grid_search_prior_precision",
+  "expected_calibration_error",
+  "negative_log_likelihood",
+  "LinkApprox",
   "tune_prior_precision",
 ]

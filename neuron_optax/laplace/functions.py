@@ -69,7 +69,7 @@ def laplace_sample(
   hyperparams.check_integer(where, "num_samples", num_samples)
   _check_prior_precision(where, prior_precision)
   post = posterior(where, structure, params, stats, dataset_size, output_scale=output_scale, max_columns=max_columns)
-  prior_noise, likelihood_noise = _draw_noise(key, post, num_samples)
+  prior_noise, likelihood_noise = draw_noise(key, post, num_samples)
   return post.samples(post.deltas(prior_noise, likelihood_noise, prior_precision))
 
 
@@ -79,7 +79,7 @@ def _check_prior_precision(where: str, prior_precision) -> None:
   )
 
 
-def _draw_noise(key, post: Posterior, num_samples: int):
+def draw_noise(key, post: Posterior, num_samples: int):
   """Standard normal prior noise per layer ``(s, d_in, d_out)`` and likelihood noise ``(s, m)`` (full only).
 
   One ``jax.random.normal`` call for everything, sliced (each call adds its own

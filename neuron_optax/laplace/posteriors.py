@@ -78,6 +78,10 @@ class Posterior:
     """``θ − θ*`` for noise with a leading sample axis: ``{key: (s, d_in, d_out)}``, ``(s, m)``."""
     raise NotImplementedError
 
+  def covariance_product(self, vectors: Mapping[LayerKey, jax.Array], tau) -> dict[LayerKey, jax.Array]:
+    """``Λ⁻¹ v`` for ``v`` given as one ``(d_in, d_out)`` matrix per layer."""
+    raise NotImplementedError
+
   def samples(self, deltas: Mapping[LayerKey, jax.Array]):
     return _trees.write_samples(self.params, self.shapes, {k: self.theta[k] + deltas[k] for k in self.keys})
 
@@ -102,6 +106,12 @@ class FullPosterior(Posterior):
   def log_det_ratio(self, tau) -> jax.Array:
     tau = jnp.asarray(tau, self.dtype)
     return jnp.sum(jnp.log1p(self.size * self.gram_eigenvalues / (self.n * tau)))
+
+  def covariance_product(self, vectors, tau):
+    # Λ = τI + (N/n) ΨΨᵀ, so Λ⁻¹v = (v − Ψ (K + (nτ/N) I)⁻¹ Ψᵀv) / τ (Woodbury).
+    tau = jnp.asarray(tau, self.dtype)
+    c = linalg.damped_solve(self.gram, self.n * tau / self.size, self.columns.dots(vectors))
+    return {k: (vectors[k] - self.columns.weighted_sum(k, c)) / tau for k in self.keys}
 
   def deltas(self, prior_noise, likelihood_noise, tau):
     tau = jnp.asarray(tau, self.dtype)
@@ -133,6 +143,17 @@ class _LayerwisePosterior(Posterior):
   def log_det_ratio(self, tau) -> jax.Array:
     tau = jnp.asarray(tau, self.dtype)
     return sum(self._log_det_ratio(layer, tau) for layer in self.layers.values())
+
+  def covariance_product(self, vectors, tau):
+    tau = jnp.asarray(tau, self.dtype)
+    out = {}
+    for k, layer in self.layers.items():
+      v = vectors[k] if layer.u_a is None else layer.u_a.T @ vectors[k]
+      v = v if layer.u_g is None else v @ layer.u_g
+      v = v / self._precision(layer, tau)
+      v = v if layer.u_g is None else v @ layer.u_g.T
+      out[k] = v if layer.u_a is None else layer.u_a @ v
+    return out
 
   def deltas(self, prior_noise, likelihood_noise, tau):
     del likelihood_noise
