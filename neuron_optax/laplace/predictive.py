@@ -153,7 +153,9 @@ def glm_predictive(
 
   or the Laplace bridge (``"bridge"``, a Dirichlet matched to ``N(μ, Σ_f)``, laplace-torch's form with its
   zero-mean correction). With ``num_samples=None`` ``Σ_f`` is exact: one VJP per output (a row of ``J``), one
-  posterior covariance product and one JVP each, ``O(outputs)`` of them: for classifiers with few classes.
+  posterior covariance product and one JVP each, ``O(outputs)`` of them (memory
+  ``O(outputs · (d + outputs))`` for ``outputs = rows × classes``): for few classes and inputs, e.g. tests
+  and small evaluation batches.
   With ``num_samples=S`` no row of ``J`` is formed: ``S`` exact posterior samples ``δ_s`` (as
   :func:`laplace_sample` draws them) are pushed through one JVP each, and ``mc`` averages their softmax while
   ``probit``/``bridge`` use the sample moments of ``Jδ`` (``diag Σ_f``, ``Σ_f1``, ``1ᵀΣ_f1``; ``O(S·C)``
