@@ -168,8 +168,11 @@ def test_scanned_embed_model_equals_unrolled_one_hot_model(name):
       got = expected = None
     if isinstance(got, dict):
       got = unroll(got, lead=1 if key.startswith("sample/") else 0)
+    rtol = 1e-6 if key.startswith("tau/") else 1e-9  # golden-section maximisers: ~√ε of a flat objective
     jax.tree.map(
-      lambda a, b, key=key: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=key), got, expected
+      lambda a, b, key=key, rtol=rtol: np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-12, err_msg=key),
+      got,
+      expected,
     )
     for leaf in jax.tree.leaves(got):
       assert np.all(np.isfinite(leaf)), key
