@@ -51,7 +51,10 @@ def laplace_sample(
     prior_precision: ``τ > 0`` of the prior ``N(0, τ⁻¹ I)`` on the captured
       parameters (see :func:`tune_prior_precision`).
     dataset_size: ``N > 0``, the number of training examples the likelihood
-      sums over (``F`` is the per-example Fisher).
+      sums over (``F`` is the per-example Fisher). With ``P`` output positions
+      per example (tokens) ``F`` is that of the NLL averaged over positions:
+      pass ``N * P**2`` for the log-likelihood summed over all tokens
+      (:mod:`neuron_optax.laplace`, "Transformers").
     num_samples: number of samples (the leading axis of the result).
     structure: ``"full"``, ``"diagonal"``, ``"kfac"``, ``"kfac_heuristic"`` or
       ``"input_factor"``.
@@ -177,7 +180,7 @@ def laplace_log_marginal_likelihood(
     log_likelihood: ``log p(D | θ*)`` summed over the ``N`` training examples,
       e.g. ``-dataset_size * mean_nll`` (it does not depend on ``τ``).
     prior_precision: ``τ > 0`` (a traced value is fine, e.g. under ``jax.grad``).
-    dataset_size: ``N > 0``.
+    dataset_size: ``N > 0`` (as for :func:`laplace_sample`).
     structure, output_scale, max_columns: as for :func:`laplace_sample`.
 
   Returns:
@@ -219,7 +222,7 @@ def tune_prior_precision(
   Args:
     params: the MAP parameters ``θ*``.
     stats: as for :func:`laplace_sample`.
-    dataset_size: ``N > 0``.
+    dataset_size: ``N > 0`` (as for :func:`laplace_sample`).
     structure: as for :func:`laplace_sample`.
     bounds: ``(lowest, highest)`` prior precision searched.
     grid_points: grid size (at least 3).

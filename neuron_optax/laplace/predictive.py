@@ -166,7 +166,7 @@ def glm_predictive(
     params: the MAP ``θ*``.
     stats: as for :func:`laplace_sample` (the posterior's layers; other parameters are held fixed).
     prior_precision: ``τ > 0``.
-    dataset_size: ``N > 0``.
+    dataset_size: ``N > 0`` (as for :func:`laplace_sample`).
     structure: as for :func:`laplace_sample`.
     link_approx: ``"probit"``, ``"bridge"`` or ``"mc"`` (needs ``num_samples``).
     num_samples: ``None`` (exact ``Σ_f``) or the number of posterior samples.
