@@ -9,6 +9,7 @@ Public API:
   fisher_vector_product, damped_fisher_solve, laplace_sample, laplace_log_marginal_likelihood,
   tune_prior_precision, ...  Fisher products and Laplace posteriors (Benzing 2022 App. C)
   fngd                  inverse-free fast natural gradient            (FNGD)
+  norm_constrained      the KL constraint on a preconditioned step    (Ba, Grosse & Martens 2017)
   amortisation_phase    the kind of a FOOF/KFAC step, for loops that compile one step per phase
   coefficient_phase     the same for FNGD's coefficient sharing
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
@@ -43,6 +44,7 @@ from neuron_optax.linen import value_grad_and_stats
 from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
 from neuron_optax.param_layout import KernelLayout, kernel_layouts
 from neuron_optax.precision import PrecisionWarning
+from neuron_optax.safeguard import NormConstraintState, norm_constrained
 from neuron_optax.train_state import TrainState
 
 __all__ = [
@@ -62,6 +64,8 @@ __all__ = [
   "NaturalGradientState",
   "fngd",
   "FngdState",
+  "norm_constrained",
+  "NormConstraintState",
   # Training-loop helpers
   "accumulate_micro_batches",
   "AccumulationState",
