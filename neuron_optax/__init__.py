@@ -10,6 +10,7 @@ Public API:
   tune_prior_precision, glm_predictive, grid_search_prior_precision, ...  Fisher products, Laplace
                         posteriors and their predictives (Benzing 2022 App. C; laplace-torch's vocabulary)
   fngd                  inverse-free fast natural gradient            (FNGD)
+  norm_constrained      the KL constraint on a preconditioned step    (Ba, Grosse & Martens 2017)
   amortisation_phase    the kind of a FOOF/KFAC step, for loops that compile one step per phase
   coefficient_phase     the same for FNGD's coefficient sharing
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
@@ -48,6 +49,7 @@ from neuron_optax.linen import value_grad_and_stats
 from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
 from neuron_optax.param_layout import KernelLayout, kernel_layouts
 from neuron_optax.precision import PrecisionWarning
+from neuron_optax.safeguard import NormConstraintState, norm_constrained
 from neuron_optax.train_state import TrainState
 
 __all__ = [
@@ -67,6 +69,8 @@ __all__ = [
   "NaturalGradientState",
   "fngd",
   "FngdState",
+  "norm_constrained",
+  "NormConstraintState",
   # Training-loop helpers
   "accumulate_micro_batches",
   "AccumulationState",

@@ -172,6 +172,9 @@ def natural_gradient(
   ):
     del params, extra_args
     # Stateless: the statistics' own layouts (stacked layers) need no kernel_input_ndim.
+    for given, what in ((stats, "natural_gradient"), (fisher_stats, "natural_gradient (fisher_stats)")):
+      if given is not None:
+        param_layout.check_stats_type(given, what)
     shapes = param_layout.candidate_layers(updates, kernel_input_ndim, stats if fisher_stats is None else fisher_stats)
     fisher = _fisher_stats(stats, fisher_stats, shapes)
     keys = list(fisher)

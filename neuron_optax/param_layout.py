@@ -231,6 +231,23 @@ def kernel_dtype(params, key: LayerKey):
   return (leaves[path + ("embedding",)] if leaf is None else leaf).dtype
 
 
+def check_stats_type(stats, transform: str) -> None:
+  """A clear TypeError where ``stats`` is not what ``value_grad_and_stats`` returns (e.g. ``grads`` and ``stats`` swapped)."""
+  if isinstance(stats, Mapping) and all(isinstance(v, (LayerStats, LayerMoments)) for v in stats.values()):
+    return
+  if isinstance(stats, Mapping):
+    wrong = next(v for v in stats.values() if not isinstance(v, (LayerStats, LayerMoments)))
+    got = f"a dict whose values include a {type(wrong).__name__}"
+  else:
+    got = f"a {type(stats).__name__}"
+  raise TypeError(
+    f"{transform}: `stats` must be the dict returned by nox.value_grad_and_stats (layer name -> LayerStats), got "
+    f"{got}. If you passed the gradients there, the arguments are swapped: "
+    "`loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params)` then "
+    "`tx.update(grads, opt_state, params, stats=stats)`."
+  )
+
+
 def check_stats(
   stats: Stats | None,
   layers: Mapping[LayerKey, LayerShape],
@@ -257,10 +274,7 @@ def check_stats(
       "`loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params, ...)` and call "
       "`tx.update(grads, opt_state, params, stats=stats)`."
     )
-  if not isinstance(stats, Mapping) or not all(isinstance(v, (LayerStats, LayerMoments)) for v in stats.values()):
-    raise TypeError(
-      f"{transform}: `stats` must be the dict returned by nox.value_grad_and_stats, got {type(stats).__name__}."
-    )
+  check_stats_type(stats, transform)
   present = {}
   for key, s in stats.items():
     if not tied_tables and getattr(s, "tied", None) is not None:
