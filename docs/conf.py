@@ -40,8 +40,8 @@ source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**/.ipynb_checkpoints"]
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
-# Code fences with an annotation after the language (```python notest) are highlighted as that language.
-highlight_language = "python"
+# Literal blocks without a language (docstrings' `::` blocks hold equations) are not highlighted.
+highlight_language = "none"
 
 autodoc_default_options = {"members": False, "show-inheritance": False}
 autodoc_typehints = "description"
