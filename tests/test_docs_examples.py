@@ -62,7 +62,9 @@ def getting_started_namespace():
 
 
 DOC_PAGES = sorted(p for p in DOCS.glob("*.md") if p != GETTING_STARTED)
-SLOW_PAGES = {"laplace.md", "stacked.md", "scale.md"}
+# Pages whose examples compile several transforms or run op by op (tens of seconds on a loaded 2-core machine):
+# they run in the slow CI step.
+SLOW_PAGES = {"foof.md", "laplace.md", "natural_gradient.md", "optax.md", "stacked.md"}
 
 
 def test_readme_runs_as_pasted():
