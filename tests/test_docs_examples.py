@@ -72,8 +72,14 @@ def test_readme_runs_as_pasted():
   run_page(ROOT / "README.md", {"__name__": "readme_example"})
 
 
-def test_readme_is_short():
-  assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+def test_readme_is_short_with_two_quick_start_commands():
+  text = (ROOT / "README.md").read_text()
+  assert len(text.splitlines()) <= 250
+  quick_start = text[text.index("## Quick start") :]
+  bash = next(code for _, info, code in code_blocks(ROOT / "README.md") if info == "bash" and code in quick_start)
+  commands = [line for line in bash.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+  # Exactly two commands, each doing its own install first.
+  assert len(commands) == 2 and all(c.startswith('pip install -e ".[') and " && python -m " in c for c in commands)
 
 
 def test_getting_started_defines_what_later_pages_use(getting_started_namespace):
