@@ -62,9 +62,20 @@ def getting_started_namespace():
 
 
 DOC_PAGES = sorted(p for p in DOCS.glob("*.md") if p != GETTING_STARTED)
-# Pages whose examples compile several transforms or run op by op (tens of seconds on a loaded 2-core machine):
-# they run in the slow CI step.
-SLOW_PAGES = {"foof.md", "laplace.md", "natural_gradient.md", "optax.md", "stacked.md"}
+# Pages whose examples compile training steps of their own (5-60 s each on a loaded 2-core machine) run in the
+# slow CI step (`python -m pytest -m slow`), which keeps the default run within its 10-minute budget; README.md,
+# Getting started, the doctests and the pages without such steps run by default.
+SLOW_PAGES = {
+  "fngd.md",
+  "foof.md",
+  "kfac.md",
+  "laplace.md",
+  "natural_gradient.md",
+  "nnx.md",
+  "optax.md",
+  "scale.md",
+  "stacked.md",
+}
 
 
 def test_readme_runs_as_pasted():
