@@ -127,23 +127,30 @@ def natural_gradient(
   max_columns: int | None = 4096,
   kernel_input_ndim: param_layout.KernelInputNdim = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Exact ``(F + λI)⁻¹ ∇`` for the mini-batch Fisher ``F = (1/n) Σ_j ψ_j ψ_jᵀ`` (Woodbury).
+  r"""The exact damped natural gradient for the mini-batch Fisher, by the Woodbury identity.
 
-  See the module docstring for the column convention. Per step::
+  With the columns :math:`\psi_j` of :math:`\Psi` the per-example (per label set) gradients of the
+  captured layers (see the module docstring) and :math:`F = \frac{1}{n}\Psi\Psi^\top`,
 
-      K = Σ_ℓ Ψ_ℓᵀ Ψ_ℓ                      (m × m, m = label sets × examples)
-      c = (nλI + K)⁻¹ Σ_ℓ Ψ_ℓᵀ ∇_ℓ
-      D_ℓ = (∇_ℓ − Ψ_ℓ c) / λ
+  .. math::
 
-  With ``block_diagonal=True`` the sums over layers ``ℓ`` are dropped: each
-  layer solves its own system (the exact natural gradient of the
-  block-diagonal Fisher). For a model with a single captured layer both
-  coincide.
+    D = (F + \lambda I)^{-1} g = \frac{1}{\lambda}\big(g - \Psi c\big),
+    \qquad c = (n\lambda I + K)^{-1} \Psi^\top g, \qquad K = \Psi^\top \Psi ,
+
+  so only an :math:`m \times m` system is solved (:math:`m` = label sets times examples), and
+  :math:`K` is a sum over layers of :math:`(\bar A \bar A^\top) \odot (\hat G \hat G^\top)` for dense
+  layers (Benzing 2022, App. I; Ren & Goldfarb 2019). With ``block_diagonal=True`` the sums over
+  layers are dropped: each layer solves its own system (the exact natural gradient of the
+  block-diagonal Fisher).
+
+  **Damping and learning rate.** Chained with ``optax.sgd``, keep ``lr <= damping / 10``, as for
+  :func:`neuron_optax.foof`. Wrap the chain in ``optax.apply_if_finite(tx, max_consecutive_errors=5)``
+  to skip a step that is not finite.
 
   Args:
     damping: ``λ > 0``: a number or an optax schedule of the step count. The
       default 1.0 trains with ``optax.sgd(0.1, momentum=0.9)`` on the MLP,
-      CNN and Transformer benchmarks (README, hyperparameter guide).
+      CNN and Transformer benchmarks (docs: hyperparameter guide).
     block_diagonal: use the layer-wise block-diagonal Fisher.
     max_columns: largest allowed ``m`` (checked at trace time; ``None``: no
       limit). Memory is ``O(m²)``, time ``O(m² Σ_ℓ(d_in + d_out) + m³)`` for
@@ -160,6 +167,30 @@ def natural_gradient(
     App. I.5), also pass ``fisher_stats=`` from ``value_grad_and_stats`` on
     that batch; ``stats`` may then be omitted and ``grads`` is the gradient of
     the first batch. Leaves of uncaptured layers pass through unchanged.
+
+  Examples:
+    The natural gradient of the Monte-Carlo Fisher equals the explicit :math:`(F + \lambda I)^{-1} g`:
+
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> import neuron_optax as nox
+    >>> model = nn.Dense(3)
+    >>> x, y = jnp.arange(20.0).reshape(4, 5) / 20, jnp.array([0, 1, 2, 0])
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> def loss_fn(params):
+    ...   logits = model.apply({"params": params}, x)
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    >>> capture = nox.value_grad_and_stats(loss_fn, fisher="mc", likelihood="categorical")
+    >>> loss, grads, stats = capture(params, rng=jax.random.key(1))
+    >>> tx = nox.natural_gradient(damping=1.0)
+    >>> direction, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    >>> jax.tree.map(jnp.shape, direction)
+    {'bias': (3,), 'kernel': (5, 3)}
+
+  References:
+    - F. Benzing, `Gradient Descent on Neurons and its Link to Approximate Second-order
+      Optimization <https://arxiv.org/abs/2201.12250>`__, ICML 2022.
+    - Y. Ren and D. Goldfarb, `Efficient Subsampled Gauss-Newton and Natural Gradient
+      Methods for Training Neural Networks <https://arxiv.org/abs/1906.02353>`__, 2019.
   """
   _validate(damping, max_columns)
 

@@ -76,6 +76,7 @@ def kronecker_factors(source, *, ema_decay: float | None = None, positions: int 
 
   Args:
     source: one of
+
       * the ``stats`` of a batch: ``A = mean_r ā_r ā_rᵀ`` and
         ``G = P · mean_r Σ_s g_sr g_srᵀ`` over the ``n·P`` rows (``G`` summed
         over the ``P`` positions of an example, averaged over examples, so
