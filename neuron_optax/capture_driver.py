@@ -207,11 +207,11 @@ def is_attend(key: LayerKey) -> bool:
   return bool(key) and key[-1] is ATTEND
 
 
-def probe_names(index: int, key: LayerKey = ()) -> tuple[str, str]:
+def probe_names(index: int, key: LayerKey = (), tag: str = "") -> tuple[str, str]:
   """Names of the output and input probes of the ``index``-th call recorded under ``key`` inside a
   transform, stored next to the layer's parameters (linen: in the ``params`` collection; NNX: as
-  attributes)."""
-  part = "attend_" if is_attend(key) else ""
+  attributes). ``tag`` tells apart layers whose probes sit on one module (a LoRA adapter's factors)."""
+  part = "attend_" if is_attend(key) else f"{tag}_" if tag else ""
   return f"__nox_{part}output_probe_{index}__", f"__nox_{part}input_probe_{index}__"
 
 
@@ -451,6 +451,8 @@ class Recorder:
     attend = is_attend(key)
     name = "embedding" if meta["kind"] == "embed" or attend else "kernel"
     outer = self.param_shapes.get((key[:-1] if attend else key) + (name,))
+    if outer is None and name == "kernel":  # a LoRA factor: the weight leaf is the layer key itself
+      outer = self.param_shapes.get(key)
     inner = tuple(meta["kernel_shape"])[:: -1 if attend else 1]  # attend's kernel is the table transposed
     if outer is None:
       raise NotImplementedError(

@@ -44,8 +44,12 @@ order, the input's first axis is not contracted, and every non-contracted input
 label reaches the output (no ``...`` in the kernel, no repeated labels). Any
 other ``nnx.Einsum`` (e.g. ``'nta,hab->nthb'``, whose kernel has a per-head
 axis) is left uncaptured with a warning: its parameters pass through the
-transforms unchanged. Subclasses of these modules (``nnx.LoRALinear``) are
-captured through their ``__call__``'s input and output. ``nnx.MultiHeadAttention``
+transforms unchanged. Subclasses of these modules are captured through their
+``__call__``'s input and output. ``nnx.LoRA`` is captured as two bias-free
+dense layers, ``x -> h = x·lora_a`` and ``h -> h·lora_b``, keyed by the paths
+of its ``lora_a`` and ``lora_b`` leaves; the base weight of ``nnx.LoRALinear``
+(or an ``nnx.LoRA``'s ``base_module``) is a layer of its own when it is
+differentiated (``wrt=nnx.LoRAParam`` freezes it). ``nnx.MultiHeadAttention``
 is captured through its ``query``/``key``/``value``/``out`` ``LinearGeneral``
 layers. ``nnx.Embed`` is captured with one-hot input rows kept as token ids,
 and its ``attend`` (a tied output layer) adds that use's rows.
@@ -115,14 +119,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neuron_optax import capture_driver, layer_rows
+from neuron_optax import capture_driver, layer_rows, param_layout
 from neuron_optax.capture_driver import CallLayout, FisherType, Likelihood, Recorder
 from neuron_optax.layer_stats import LayerKey, layer_name
 from neuron_optax.param_layout import KernelLayout
 
 __all__ = ["value_grad_and_stats", "kernel_layouts", "captured_layers"]
 
-_CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum, nnx.Embed)
+_CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum, nnx.Embed, nnx.LoRA)
+_LORA_FACTORS = ("lora_a", "lora_b")
+
+
+def _weight_names(module: nnx.Module) -> tuple[str, ...]:
+  """The attributes holding a captured module's weight matrices (one per layer it records)."""
+  if isinstance(module, nnx.LoRA):
+    return _LORA_FACTORS
+  return ("embedding",) if isinstance(module, nnx.Embed) else ("kernel",)
+
+
+def _layer_keys(module: nnx.Module, key: LayerKey) -> tuple[LayerKey, ...]:
+  """The record keys of a captured module's layers: its path, or a LoRA adapter's two factor paths."""
+  if isinstance(module, nnx.LoRA):
+    return tuple(key + (name,) for name in _LORA_FACTORS)
+  return (key, key + (capture_driver.ATTEND,)) if isinstance(module, nnx.Embed) else (key,)
 
 
 # --------------------------------------------------------------------------- #
@@ -325,17 +344,29 @@ def _recording_class(cls: type) -> type:
   return recording
 
 
-def captured_layers(model: nnx.Module) -> dict[LayerKey, nnx.Module]:
-  """The modules :func:`value_grad_and_stats` intercepts, by their path in ``nnx.state(model)``."""
-  return {tuple(path): module for path, module in nnx.iter_modules(model) if isinstance(module, _CAPTURED_TYPES)}
+def captured_layers(model: nnx.Module, wrt: Any = nnx.Param) -> dict[LayerKey, nnx.Module]:
+  """The modules :func:`value_grad_and_stats` intercepts, by their path in ``nnx.state(model)``.
+
+  A module is captured when its weights (``kernel``, ``embedding``, a LoRA
+  adapter's ``lora_a`` and ``lora_b``) are among the variables ``wrt``
+  selects, the ones differentiated: the frozen base layer of an
+  ``nnx.LoRALinear`` differentiated with ``wrt=nnx.LoRAParam`` is not a layer.
+  """
+  differentiated = set(param_layout.flatten(nnx.state(model, wrt)).leaves)
+  return {
+    tuple(path): module
+    for path, module in nnx.iter_modules(model)
+    if isinstance(module, _CAPTURED_TYPES)
+    and all(tuple(path) + (name,) in differentiated for name in _weight_names(module))
+  }
 
 
 class _Recording:
   """Context manager: swaps the classes of ``model``'s captured modules, restores them."""
 
-  def __init__(self, model: nnx.Module, recorder: Recorder, record_output: bool):
+  def __init__(self, model: nnx.Module, recorder: Recorder, record_output: bool, wrt: Any):
     self.targets: dict[int, tuple[nnx.Module, _Entry]] = {}
-    for key, module in captured_layers(model).items():
+    for key, module in captured_layers(model, wrt).items():
       self.targets[id(module)] = (module, _Entry(recorder, key, True, False))
     if record_output:
       module, entry = self.targets.get(id(model), (model, _Entry(recorder, (), False, False)))
@@ -357,10 +388,10 @@ class _Recording:
         _ACTIVE[id(module)] = entry
         if entry.capture:
           self._set(module, _KEY_ATTRIBUTE, entry.key)
-          weights = getattr(module, "embedding" if isinstance(module, nnx.Embed) else "kernel")
-          for key in (entry.key, entry.key + (capture_driver.ATTEND,)):  # an embedding's attend calls too
+          for key in _layer_keys(module, entry.key):  # an embedding's attend calls too
+            weights = getattr(module, key[-1] if isinstance(module, nnx.LoRA) else _weight_names(module)[0])
             for index, probes in enumerate((self.recorder.probes or {}).get(key, [])):
-              for name, probe in zip(capture_driver.probe_names(index, key), probes):
+              for name, probe in zip(_probe_names(module, index, key), probes):
                 # The kernel's Variable type: the transform's state filters treat the probe like the kernel.
                 self._set(module, name, type(weights)(probe))
     except BaseException:
@@ -385,8 +416,38 @@ class _Recording:
     return False
 
 
+def _probe_names(module: nnx.Module, index: int, key: LayerKey) -> tuple[str, str]:
+  return capture_driver.probe_names(index, key, key[-1] if isinstance(module, nnx.LoRA) else "")
+
+
+def _lora_call(recorder: Recorder, module: nnx.LoRA, key: LayerKey, x: jax.Array, kwargs) -> jax.Array:
+  """``nnx.LoRA.__call__`` as two bias-free dense layers, ``x -> h = x·lora_a`` and ``h -> h·lora_b``."""
+  # Mirrors flax.nnx.LoRA.__call__ (flax 0.12), with each product recorded as a layer of its own.
+  x, lora_a, lora_b = module.promote_dtype((x, module.lora_a[...], module.lora_b[...]), dtype=module.dtype)
+
+  def factor(name: str, inputs: jax.Array, weights: jax.Array) -> jax.Array:
+    factor_key = key + (name,)
+    meta = dict(kind="dense", has_bias=False, kernel_shape=tuple(weights.shape), kernel_input_ndim=1)
+
+    def probe(index):
+      return tuple(getattr(module, n, None) for n in _probe_names(module, index, factor_key))
+
+    return recorder.captured_call(
+      factor_key, inputs, lambda: inputs @ weights, _Layout(layer_rows.as_rows, meta), _probe_values(probe), _TRANSFORMS
+    )
+
+  out = factor("lora_b", factor("lora_a", x, lora_a), lora_b)
+  if module.base_module is not None:
+    if not callable(module.base_module):
+      raise ValueError("`self.base_module` must be callable.")
+    out += module.base_module(x, **kwargs)
+  return out
+
+
 def _layer_call(recorder: Recorder, module, key: LayerKey, call, args, kwargs):
   """One call of a captured module: its output, with its rows reported to ``recorder``."""
+  if isinstance(module, nnx.LoRA) and args:
+    return _lora_call(recorder, module, key, args[0], kwargs)
   x = args[0] if args else kwargs.get("inputs")
   layout = None if x is None else _layout(module, key, x, args, kwargs)
   if layout is None:
@@ -413,15 +474,13 @@ def _in_model(path, variable) -> bool:
   return bool(path) and path[0] == 0
 
 
-_MODEL_PARAMS = nnx.All(nnx.Param, _in_model)
-
-
 def value_grad_and_stats(
   loss_fn: Callable[..., Any],
   *,
   has_aux: bool = False,
   fisher: FisherType = "empirical",
   likelihood: Likelihood | None = None,
+  wrt: Any = nnx.Param,
 ) -> Callable[..., Any]:
   """Like ``nnx.value_and_grad(loss_fn)``, and also records each layer's neurons.
 
@@ -437,6 +496,11 @@ def value_grad_and_stats(
       or ``"full"``; see :func:`neuron_optax.value_grad_and_stats`.
     likelihood: ``"categorical"`` or ``"gaussian"``; required unless
       ``fisher="empirical"``.
+    wrt: an NNX filter of the model's variables to differentiate, as in
+      ``nnx.value_and_grad(..., argnums=nnx.DiffState(0, wrt))``; by default
+      every ``nnx.Param``. ``wrt=nnx.LoRAParam`` differentiates only LoRA
+      adapters: the statistics then hold the adapters' factors alone, and the
+      frozen base weights are neither differentiated nor captured.
 
   Returns:
     A function with ``loss_fn``'s signature (plus ``rng=`` for
@@ -447,6 +511,7 @@ def value_grad_and_stats(
     to the other NNX arguments.
   """
   capture_driver.validate_capture_args(fisher, likelihood)
+  model_params = nnx.All(wrt, _in_model)
 
   @functools.wraps(loss_fn)
   def wrapped(model, *args, rng: jax.Array | None = None, **kwargs):
@@ -462,7 +527,7 @@ def value_grad_and_stats(
     # else is merged inside the traced function (so loss_fn may mutate it there) and written back.
     leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=nnx.graph.is_graph_node)
     node_index = [i for i, leaf in enumerate(leaves) if nnx.graph.is_graph_node(leaf)]
-    graphdef, params, rest = nnx.split((model, *(leaves[i] for i in node_index)), _MODEL_PARAMS, ...)
+    graphdef, params, rest = nnx.split((model, *(leaves[i] for i in node_index)), model_params, ...)
     params = params[0] if 0 in params else nnx.State({})
     record_output = fisher != "empirical"
 
@@ -472,16 +537,17 @@ def value_grad_and_stats(
       for i, node in zip(node_index, merged[1:]):
         call_leaves[i] = node
       call_args, call_kwargs = jax.tree.unflatten(treedef, call_leaves)
-      with _Recording(clone, recorder, record_output):
+      with _Recording(clone, recorder, record_output, wrt):
         out = loss_fn(clone, *call_args, **call_kwargs)
       loss, aux = capture_driver.split_aux(out, has_aux)
-      return loss, aux, nnx.state(merged, nnx.Not(_MODEL_PARAMS))
+      return loss, aux, nnx.state(merged, nnx.Not(model_params))
 
     def no_layers():
       return ValueError(
         "neuron_optax.nnx.value_grad_and_stats found no nnx.Linear/nnx.LinearGeneral/nnx.Conv/"
-        "nnx.Einsum call inside loss_fn: loss_fn(model, ...) must apply the layers of `model` "
-        f"(captured layers of this model: {sorted(layer_name(k) for k in captured_layers(model))})."
+        "nnx.Einsum/nnx.Embed/nnx.LoRA call inside loss_fn whose weights are differentiated (wrt="
+        f"{wrt!r}): loss_fn(model, ...) must apply the layers of `model` (captured layers of this "
+        f"model: {sorted(layer_name(k) for k in captured_layers(model, wrt))})."
       )
 
     value, grads, stats, new_rest = capture_driver.value_grad_and_stats(
@@ -509,7 +575,7 @@ def _copy_ndim(module) -> int:
   return 2  # nnx.Linear, nnx.Embed
 
 
-def kernel_layouts(model: nnx.Module) -> dict[str, int | KernelLayout]:
+def kernel_layouts(model: nnx.Module, wrt: Any = nnx.Param) -> dict[str, int | KernelLayout]:
   """``{layer path: layout}`` read off the model's captured modules.
 
   A layer maps to its number of kernel input axes; a stacked layer (a module
@@ -521,9 +587,16 @@ def kernel_layouts(model: nnx.Module) -> dict[str, int | KernelLayout]:
   state per copy) or ``nnx.LinearGeneral``/``nnx.Einsum`` layers whose output
   has several axes, which the parameters alone cannot tell apart from input
   axes. ``nnx.Einsum`` layers that are not plain matrix contractions are left out.
+  ``wrt`` is the filter given to :func:`value_grad_and_stats` (only the layers
+  it differentiates are listed: ``wrt=nnx.LoRAParam`` gives the LoRA factors).
   """
   layout = {}
-  for key, module in captured_layers(model).items():
+  for key, module in captured_layers(model, wrt).items():
+    if isinstance(module, nnx.LoRA):  # two bias-free dense layers, (d_in, rank) and (rank, d_out)
+      for name in _LORA_FACTORS:
+        stack = getattr(module, name).ndim - 2
+        layout[layer_name(key + (name,))] = KernelLayout(1, stack) if stack > 0 else 1
+      continue
     weights = module.embedding if isinstance(module, nnx.Embed) else module.kernel
     stack = weights.ndim - _copy_ndim(module)
     if isinstance(module, nnx.LinearGeneral):
