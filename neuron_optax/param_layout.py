@@ -7,11 +7,10 @@ the bias as the last row. The transforms read gradients through this view and
 write their directions back through it; leaves of layers that were not captured
 are left untouched.
 
-Trees are read through ``jax.tree_util`` key paths, so any pytree of arrays
-works: nested dicts, ``FrozenDict``, ``flax.nnx.State`` and leaf wrappers such
-as ``nnx.Param`` (whose array appears under a trailing attribute key, dropped
-from the layer path). A layer's key is the path of its ``kernel`` leaf without
-the last entry: ``('Dense_0',)``, ``('layers', 0)``, ``()`` for a top-level layer.
+Trees are read by path (:mod:`neuron_optax.tree_paths`): nested dicts,
+``FrozenDict``, ``flax.nnx.State`` and leaf wrappers such as ``nnx.Param``. A
+layer's key is the path of its ``kernel`` leaf without the last entry:
+``('Dense_0',)``, ``('layers', 0)``, ``()`` for a top-level layer.
 
 Embeddings (an ``embedding`` leaf, ``(vocab, features)``) are layers without a
 bias whose input rows are one-hot. The two factors of a LoRA adapter
@@ -30,30 +29,24 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neuron_optax.layer_stats import LayerKey, LayerMoments, LayerStats, StackIndex, Stats, TokenRows, layer_name
-
-Path = tuple[Hashable, ...]
-
-
-class KernelLayout(NamedTuple):
-  """How a parameter splits into copies, input and output axes.
-
-  ``param[index]`` for an index over the first ``stack_ndim`` axes is one
-  copy's kernel, whose first ``input_ndim`` axes are inputs and the rest
-  outputs. A plain ``int`` in a ``kernel_input_ndim`` mapping means
-  ``KernelLayout(int, 0)``.
-  """
-
-  input_ndim: int
-  stack_ndim: int = 0
-
+from neuron_optax.layer_stats import (
+  KernelLayout,
+  LayerKey,
+  LayerMoments,
+  LayerStats,
+  StackIndex,
+  Stats,
+  TokenRows,
+  layer_name,
+)
+from neuron_optax.tree_paths import FlatTree, Path, flatten  # noqa: F401  (FlatTree: part of this module's API)
 
 KernelInputNdim = Mapping[str, int | KernelLayout] | Callable[[str, tuple[int, ...]], int | KernelLayout | None] | None
 
@@ -64,45 +57,6 @@ _ATTENTION_PROJECTIONS = ("query", "key", "value")
 # nnx.LoRA's adapter leaves: each is the weight matrix of a bias-free dense layer of its own, keyed by
 # the leaf's path (a module holds both, so the module path cannot be the key as it is for a kernel).
 LORA_FACTORS = ("lora_a", "lora_b")
-
-
-def _entry(key) -> Hashable:
-  for attribute in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
-    if hasattr(key, attribute):
-      return getattr(key, attribute)
-  return str(key)
-
-
-def _path(key_path) -> Path:
-  """A key path as plain entries, without the trailing attribute keys of leaf wrappers."""
-  entries = list(key_path)
-  while entries and isinstance(entries[-1], jax.tree_util.GetAttrKey):
-    entries.pop()
-  return tuple(_entry(k) for k in entries)
-
-
-class FlatTree(NamedTuple):
-  """A tree's leaves by path, and how to rebuild the tree (wrappers and containers kept)."""
-
-  leaves: dict[Path, Any]
-  treedef: Any
-  paths: tuple[Path, ...]
-
-  def rebuild(self, leaves: Mapping[Path, Any]) -> Any:
-    return jax.tree_util.tree_unflatten(self.treedef, [leaves[p] for p in self.paths])
-
-
-def flatten(tree) -> FlatTree:
-  """``{path: array}`` of a params/updates tree (a mapping: dict, ``FrozenDict``, ``nnx.State``)."""
-  if not isinstance(tree, Mapping):
-    raise TypeError(
-      "neuron_optax expects the parameters as a (nested) dict, the 'params' collection of a "
-      "Flax linen model, or a flax.nnx.State such as nnx.state(model, nnx.Param); got "
-      f"{type(tree).__name__}."
-    )
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths = tuple(_path(p) for p, _ in with_path)
-  return FlatTree(dict(zip(paths, (leaf for _, leaf in with_path))), treedef, paths)
 
 
 def default_kernel_input_ndim(path: str, shape: tuple[int, ...]) -> int:

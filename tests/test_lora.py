@@ -189,3 +189,75 @@ def test_linen_has_no_lora_module():
   import flax.linen as nn
 
   assert not [name for name in dir(nn) if "lora" in name.lower()]
+
+
+_LENGTH, _WIDTH = 2, 3
+
+
+def _lora_block(rngs):
+  return nnx.LoRALinear(
+    _WIDTH, _WIDTH, lora_rank=2, param_dtype=F64, lora_param_dtype=F64, b_initializer=_B_INIT, rngs=rngs
+  )
+
+
+class StackedLora(nnx.Module):
+  """LoRA-adapted blocks with stacked parameters (``nnx.vmap``), applied in sequence with ``nnx.scan``."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=_LENGTH)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return _lora_block(rngs)
+
+    self.blocks = create(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return jnp.tanh(block(x))
+
+    return body(x, self.blocks)
+
+
+class UnrolledLora(nnx.Module):
+  def __init__(self, stacked: StackedLora):
+    self.blocks = nnx.List([_lora_block(nnx.Rngs(0)) for _ in range(_LENGTH)])
+    for i, block in enumerate(self.blocks):
+      for variable, source in (
+        (block.kernel, stacked.blocks.kernel),
+        (block.bias, stacked.blocks.bias),
+        (block.lora.lora_a, stacked.blocks.lora.lora_a),
+        (block.lora.lora_b, stacked.blocks.lora.lora_b),
+      ):
+        variable[...] = source[i]
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = jnp.tanh(block(x))
+    return x
+
+
+def test_stacked_adapters_in_nnx_scan_equal_unrolled(x64):
+  rng = np.random.default_rng(3)
+  x, y = jnp.asarray(rng.normal(size=(5, _WIDTH))), jnp.asarray(rng.integers(0, _WIDTH, size=5))
+  model = StackedLora(nnx.Rngs(0))
+  unrolled = UnrolledLora(model)
+  layout = nox.nnx.kernel_layouts(model, nnx.LoRAParam)
+  assert layout == {f"blocks/lora/{f}": nox.KernelLayout(1, 1) for f in ("lora_a", "lora_b")}
+  capture = nox.nnx.value_grad_and_stats(_xent, wrt=nnx.LoRAParam)
+  _, grads, stats = capture(model, x, y)
+  _, ref_grads, ref_stats = capture(unrolled, x, y)
+  tx, ref_tx = nox.foof(0.5, kernel_input_ndim=layout), nox.foof(0.5)
+  params, ref_params = nnx.state(model, nnx.LoRAParam), nnx.state(unrolled, nnx.LoRAParam)
+  updates = nnx.as_pure(tx.update(grads, tx.init(params), params, stats=stats)[0])
+  ref_updates = nnx.as_pure(ref_tx.update(ref_grads, ref_tx.init(ref_params), ref_params, stats=ref_stats)[0])
+  for factor in ("lora_a", "lora_b"):
+    s = stats[("blocks", "lora", factor)]
+    assert s.stack_shape == (_LENGTH,)
+    for i in range(_LENGTH):
+      ref = ref_stats[("blocks", i, "lora", factor)]
+      np.testing.assert_allclose(s.copy((i,)).inputs, ref.inputs, rtol=1e-12, atol=1e-14)
+      np.testing.assert_allclose(s.copy((i,)).cotangents, ref.cotangents, rtol=1e-12, atol=1e-14)
+      np.testing.assert_allclose(
+        updates["blocks"]["lora"][factor][i], ref_updates["blocks"][i]["lora"][factor], rtol=1e-10, atol=1e-12
+      )
