@@ -1,6 +1,7 @@
 """How a layer call's input becomes rows: the row builders both front-ends share.
 
-Dense layers give rows ``(n, P, d_in)`` (leading axis examples, the other
+Dense layers (and ``einsum`` contractions that are one weight matrix,
+:func:`einsum_layout`) give rows ``(n, P, d_in)`` (leading axis examples, the other
 non-contracted axes positions); embeddings their token ids ``(n, P)``. Convolutions give their prepared input (one
 batch axis, padding modes applied) and a :class:`ConvGeometry`, from which the
 im2col rows are built on demand. The functions take the layers' attributes as
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +86,74 @@ def transposed_rows(x: jax.Array, permutation: tuple[int, ...], n_batch: int) ->
   if not n_batch:
     return x.reshape(1, 1, d_in)
   return x.reshape(x.shape[0], math.prod(x.shape[1:n_batch]), d_in)
+
+
+class EinsumLayout(NamedTuple):
+  """``einsum(equation, x, kernel)`` read as ``rows @ W``: how ``x`` becomes rows and the output's axis order."""
+
+  input_perm: tuple[int, ...]  # input axes -> (batch axes in input order, contracted in kernel order)
+  n_batch: int
+  n_contracted: int
+  output_perm: tuple[int, ...] | None
+
+
+def einsum_layout(equation: str, x_ndim: int, kernel_ndim: int) -> EinsumLayout | str:
+  """Layout of ``einsum(equation, x, kernel)`` as ``rows @ W``, or why it is not one (a string).
+
+  One weight matrix applied to rows of the input: every kernel label is either
+  contracted with the input (and absent from the output) or an output label
+  (absent from the input), the contracted labels come first in the kernel, the
+  output lists the kernel's output labels in kernel order, the input's first
+  axis is not contracted, and every non-contracted input label reaches the
+  output (no ``...`` in the kernel, no repeated labels).
+  """
+  equation = equation.replace(" ", "")
+  if "->" not in equation or equation.count(",") != 1:
+    return "the equation is not explicit with two operands"
+  operands, out = equation.split("->")
+  lhs, rhs = operands.split(",")
+  if "..." in rhs:
+    return "the kernel has an ellipsis"
+  if "..." in lhs:
+    used = set(lhs + rhs + out)
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    n_ellipsis = x_ndim - (len(lhs) - 3)
+    if n_ellipsis < 0 or n_ellipsis > len(free):
+      return "the ellipsis does not fit the input"
+    fill = "".join(free[:n_ellipsis])
+    lhs = lhs.replace("...", fill)
+    out = out.replace("...", fill) if "..." in out else out
+  if "." in lhs + rhs + out:
+    return "the equation has a misplaced ellipsis"
+  if len(lhs) != x_ndim or len(rhs) != kernel_ndim:
+    return "the equation does not match the operands' ranks"
+  if any(len(set(s)) != len(s) for s in (lhs, rhs, out)):
+    return "a label repeats within an operand (a diagonal)"
+  contracted = [c for c in rhs if c in lhs]
+  outputs = [c for c in rhs if c not in lhs]
+  batch = [c for c in lhs if c not in rhs]
+  if any(c in out for c in contracted):
+    return "a kernel axis is shared with the input and the output (one kernel per index)"
+  if any(c not in out for c in outputs):
+    return "a kernel axis is summed over"
+  if any(c not in out for c in batch):
+    return "an input axis is summed over"
+  if not contracted:
+    return "no axis is contracted"
+  if list(rhs) != contracted + outputs:
+    return "the kernel's contracted axes do not all come before its output axes"
+  if [c for c in out if c in outputs] != outputs:
+    return "the output's kernel axes are not in the kernel's order"
+  if batch and lhs[0] not in batch:
+    return "the input's first (example) axis is contracted"
+  input_perm = tuple(lhs.index(c) for c in batch + contracted)
+  output_perm = tuple(out.index(c) for c in batch + outputs)
+  identity = output_perm == tuple(range(len(out)))
+  return EinsumLayout(input_perm, len(batch), len(contracted), None if identity else output_perm)
+
+
+def einsum_rows(layout: EinsumLayout, x: jax.Array) -> jax.Array:
+  return transposed_rows(x, layout.input_perm, layout.n_batch)
 
 
 def _conv_padding(padding, x: jax.Array, kernel_size, kernel_dilation):

@@ -36,6 +36,19 @@ import jax.numpy as jnp
 LayerKey = tuple[Hashable, ...]
 
 
+class KernelLayout(NamedTuple):
+  """How a parameter splits into copies, input and output axes.
+
+  ``param[index]`` for an index over the first ``stack_ndim`` axes is one
+  copy's kernel, whose first ``input_ndim`` axes are inputs and the rest
+  outputs. A plain ``int`` in a ``kernel_input_ndim`` mapping means
+  ``KernelLayout(int, 0)``.
+  """
+
+  input_ndim: int
+  stack_ndim: int = 0
+
+
 class StackIndex(tuple):
   """Last entry of the key of one copy of a stacked layer: its index along the stack axes.
 

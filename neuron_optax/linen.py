@@ -34,7 +34,9 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from neuron_optax import capture_driver, layer_rows
-from neuron_optax.capture_driver import CallLayout, FisherType, Likelihood, Recorder
+from neuron_optax.capture_args import FisherType, Likelihood, split_aux, validate_capture_args
+from neuron_optax.capture_probes import ATTEND, is_attend, probe_names
+from neuron_optax.capture_recorder import CallLayout, Recorder
 from neuron_optax.layer_stats import LayerKey
 
 _TRANSFORMS = (
@@ -103,11 +105,11 @@ def with_probes(params, probes: Mapping[LayerKey, list[tuple[jax.Array, jax.Arra
     if not calls:
       continue
     node = tree
-    for name in key[:-1] if capture_driver.is_attend(key) else key:  # attend calls: next to the table
+    for name in key[:-1] if is_attend(key) else key:  # attend calls: next to the table
       node[name] = dict(node[name])
       node = node[name]
     for index, (output_probe, input_probe) in enumerate(calls):
-      output_name, input_name = capture_driver.probe_names(index, key)
+      output_name, input_name = probe_names(index, key)
       node[output_name], node[input_name] = output_probe, input_probe
   return FrozenDict(tree) if frozen else tree
 
@@ -145,13 +147,13 @@ class _Interceptor:
     key = tuple(module.path)
     x = args[0]
     if attend:  # Embed.attend: logits = q tableᵀ, a dense layer with kernel tableᵀ, recorded with the table
-      key = key + (capture_driver.ATTEND,)
+      key = key + (ATTEND,)
       layout = CallLayout(layer_rows.as_rows, _attend_meta(module.get_variable("params", "embedding")))
     else:
       layout = CallLayout(lambda v: _recorded(module, v, key), _meta(module, jnp.ndim(x), key))
 
     def probe(index):
-      return tuple(module.get_variable("params", name) for name in capture_driver.probe_names(index, key))
+      return tuple(module.get_variable("params", name) for name in probe_names(index, key))
 
     return self.recorder.captured_call(key, x, lambda: next_fun(*args, **kwargs), layout, probe, _TRANSFORMS)
 
@@ -197,14 +199,14 @@ def value_grad_and_stats(
       examples), or it is applied inside another transform (``nn.cond``,
       ``nn.while_loop``, differentiation inside ``loss_fn``).
   """
-  capture_driver.validate_capture_args(fisher, likelihood)
+  validate_capture_args(fisher, likelihood)
 
   @functools.wraps(loss_fn)
   def wrapped(params, *args, rng: jax.Array | None = None, **kwargs):
     def run(recorder: Recorder, p):
       with _Interceptor(recorder).intercepting():
         out = loss_fn(with_probes(p, recorder.probes), *args, **kwargs)
-      loss, aux = capture_driver.split_aux(out, has_aux)
+      loss, aux = split_aux(out, has_aux)
       return loss, aux, None
 
     def no_layers():

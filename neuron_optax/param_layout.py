@@ -7,14 +7,16 @@ the bias as the last row. The transforms read gradients through this view and
 write their directions back through it; leaves of layers that were not captured
 are left untouched.
 
-Trees are read through ``jax.tree_util`` key paths, so any pytree of arrays
-works: nested dicts, ``FrozenDict``, ``flax.nnx.State`` and leaf wrappers such
-as ``nnx.Param`` (whose array appears under a trailing attribute key, dropped
-from the layer path). A layer's key is the path of its ``kernel`` leaf without
-the last entry: ``('Dense_0',)``, ``('layers', 0)``, ``()`` for a top-level layer.
+Trees are read by path (:mod:`neuron_optax.tree_paths`): nested dicts,
+``FrozenDict``, ``flax.nnx.State`` and leaf wrappers such as ``nnx.Param``. A
+layer's key is the path of its ``kernel`` leaf without the last entry:
+``('Dense_0',)``, ``('layers', 0)``, ``()`` for a top-level layer.
 
 Embeddings (an ``embedding`` leaf, ``(vocab, features)``) are layers without a
-bias whose input rows are one-hot. A **stacked** layer (applied inside
+bias whose input rows are one-hot. The two factors of a LoRA adapter
+(``nnx.LoRA``: ``x -> x·lora_a -> (x·lora_a)·lora_b``) are two bias-free dense
+layers keyed by their leaves' own paths: ``('lora', 'lora_a')`` (named
+``'lora/lora_a'``) and ``('lora', 'lora_b')``. A **stacked** layer (applied inside
 ``nn.scan``/``nn.vmap`` over parameters with leading layer axes, a
 :class:`KernelLayout` with ``stack_ndim > 0``) is ``L`` separate layers, one per
 copy, keyed ``path + (StackIndex(index),)`` (named ``'blocks/mlp[2]'``): each
@@ -27,30 +29,24 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neuron_optax.layer_stats import LayerKey, LayerMoments, LayerStats, StackIndex, Stats, TokenRows, layer_name
-
-Path = tuple[Hashable, ...]
-
-
-class KernelLayout(NamedTuple):
-  """How a parameter splits into copies, input and output axes.
-
-  ``param[index]`` for an index over the first ``stack_ndim`` axes is one
-  copy's kernel, whose first ``input_ndim`` axes are inputs and the rest
-  outputs. A plain ``int`` in a ``kernel_input_ndim`` mapping means
-  ``KernelLayout(int, 0)``.
-  """
-
-  input_ndim: int
-  stack_ndim: int = 0
-
+from neuron_optax.layer_stats import (
+  KernelLayout,
+  LayerKey,
+  LayerMoments,
+  LayerStats,
+  StackIndex,
+  Stats,
+  TokenRows,
+  layer_name,
+)
+from neuron_optax.tree_paths import FlatTree, Path, flatten  # noqa: F401  (FlatTree: part of this module's API)
 
 KernelInputNdim = Mapping[str, int | KernelLayout] | Callable[[str, tuple[int, ...]], int | KernelLayout | None] | None
 
@@ -58,44 +54,9 @@ KernelInputNdim = Mapping[str, int | KernelLayout] | Callable[[str, tuple[int, .
 # map d_model to (heads, head_dim): their 3-D kernels have one input axis.
 _ATTENTION_PROJECTIONS = ("query", "key", "value")
 
-
-def _entry(key) -> Hashable:
-  for attribute in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
-    if hasattr(key, attribute):
-      return getattr(key, attribute)
-  return str(key)
-
-
-def _path(key_path) -> Path:
-  """A key path as plain entries, without the trailing attribute keys of leaf wrappers."""
-  entries = list(key_path)
-  while entries and isinstance(entries[-1], jax.tree_util.GetAttrKey):
-    entries.pop()
-  return tuple(_entry(k) for k in entries)
-
-
-class FlatTree(NamedTuple):
-  """A tree's leaves by path, and how to rebuild the tree (wrappers and containers kept)."""
-
-  leaves: dict[Path, Any]
-  treedef: Any
-  paths: tuple[Path, ...]
-
-  def rebuild(self, leaves: Mapping[Path, Any]) -> Any:
-    return jax.tree_util.tree_unflatten(self.treedef, [leaves[p] for p in self.paths])
-
-
-def flatten(tree) -> FlatTree:
-  """``{path: array}`` of a params/updates tree (a mapping: dict, ``FrozenDict``, ``nnx.State``)."""
-  if not isinstance(tree, Mapping):
-    raise TypeError(
-      "neuron_optax expects the parameters as a (nested) dict, the 'params' collection of a "
-      "Flax linen model, or a flax.nnx.State such as nnx.state(model, nnx.Param); got "
-      f"{type(tree).__name__}."
-    )
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths = tuple(_path(p) for p, _ in with_path)
-  return FlatTree(dict(zip(paths, (leaf for _, leaf in with_path))), treedef, paths)
+# nnx.LoRA's adapter leaves: each is the weight matrix of a bias-free dense layer of its own, keyed by
+# the leaf's path (a module holds both, so the module path cannot be the key as it is for a kernel).
+LORA_FACTORS = ("lora_a", "lora_b")
 
 
 def default_kernel_input_ndim(path: str, shape: tuple[int, ...]) -> int:
@@ -131,7 +92,9 @@ class LayerShape(NamedTuple):
   has_bias: bool
   kernel_shape: tuple[int, ...]  # one copy's kernel
   kernel_input_ndim: int
-  param: str = "kernel"  # the leaf holding the weights: "kernel", or "embedding" (one-hot input rows)
+  # the leaf holding the weights: "kernel", "embedding" (one-hot input rows), or a LoRA factor
+  # ("lora_a"/"lora_b", the leaf at the layer key itself)
+  param: str = "kernel"
   stack_shape: tuple[int, ...] = ()  # the layer's stack axes (this is one copy of them)
 
   @property
@@ -146,10 +109,16 @@ def _leaf_and_index(key: LayerKey) -> tuple[LayerKey, tuple[int, ...] | None]:
   return key, None
 
 
+def _leaf_path(path: LayerKey, name: str) -> Path:
+  """The path of a layer's leaf ``name`` (``"kernel"``, ``"bias"``, ...); a LoRA factor is its own leaf."""
+  return path if name in LORA_FACTORS else path + (name,)
+
+
 def candidate_layers(
   params, kernel_input_ndim: KernelInputNdim = None, stats: Stats | None = None
 ) -> dict[LayerKey, LayerShape]:
-  """Every ``kernel`` leaf of rank >= 2 and every 2-D ``embedding`` leaf: the layers a transform allocates state for.
+  """Every ``kernel`` leaf of rank >= 2, every 2-D ``embedding`` and LoRA factor (``lora_a``/``lora_b``) leaf:
+  the layers a transform allocates state for.
 
   The parameters alone do not say how a kernel splits into input and output
   axes; the default is "all but the last axis are inputs" (``nn.Dense``,
@@ -167,25 +136,27 @@ def candidate_layers(
   flat = flatten(params).leaves
   captured = {key: KernelLayout(s.kernel_input_ndim, len(s.stack_shape)) for key, s in (stats or {}).items()}
   for path, leaf in flat.items():
-    if not path or path[-1] not in ("kernel", "embedding") or jnp.ndim(leaf) < 2:
+    if not path or path[-1] not in ("kernel", "embedding", *LORA_FACTORS) or jnp.ndim(leaf) < 2:
       continue
-    key = tuple(path[:-1])
+    lora = path[-1] in LORA_FACTORS
+    key = tuple(path) if lora else tuple(path[:-1])
     shape = tuple(jnp.shape(leaf))
     layout = _resolve_layout(kernel_input_ndim, layer_name(key), shape, used, captured.get(key))
     embedding = path[-1] == "embedding"
+    one_input = embedding or lora  # a table's one-hot rows; a LoRA factor's (d_in, rank) / (rank, d_out)
     if layout is None:
-      if embedding and len(shape) != 2:
-        continue  # an embedding table with more axes: not one we capture unless told its layout
-      layout = KernelLayout(1 if embedding else default_kernel_input_ndim(layer_name(key), shape))
+      if one_input and len(shape) != 2:
+        continue  # a table or factor with more axes: not one we capture unless told its layout
+      layout = KernelLayout(1 if one_input else default_kernel_input_ndim(layer_name(key), shape))
     stack, k = layout.stack_ndim, layout.input_ndim
-    if not 0 <= stack < len(shape) - 1 or not 1 <= k < len(shape) - stack or (embedding and k != 1):
+    if not 0 <= stack < len(shape) - 1 or not 1 <= k < len(shape) - stack or (one_input and k != 1):
       given = layout if stack else k
       raise ValueError(
         f"kernel_input_ndim[{layer_name(key)!r}]={given} is not in [1, {len(shape) - stack - 1}] for a "
-        f"{path[-1]} of shape {shape} with {stack} stack axes (embeddings have 1 input axis)."
+        f"{path[-1]} of shape {shape} with {stack} stack axes (embeddings and LoRA factors have 1 input axis)."
       )
     kernel_shape = shape[stack:]
-    has_bias = not embedding and key + ("bias",) in flat
+    has_bias = not one_input and key + ("bias",) in flat
     layer = LayerShape(
       math.prod(kernel_shape[:k]) + int(has_bias),
       math.prod(kernel_shape[k:]),
@@ -224,11 +195,13 @@ def kernel_layouts(stats: Stats) -> dict[str, int | KernelLayout]:
 
 
 def kernel_dtype(params, key: LayerKey):
-  """The dtype of layer ``key``'s kernel (or embedding) leaf."""
+  """The dtype of layer ``key``'s kernel (embedding, LoRA factor) leaf."""
   leaves = flatten(params).leaves
   path, _ = _leaf_and_index(key)
-  leaf = leaves.get(path + ("kernel",))
-  return (leaves[path + ("embedding",)] if leaf is None else leaf).dtype
+  for leaf_path in (path + ("kernel",), path + ("embedding",), path):  # the last: a LoRA factor
+    if leaf_path in leaves:
+      return leaves[leaf_path].dtype
+  raise KeyError(f"no kernel, embedding or LoRA factor at layer {layer_name(key)!r}")
 
 
 def check_stats_type(stats, transform: str) -> None:
@@ -390,7 +363,7 @@ def _present(key: LayerKey, s, layers: Mapping[LayerKey, LayerShape]) -> bool:
 
 def _leaf(flat: Mapping[Path, Any], key: LayerKey, name: str) -> jax.Array:
   path, index = _leaf_and_index(key)
-  leaf = flat[path + (name,)]
+  leaf = flat[_leaf_path(path, name)]
   return leaf if index is None else leaf[index]
 
 
@@ -444,12 +417,13 @@ def map_layers(
     # Guarding the split leaves (not the matrix) lets XLA fold slice(concatenate(kernel, bias))
     # away, so a direction built as kernel and bias parts is never copied into one matrix.
     for name, value in _split_matrix(shape, direction).items():
-      leaf = tree.leaves[path + (name,)]
+      leaf_path = _leaf_path(path, name)
+      leaf = tree.leaves[leaf_path]
       value = jnp.where(finite, value, jnp.zeros_like(value)).astype(leaf.dtype)
       if index is None:
-        flat[path + (name,)] = value.reshape(leaf.shape)
+        flat[leaf_path] = value.reshape(leaf.shape)
       else:
-        copies.setdefault(path + (name,), {})[index] = value
+        copies.setdefault(leaf_path, {})[index] = value
   for leaf_path, parts in copies.items():
     leaf = tree.leaves[leaf_path]
     stack_shape = leaf.shape[: len(next(iter(parts)))]

@@ -39,9 +39,11 @@ def assert_stats_match_grads(grads, stats, keys=None, *, rtol: float = 1e-10, at
     cot = np.asarray(s.cotangents).reshape(-1, s.d_out)
     from_rows = a.T @ cot
     d_kernel = s.d_in - int(s.has_bias)
+    # a LoRA factor (nnx.LoRA's lora_a/lora_b) is its own weight leaf
+    weights = node if key and key[-1] in ("lora_a", "lora_b") else node["embedding" if s.kind == "embed" else "kernel"]
     np.testing.assert_allclose(
       from_rows[:d_kernel],
-      np.asarray(node["embedding" if s.kind == "embed" else "kernel"]).reshape(d_kernel, -1),
+      np.asarray(weights).reshape(d_kernel, -1),
       rtol=rtol,
       atol=atol,
       err_msg=f"kernel of layer {key}",

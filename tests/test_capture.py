@@ -270,3 +270,25 @@ def test_errors():
     conv = nn.Conv(4, (3, 3), feature_group_count=2)
     cp = conv.init(jax.random.key(0), jnp.ones((1, 5, 5, 4)))["params"]
     nox.value_grad_and_stats(lambda p: jnp.mean(conv.apply({"params": p}, jnp.ones((1, 5, 5, 4)))))(cp)
+
+
+def test_jax_internals_that_moved_give_one_clear_error(monkeypatch):
+  """Layers inside transforms need JAX's trace internals; where they moved, one error names the JAX version,
+  and layers outside transforms (which need none of them) still work."""
+  from neuron_optax import capture_trace
+
+  def moved():
+    raise AttributeError("module 'jax._src.core' has no attribute 'trace_ctx'")
+
+  monkeypatch.setattr(capture_trace, "_read_current_trace", moved)
+  x = jnp.ones((2, 3))
+
+  model = nn.Dense(2)
+  params = model.init(jax.random.key(0), x)["params"]
+  _, _, stats = nox.value_grad_and_stats(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2))(params)
+  assert list(stats) == [()]
+
+  remat = nn.remat(nn.Dense)(2)
+  params = remat.init(jax.random.key(0), x)["params"]
+  with pytest.raises(capture_trace.TraceInspectionError, match=rf"JAX {jax.__version__}.*trace_ctx"):
+    nox.value_grad_and_stats(lambda p: jnp.mean(remat.apply({"params": p}, x) ** 2))(params)

@@ -12,6 +12,7 @@ from numpy_reference import augment, im2col, same_padding
 
 import neuron_optax as nox
 from neuron_optax import nnx as nox_nnx
+from neuron_optax import nnx_recording
 from neuron_optax import param_layout as _params
 
 F64 = jnp.float64
@@ -375,7 +376,7 @@ def test_einsum_plain_contractions_are_captured(x64):
   ],
 )
 def test_einsum_layouts_that_are_not_one_matrix(equation, reason):
-  from neuron_optax.nnx import _einsum_layout
+  from neuron_optax.layer_rows import einsum_layout as _einsum_layout
 
   lhs, rhs = equation.split("->")[0].split(",")
   layout = _einsum_layout(equation, len(lhs) if "..." not in lhs else 3, len(rhs) if "..." not in rhs else 2)
@@ -717,7 +718,7 @@ def test_errors_are_clear():
   per_example = nnx.eval_shape(lambda: PerExample(nnx.Rngs(0)))
   with pytest.raises(NotImplementedError, match=r"'linear'.*serve several iterations"):
     nox_nnx.value_grad_and_stats(_xent)(per_example, x, y)
-  assert not nox_nnx._ACTIVE and not nox_nnx._RECORDERS  # the interception was undone despite the error
+  assert nnx_recording.active_recording() is None  # the interception was undone despite the error
   assert not hasattr(per_example.linear, nox_nnx._KEY_ATTRIBUTE)
   # a transform given stats for a layer its parameters do not have
   _, grads, stats = _jitted(_xent)(model, x, y)
