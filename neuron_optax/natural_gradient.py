@@ -86,6 +86,7 @@ import optax
 
 from neuron_optax import hyperparams, linalg, param_layout, precision
 from neuron_optax.contraction import recorded_gradient_matches
+from neuron_optax.fisher_columns import fisher_columns
 from neuron_optax.layer_stats import LayerKey, LayerStats, Stats, layer_name
 
 
@@ -97,17 +98,6 @@ def _validate(damping, max_columns) -> None:
   hyperparams.check_scalar_or_schedule("natural_gradient", "damping", damping)
   if not isinstance(max_columns, jax.core.Tracer):  # optax.inject_hyperparams traces numeric arguments
     hyperparams.check_integer("natural_gradient", "max_columns", max_columns, optional=True)
-
-
-def _check_columns(columns: int, max_columns: int | None, where: str) -> None:
-  if max_columns is not None and not isinstance(max_columns, jax.core.Tracer) and columns > max_columns:
-    raise ValueError(
-      f"natural_gradient: the Fisher{where} has m = {columns} columns (label sets x examples) "
-      f"> max_columns = {max_columns}; the m x m system needs O(m²) memory and O(m³) time. Use "
-      "fisher='mc' (one sampled label per output) instead of 'full', estimate the Fisher on a smaller "
-      "batch (pass fisher_stats= from value_grad_and_stats on fewer examples), or raise "
-      "max_columns."
-    )
 
 
 def _fisher_stats(
@@ -213,6 +203,9 @@ def natural_gradient(
   ):
     del params, extra_args
     # Stateless: the statistics' own layouts (stacked layers) need no kernel_input_ndim.
+    for given, what in ((stats, "natural_gradient"), (fisher_stats, "natural_gradient (fisher_stats)")):
+      if given is not None:
+        param_layout.check_stats_type(given, what)
     shapes = param_layout.candidate_layers(updates, kernel_input_ndim, stats if fisher_stats is None else fisher_stats)
     fisher = _fisher_stats(stats, fisher_stats, shapes)
     keys = list(fisher)
@@ -221,8 +214,6 @@ def natural_gradient(
     grads = param_layout.gradient_matrices(updates, shapes, keys)
     dtype = param_layout.statistics_dtype(jnp.result_type(*grads.values()))
     grads = {key: grad.astype(dtype) for key, grad in grads.items()}
-    inputs = {key: fisher[key].row_operand(dtype) for key in keys}  # embeddings: token ids, not one-hot rows
-    cots = {key: fisher[key].per_example_cotangents(dtype) for key in keys}
     damping_now = hyperparams.value_at(damping, state.count, dtype)
     damping_ok = hyperparams.valid(damping_now)
 
@@ -235,10 +226,20 @@ def natural_gradient(
 
     def solve(layer_keys, where):
       """Directions for the Fisher block spanned by ``layer_keys``."""
-      sets, n = cots[layer_keys[0]].shape[:2]
-      _check_columns(sets * n, max_columns, f" block of layer {where!r}" if block_diagonal else "")
-      gram = sum(linalg.gradient_gram(inputs[k], cots[k]) for k in layer_keys)
-      dots = sum(linalg.gradient_dots(inputs[k], cots[k], grads[k]) for k in layer_keys)
+      columns = fisher_columns(
+        "natural_gradient",
+        fisher,
+        layer_keys,
+        dtype,
+        max_columns=max_columns,
+        block=f" block of layer {where!r}" if block_diagonal else "",
+        smaller="estimate the Fisher on a smaller batch (pass fisher_stats= from value_grad_and_stats on fewer "
+        "examples)",
+        layerwise="use block_diagonal=True",
+      )
+      n = columns.n
+      gram = columns.gram()
+      dots = columns.dots(grads)
       recorded = jnp.asarray(False)
       scale = jnp.zeros([], dtype)
       if empirical:
@@ -251,9 +252,7 @@ def natural_gradient(
       warn = lambda floor: precision.warn_if_floored("natural_gradient", {where: (floor, n * damping_now)})
       coefficients = linalg.damped_solve(gram, n * damping_now, rhs, on_floor=warn)
       return {
-        k: linalg.weighted_gradient_sum(inputs[k], cots[k], coefficients)
-        + jnp.where(recorded, 0, grads[k] / damping_now)
-        for k in layer_keys
+        k: columns.weighted_sum(k, coefficients) + jnp.where(recorded, 0, grads[k] / damping_now) for k in layer_keys
       }
 
     if block_diagonal:
@@ -261,15 +260,6 @@ def natural_gradient(
       for key in keys:
         directions.update(solve([key], layer_name(key)))
     else:
-      columns = {key: cots[key].shape[:2] for key in keys}
-      if len(set(columns.values())) > 1:
-        raise ValueError(
-          "natural_gradient: the captured layers disagree on (label sets, examples) "
-          f"{ {layer_name(k): v for k, v in columns.items()} }, so their per-example gradients "
-          "are not columns of one Fisher. This happens when a layer sees a different leading "
-          "(example) axis, e.g. inputs reshaped to (batch * tokens, features); keep the example "
-          "axis leading, or use block_diagonal=True."
-        )
       directions = solve(keys, "all captured layers")
 
     # An invalid damping (a schedule's or an injected value) gives no step, as a non-finite batch.
