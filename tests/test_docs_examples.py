@@ -135,7 +135,7 @@ def test_every_public_name_has_an_api_entry():
   documented = set(directive.findall(text))
   missing = [f"neuron_optax.{n}" for n in neuron_optax.__all__ if n != "nnx" and f"neuron_optax.{n}" not in documented]
   missing += [f"neuron_optax.nnx.{n}" for n in neuron_optax.nnx.__all__ if f"neuron_optax.nnx.{n}" not in documented]
-  assert not missing, f"add these to docs/api.md: {missing}"
+  assert not missing, f"no entry in docs/api.md for {missing}: run python docs/generate_api.py"
 
 
 def test_every_public_name_has_a_docstring():
