@@ -7,8 +7,10 @@ Public API:
   kfac_foof_similarity  per-layer cosine similarity of KFAC and FOOF  (Benzing 2022, Fig. 3B)
   natural_gradient      exact (F + λI)⁻¹ g via the Woodbury identity  (Benzing 2022 App. I)
   fisher_vector_product, damped_fisher_solve, laplace_sample, laplace_log_marginal_likelihood,
-  tune_prior_precision, ...  Fisher products and Laplace posteriors (Benzing 2022 App. C)
+  tune_prior_precision, glm_predictive, grid_search_prior_precision, ...  Fisher products, Laplace
+                        posteriors and their predictives (Benzing 2022 App. C; laplace-torch's vocabulary)
   fngd                  inverse-free fast natural gradient            (FNGD)
+  norm_constrained      the KL constraint on a preconditioned step    (Ba, Grosse & Martens 2017)
   amortisation_phase    the kind of a FOOF/KFAC step, for loops that compile one step per phase
   coefficient_phase     the same for FNGD's coefficient sharing
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
@@ -29,13 +31,17 @@ from neuron_optax.kfac import KfacState, kfac
 from neuron_optax.laplace import (
   KroneckerFactors,
   damped_fisher_solve,
+  expected_calibration_error,
   fisher_diagonal,
   fisher_vector_product,
+  glm_predictive,
+  grid_search_prior_precision,
   kronecker_factors,
   laplace_log_marginal_likelihood,
   laplace_sample,
   laplace_sample_from_noise,
   linearized_predictive,
+  negative_log_likelihood,
   tune_prior_precision,
 )
 from neuron_optax.layer_stats import LayerMoments, LayerStats
@@ -43,6 +49,7 @@ from neuron_optax.linen import value_grad_and_stats
 from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
 from neuron_optax.param_layout import KernelLayout, kernel_layouts
 from neuron_optax.precision import PrecisionWarning
+from neuron_optax.safeguard import NormConstraintState, norm_constrained
 from neuron_optax.train_state import TrainState
 
 __all__ = [
@@ -62,6 +69,8 @@ __all__ = [
   "NaturalGradientState",
   "fngd",
   "FngdState",
+  "norm_constrained",
+  "NormConstraintState",
   # Training-loop helpers
   "accumulate_micro_batches",
   "AccumulationState",
@@ -79,6 +88,10 @@ __all__ = [
   "laplace_log_marginal_likelihood",
   "tune_prior_precision",
   "linearized_predictive",
+  "glm_predictive",
+  "grid_search_prior_precision",
+  "negative_log_likelihood",
+  "expected_calibration_error",
   # Diagnostics
   "kfac_foof_similarity",
   "PrecisionWarning",

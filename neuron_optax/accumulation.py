@@ -29,6 +29,9 @@ class AccumulationState(NamedTuple):
   gradients: Any  # sum of the micro-batch gradients
   moments: dict[str, tuple[jax.Array, jax.Array]]  # per layer: sums of A and G
   inner_state: Any
+  # every_k held in a shape: a state saved with another every_k fails at trace time when restored, rather than
+  # counting to a step it never reaches.
+  period: jax.Array
 
 
 def accumulate_micro_batches(
@@ -65,9 +68,17 @@ def accumulate_micro_batches(
       input_moment = jnp.zeros(param_layout.input_factor_shape(shape), dtype)  # embeddings: the diagonal
       moments[layer_name(key)] = (input_moment, jnp.zeros((shape.d_out,) * 2, dtype))
     gradients = jax.tree.map(jnp.zeros_like, params)
-    return AccumulationState(jnp.zeros([], jnp.int32), gradients, moments, inner.init(params))
+    return AccumulationState(
+      jnp.zeros([], jnp.int32), gradients, moments, inner.init(params), jnp.zeros((every_k,), jnp.int8)
+    )
 
   def update_fn(updates, state: AccumulationState, params=None, *, stats: Stats | None = None, **extra_args):
+    if jnp.shape(state.period) != (every_k,):
+      raise ValueError(
+        f"accumulate_micro_batches: the state was made with every_k={jnp.shape(state.period)[0]} (e.g. restored "
+        f"from a checkpoint) but this transform has every_k={every_k}: its partial sums would never step. Restore "
+        "into a transform with the same every_k, or start from a fresh tx.init(params)."
+      )
     shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
     stats = param_layout.check_stats(stats, shapes, "accumulate_micro_batches", tied_tables=False)
     gradients = jax.tree.map(jnp.add, state.gradients, updates)
@@ -100,11 +111,11 @@ def accumulate_micro_batches(
       zeros = jax.tree.map(jnp.zeros_like, gradients)
       cleared = {name: (jnp.zeros_like(a), jnp.zeros_like(g)) for name, (a, g) in moments.items()}
       new_updates = jax.tree.map(lambda u, like: u.astype(like.dtype), new_updates, updates)
-      return new_updates, AccumulationState(jnp.zeros([], jnp.int32), zeros, cleared, inner_state)
+      return new_updates, AccumulationState(jnp.zeros([], jnp.int32), zeros, cleared, inner_state, state.period)
 
     def wait():
       zero_updates = jax.tree.map(jnp.zeros_like, updates)
-      return zero_updates, AccumulationState(state.mini_step + 1, gradients, moments, state.inner_state)
+      return zero_updates, AccumulationState(state.mini_step + 1, gradients, moments, state.inner_state, state.period)
 
     return jax.lax.cond(emit, step, wait)
 

@@ -67,7 +67,27 @@ def foof(
   distribute_factorisations: factorisation.Distribution | None = None,
   phase: amortisation.Phase = "auto",
 ) -> optax.GradientTransformationExtraArgs:
-  """FOOF preconditioner ``D = (A + λI)⁻¹ ∇W`` per captured layer (Benzing 2022).
+  r"""FOOF: precondition each captured layer's gradient with its inputs' second moment.
+
+  For a layer with gradient :math:`\nabla W` (kernel rows, then the bias row) and input rows
+  :math:`\bar a_r` (with a trailing 1 for the bias), FOOF ("gradient descent on neurons", Benzing 2022,
+  eqs. 5-6, Algorithm 1) returns
+
+  .. math::
+
+    D = (A + \lambda I)^{-1} \nabla W, \qquad A = \frac{1}{R} \sum_{r=1}^{R} \bar a_r \bar a_r^\top ,
+
+  where :math:`A` is a debiased moving average over steps. The inverse is an eigenvalue-floored inverse
+  formed at re-factorisation steps: eigenvalues of :math:`A + \lambda I` below the factor's float
+  resolution are raised to it (Cholesky when the damping is above it, else an eigendecomposition and a
+  :class:`~neuron_optax.PrecisionWarning`).
+
+  **Damping and learning rate.** Chained with ``optax.sgd``, keep ``lr <= damping / 10``: for a large
+  damping the direction approaches :math:`\nabla W / \lambda`, so ``lr / damping`` plays SGD's learning
+  rate, and a smaller damping needs a smaller ratio (``foof(1.0)`` with ``sgd(0.1, momentum=0.9)`` trains
+  on every benchmark; ``lr = damping`` diverged on all of them). Wrap the chain in
+  ``optax.apply_if_finite(tx, max_consecutive_errors=5)`` to skip a step that is not finite. Gradient
+  clipping and other changes to the raw gradient go *before* ``foof`` in the chain.
 
   Args:
     damping: ``λ > 0`` added to the input second moment before inversion: a
@@ -80,9 +100,9 @@ def foof(
       damping in the state, and the new damping takes effect at the next
       ``"inversion"`` step (after restoring a checkpoint, run one). The default 1.0
       trains with ``optax.sgd(0.1, momentum=0.9)`` on the MLP, CNN and
-      Transformer benchmarks (README, hyperparameter guide).
+      Transformer benchmarks (docs: hyperparameter guide).
     ema_decay: decay ``β`` of the debiased moving average of ``A``.
-    inverse_every: ``T``: re-factorise ``A + λI`` (Cholesky) at steps
+    inverse_every: ``T``: re-factorise ``A + λI`` at steps
       ``0, T, 2T, …``; in between the last inverse is reused. ``None``
       (default): 100, as in the paper.
     stats_window: ``S``: update the moving average only in the ``S`` steps
@@ -102,7 +122,7 @@ def foof(
       device of that axis factorises a share of the layers (of each size) and
       the inverses are all-gathered, as kfac-jax distributes its inverses.
       ``None`` (default): every device factorises every layer. Layers of equal
-      ``d_in`` always share one batched Cholesky call.
+      ``d_in`` always share one batched factorisation call.
     phase: ``"auto"`` (default) picks the step's kind from the step counter
       inside the compiled step (``jax.lax.cond``). ``"plain"``,
       ``"statistics"`` or ``"inversion"`` fix it: compile one step per phase
@@ -116,6 +136,32 @@ def foof(
     An ``optax.GradientTransformationExtraArgs``; call
     ``update(grads, state, params, stats=stats)`` with ``stats`` from
     :func:`neuron_optax.value_grad_and_stats`.
+
+  Examples:
+    One step of FOOF followed by SGD on a single dense layer; the update is
+    :math:`-\mathrm{lr}\,(A + \lambda I)^{-1} \nabla W`:
+
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> import neuron_optax as nox
+    >>> model = nn.Dense(3)
+    >>> x, y = jnp.arange(20.0).reshape(4, 5) / 20, jnp.array([0, 1, 2, 0])
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> def loss_fn(params):
+    ...   logits = model.apply({"params": params}, x)
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    >>> tx = optax.chain(nox.foof(damping=1.0), optax.sgd(0.1, momentum=0.9))  # lr <= damping / 10
+    >>> opt_state = tx.init(params)
+    >>> loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params)
+    >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+    >>> a = jnp.concatenate([x, jnp.ones((4, 1))], axis=1)  # input rows with the bias's 1
+    >>> grad_w = jnp.concatenate([grads["kernel"], grads["bias"][None]])
+    >>> direction = jnp.linalg.solve(a.T @ a / 4 + jnp.eye(6), grad_w)
+    >>> bool(jnp.allclose(updates["kernel"], -0.1 * direction[:-1], atol=1e-6))
+    True
+
+  References:
+    - F. Benzing, `Gradient Descent on Neurons and its Link to Approximate Second-order
+      Optimization <https://arxiv.org/abs/2201.12250>`__, ICML 2022.
   """
   hyperparams.check_scalar_or_schedule("foof", "damping", damping)
   inverse_every, stats_window = amortisation.resolve_amortisation(inverse_every, stats_window)

@@ -142,3 +142,32 @@ def is_constant(value: Any) -> bool:
     return _concrete_scalar(value) is not None
   except TypeError:
     return False
+
+
+def check_positive_scalar(transform: str, name: str, value: Any, *, explain: str = "") -> None:
+  """``value`` is a positive finite number or concrete 0-d array; traced values are checked where used.
+
+  For arguments of functions (not transforms) that may be differentiated or
+  traced, such as a prior precision under ``jax.grad``; schedules are not
+  accepted.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  try:
+    number = None if callable(value) else _concrete_scalar(value)
+  except TypeError:
+    number = None
+  if number is None or not (math.isfinite(number) and number > 0):
+    raise ValueError(f"{transform}: {name} must be a positive finite number{explain}, got {value!r}.")
+
+
+def check_pair(transform: str, name: str, value: Any) -> tuple[float, float]:
+  """``value`` is ``(lowest, highest)`` with ``0 < lowest < highest`` finite numbers."""
+  if not isinstance(value, (tuple, list)) or len(value) != 2:
+    raise ValueError(f"{transform}: {name} must be a pair (lowest, highest), got {value!r}.")
+  lo, hi = value
+  check_positive_scalar(transform, f"{name}[0]", lo)
+  check_positive_scalar(transform, f"{name}[1]", hi)
+  if not float(lo) < float(hi):
+    raise ValueError(f"{transform}: {name} must be (lowest, highest) with lowest < highest, got {value!r}.")
+  return float(lo), float(hi)

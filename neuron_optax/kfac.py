@@ -149,13 +149,27 @@ def kfac(
   distribute_factorisations: factorisation.Distribution | None = None,
   phase: amortisation.Phase = "auto",
 ) -> optax.GradientTransformationExtraArgs:
-  """KFAC preconditioner per captured layer (Martens & Grosse 2015; Benzing 2022 eqs. 2-4).
+  r"""KFAC: precondition each captured layer's gradient with the Kronecker factors of its inputs and outputs.
 
-  ``heuristic``: ``D = (A + π√λ I)⁻¹ ∇W (G + √λ/π I)⁻¹`` with
-  ``π = sqrt((tr A / dim A) / (tr G / dim G))``; ``standard``:
-  ``vec D = (A⊗G + λI)⁻¹ vec ∇W`` by eigendecompositions of ``A`` and ``G``.
-  ``A`` and ``G`` are debiased moving averages of ``mean_r ā_r ā_rᵀ`` and
-  ``mean_r Σ_s g_sr g_srᵀ`` (see the module docstring).
+  With :math:`A` the debiased moving average of the input rows' second moment
+  :math:`\frac{1}{R}\sum_r \bar a_r \bar a_r^\top` and :math:`G` that of the output cotangents,
+  :math:`\frac{1}{R}\sum_r \sum_s g_{sr} g_{sr}^\top` (of the Fisher chosen by
+  ``value_grad_and_stats(fisher=...)``), KFAC (Martens & Grosse 2015; Benzing 2022, eqs. 2-4) returns
+
+  .. math::
+
+    \text{heuristic:}\quad D = (A + \pi\sqrt{\lambda} I)^{-1}\, \nabla W\, (G + \tfrac{\sqrt{\lambda}}{\pi} I)^{-1},
+    \qquad \pi = \sqrt{\frac{\operatorname{tr} A / \dim A}{\operatorname{tr} G / \dim G}},
+
+    \text{standard:}\quad \operatorname{vec} D = (A \otimes G + \lambda I)^{-1} \operatorname{vec} \nabla W ,
+
+  the standard form computed from eigendecompositions of :math:`A` and :math:`G` (the Kronecker
+  product is never formed).
+
+  **Damping and learning rate.** Chained with ``optax.sgd``, keep ``lr <= damping / 10``, as for
+  :func:`neuron_optax.foof`: a small damping at an ordinary learning rate diverges within a few steps
+  (``kfac(damping=1e-3)`` with ``sgd(0.1)``). Wrap the chain in
+  ``optax.apply_if_finite(tx, max_consecutive_errors=5)`` to skip a step that is not finite.
 
   Args:
     damping: ``λ > 0``: a number or an optax schedule. Heuristic damping
@@ -164,7 +178,7 @@ def kfac(
       it at every step (the eigendecompositions do not depend on it). The default 1.0 trains with
       ``optax.sgd(0.1, momentum=0.9)`` on the MLP, CNN and Transformer
       benchmarks; heuristic KFAC at ``λ ≤ 0.1`` diverges there at that
-      learning rate (README, hyperparameter guide).
+      learning rate (docs: hyperparameter guide).
     ema_decay: decay ``β`` of the debiased moving averages of ``A`` and ``G``.
     inverse_every: ``T``: re-factorise at steps ``0, T, 2T, …`` (damped
       inverses for heuristic damping, eigendecompositions for standard); in
@@ -197,6 +211,31 @@ def kfac(
     ``update(grads, state, params, stats=stats)`` with ``stats`` from
     :func:`neuron_optax.value_grad_and_stats` (its ``fisher=`` argument picks
     the empirical, Monte-Carlo or full Fisher for ``G``).
+
+  Examples:
+    One KFAC step with the Monte-Carlo Fisher (one sampled label per example):
+
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> import neuron_optax as nox
+    >>> model = nn.Dense(3)
+    >>> x, y = jnp.arange(20.0).reshape(4, 5) / 20, jnp.array([0, 1, 2, 0])
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> def loss_fn(params):
+    ...   logits = model.apply({"params": params}, x)
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    >>> capture = nox.value_grad_and_stats(loss_fn, fisher="mc", likelihood="categorical")
+    >>> loss, grads, stats = capture(params, rng=jax.random.key(1))
+    >>> tx = optax.chain(nox.kfac(damping=1.0), optax.sgd(0.1, momentum=0.9))  # lr <= damping / 10
+    >>> opt_state = tx.init(params)
+    >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+    >>> jax.tree.map(jnp.shape, updates)
+    {'bias': (3,), 'kernel': (5, 3)}
+
+  References:
+    - J. Martens and R. Grosse, `Optimizing Neural Networks with Kronecker-factored
+      Approximate Curvature <https://arxiv.org/abs/1503.05671>`__, ICML 2015.
+    - F. Benzing, `Gradient Descent on Neurons and its Link to Approximate Second-order
+      Optimization <https://arxiv.org/abs/2201.12250>`__, ICML 2022.
   """
   hyperparams.check_scalar_or_schedule("kfac", "damping", damping)
   inverse_every, stats_window = amortisation.resolve_amortisation(inverse_every, stats_window)

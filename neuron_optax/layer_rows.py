@@ -29,15 +29,18 @@ def as_rows(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # no -1: an empty batch has no size to infer
 
 
-def token_rows(ids: jax.Array, key: LayerKey) -> jax.Array:
+def token_rows(ids: jax.Array, key: LayerKey, vocab: int) -> jax.Array:
   """``(...)`` token ids of an embedding lookup -> ``(n, P)``: leading axis examples, the rest positions.
 
-  The row of a lookup is the one-hot vector of its token, which is never formed.
+  The row of a lookup is the one-hot vector of its token, which is never formed. Ids in ``[-vocab, 0)`` are
+  wrapped to ``id + vocab``, the row Flax's ``jnp.take`` looks up, so that every method preconditions the row
+  the model used (ids outside ``[-vocab, vocab)`` look up NaN in Flax and give a non-finite loss).
   """
   if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
     raise TypeError(
       f"Layer {layer_name(key)!r}: an embedding lookup needs integer token ids, got {jnp.result_type(ids)}."
     )
+  ids = jnp.where(ids < 0, ids + vocab, ids)
   if jnp.ndim(ids) == 0:
     return jnp.reshape(ids, (1, 1))
   return jnp.reshape(ids, (jnp.shape(ids)[0], -1))

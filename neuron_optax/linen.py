@@ -56,7 +56,7 @@ def _param_name(module: nn.Module) -> str:
 def _recorded(module: nn.Module, x: jax.Array, key: LayerKey):
   """Dense rows ``(n, P, d_in)``, token ids ``(n, P)``, or a convolution's ``(prepared input, geometry)``."""
   if isinstance(module, nn.Embed):
-    return layer_rows.token_rows(x, key)
+    return layer_rows.token_rows(x, key, module.num_embeddings)
   if isinstance(module, nn.Conv):
     return layer_rows.conv_input(
       x,

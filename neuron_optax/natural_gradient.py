@@ -86,6 +86,7 @@ import optax
 
 from neuron_optax import hyperparams, linalg, param_layout, precision
 from neuron_optax.contraction import recorded_gradient_matches
+from neuron_optax.fisher_columns import fisher_columns
 from neuron_optax.layer_stats import LayerKey, LayerStats, Stats, layer_name
 
 
@@ -97,17 +98,6 @@ def _validate(damping, max_columns) -> None:
   hyperparams.check_scalar_or_schedule("natural_gradient", "damping", damping)
   if not isinstance(max_columns, jax.core.Tracer):  # optax.inject_hyperparams traces numeric arguments
     hyperparams.check_integer("natural_gradient", "max_columns", max_columns, optional=True)
-
-
-def _check_columns(columns: int, max_columns: int | None, where: str) -> None:
-  if max_columns is not None and not isinstance(max_columns, jax.core.Tracer) and columns > max_columns:
-    raise ValueError(
-      f"natural_gradient: the Fisher{where} has m = {columns} columns (label sets x examples) "
-      f"> max_columns = {max_columns}; the m x m system needs O(m²) memory and O(m³) time. Use "
-      "fisher='mc' (one sampled label per output) instead of 'full', estimate the Fisher on a smaller "
-      "batch (pass fisher_stats= from value_grad_and_stats on fewer examples), or raise "
-      "max_columns."
-    )
 
 
 def _fisher_stats(
@@ -137,23 +127,30 @@ def natural_gradient(
   max_columns: int | None = 4096,
   kernel_input_ndim: param_layout.KernelInputNdim = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Exact ``(F + λI)⁻¹ ∇`` for the mini-batch Fisher ``F = (1/n) Σ_j ψ_j ψ_jᵀ`` (Woodbury).
+  r"""The exact damped natural gradient for the mini-batch Fisher, by the Woodbury identity.
 
-  See the module docstring for the column convention. Per step::
+  With the columns :math:`\psi_j` of :math:`\Psi` the per-example (per label set) gradients of the
+  captured layers (see the module docstring) and :math:`F = \frac{1}{n}\Psi\Psi^\top`,
 
-      K = Σ_ℓ Ψ_ℓᵀ Ψ_ℓ                      (m × m, m = label sets × examples)
-      c = (nλI + K)⁻¹ Σ_ℓ Ψ_ℓᵀ ∇_ℓ
-      D_ℓ = (∇_ℓ − Ψ_ℓ c) / λ
+  .. math::
 
-  With ``block_diagonal=True`` the sums over layers ``ℓ`` are dropped: each
-  layer solves its own system (the exact natural gradient of the
-  block-diagonal Fisher). For a model with a single captured layer both
-  coincide.
+    D = (F + \lambda I)^{-1} g = \frac{1}{\lambda}\big(g - \Psi c\big),
+    \qquad c = (n\lambda I + K)^{-1} \Psi^\top g, \qquad K = \Psi^\top \Psi ,
+
+  so only an :math:`m \times m` system is solved (:math:`m` = label sets times examples), and
+  :math:`K` is a sum over layers of :math:`(\bar A \bar A^\top) \odot (\hat G \hat G^\top)` for dense
+  layers (Benzing 2022, App. I; Ren & Goldfarb 2019). With ``block_diagonal=True`` the sums over
+  layers are dropped: each layer solves its own system (the exact natural gradient of the
+  block-diagonal Fisher).
+
+  **Damping and learning rate.** Chained with ``optax.sgd``, keep ``lr <= damping / 10``, as for
+  :func:`neuron_optax.foof`. Wrap the chain in ``optax.apply_if_finite(tx, max_consecutive_errors=5)``
+  to skip a step that is not finite.
 
   Args:
     damping: ``λ > 0``: a number or an optax schedule of the step count. The
       default 1.0 trains with ``optax.sgd(0.1, momentum=0.9)`` on the MLP,
-      CNN and Transformer benchmarks (README, hyperparameter guide).
+      CNN and Transformer benchmarks (docs: hyperparameter guide).
     block_diagonal: use the layer-wise block-diagonal Fisher.
     max_columns: largest allowed ``m`` (checked at trace time; ``None``: no
       limit). Memory is ``O(m²)``, time ``O(m² Σ_ℓ(d_in + d_out) + m³)`` for
@@ -170,6 +167,30 @@ def natural_gradient(
     App. I.5), also pass ``fisher_stats=`` from ``value_grad_and_stats`` on
     that batch; ``stats`` may then be omitted and ``grads`` is the gradient of
     the first batch. Leaves of uncaptured layers pass through unchanged.
+
+  Examples:
+    The natural gradient of the Monte-Carlo Fisher equals the explicit :math:`(F + \lambda I)^{-1} g`:
+
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> import neuron_optax as nox
+    >>> model = nn.Dense(3)
+    >>> x, y = jnp.arange(20.0).reshape(4, 5) / 20, jnp.array([0, 1, 2, 0])
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> def loss_fn(params):
+    ...   logits = model.apply({"params": params}, x)
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    >>> capture = nox.value_grad_and_stats(loss_fn, fisher="mc", likelihood="categorical")
+    >>> loss, grads, stats = capture(params, rng=jax.random.key(1))
+    >>> tx = nox.natural_gradient(damping=1.0)
+    >>> direction, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    >>> jax.tree.map(jnp.shape, direction)
+    {'bias': (3,), 'kernel': (5, 3)}
+
+  References:
+    - F. Benzing, `Gradient Descent on Neurons and its Link to Approximate Second-order
+      Optimization <https://arxiv.org/abs/2201.12250>`__, ICML 2022.
+    - Y. Ren and D. Goldfarb, `Efficient Subsampled Gauss-Newton and Natural Gradient
+      Methods for Training Neural Networks <https://arxiv.org/abs/1906.02353>`__, 2019.
   """
   _validate(damping, max_columns)
 
@@ -182,6 +203,9 @@ def natural_gradient(
   ):
     del params, extra_args
     # Stateless: the statistics' own layouts (stacked layers) need no kernel_input_ndim.
+    for given, what in ((stats, "natural_gradient"), (fisher_stats, "natural_gradient (fisher_stats)")):
+      if given is not None:
+        param_layout.check_stats_type(given, what)
     shapes = param_layout.candidate_layers(updates, kernel_input_ndim, stats if fisher_stats is None else fisher_stats)
     fisher = _fisher_stats(stats, fisher_stats, shapes)
     keys = list(fisher)
@@ -190,8 +214,6 @@ def natural_gradient(
     grads = param_layout.gradient_matrices(updates, shapes, keys)
     dtype = param_layout.statistics_dtype(jnp.result_type(*grads.values()))
     grads = {key: grad.astype(dtype) for key, grad in grads.items()}
-    inputs = {key: fisher[key].row_operand(dtype) for key in keys}  # embeddings: token ids, not one-hot rows
-    cots = {key: fisher[key].per_example_cotangents(dtype) for key in keys}
     damping_now = hyperparams.value_at(damping, state.count, dtype)
     damping_ok = hyperparams.valid(damping_now)
 
@@ -204,10 +226,20 @@ def natural_gradient(
 
     def solve(layer_keys, where):
       """Directions for the Fisher block spanned by ``layer_keys``."""
-      sets, n = cots[layer_keys[0]].shape[:2]
-      _check_columns(sets * n, max_columns, f" block of layer {where!r}" if block_diagonal else "")
-      gram = sum(linalg.gradient_gram(inputs[k], cots[k]) for k in layer_keys)
-      dots = sum(linalg.gradient_dots(inputs[k], cots[k], grads[k]) for k in layer_keys)
+      columns = fisher_columns(
+        "natural_gradient",
+        fisher,
+        layer_keys,
+        dtype,
+        max_columns=max_columns,
+        block=f" block of layer {where!r}" if block_diagonal else "",
+        smaller="estimate the Fisher on a smaller batch (pass fisher_stats= from value_grad_and_stats on fewer "
+        "examples)",
+        layerwise="use block_diagonal=True",
+      )
+      n = columns.n
+      gram = columns.gram()
+      dots = columns.dots(grads)
       recorded = jnp.asarray(False)
       scale = jnp.zeros([], dtype)
       if empirical:
@@ -220,9 +252,7 @@ def natural_gradient(
       warn = lambda floor: precision.warn_if_floored("natural_gradient", {where: (floor, n * damping_now)})
       coefficients = linalg.damped_solve(gram, n * damping_now, rhs, on_floor=warn)
       return {
-        k: linalg.weighted_gradient_sum(inputs[k], cots[k], coefficients)
-        + jnp.where(recorded, 0, grads[k] / damping_now)
-        for k in layer_keys
+        k: columns.weighted_sum(k, coefficients) + jnp.where(recorded, 0, grads[k] / damping_now) for k in layer_keys
       }
 
     if block_diagonal:
@@ -230,15 +260,6 @@ def natural_gradient(
       for key in keys:
         directions.update(solve([key], layer_name(key)))
     else:
-      columns = {key: cots[key].shape[:2] for key in keys}
-      if len(set(columns.values())) > 1:
-        raise ValueError(
-          "natural_gradient: the captured layers disagree on (label sets, examples) "
-          f"{ {layer_name(k): v for k, v in columns.items()} }, so their per-example gradients "
-          "are not columns of one Fisher. This happens when a layer sees a different leading "
-          "(example) axis, e.g. inputs reshaped to (batch * tokens, features); keep the example "
-          "axis leading, or use block_diagonal=True."
-        )
       directions = solve(keys, "all captured layers")
 
     # An invalid damping (a schedule's or an injected value) gives no step, as a non-finite batch.

@@ -68,7 +68,7 @@ def _layout(module, key: LayerKey, x: jax.Array, args, kwargs) -> CallLayout | N
   """How to read rows off this call of ``module``; ``None`` leaves it uncaptured."""
   if isinstance(module, nnx.Embed):
     meta = dict(kind="embed", has_bias=False, kernel_shape=tuple(module.embedding.shape), kernel_input_ndim=1)
-    return CallLayout(functools.partial(layer_rows.token_rows, key=key), meta)
+    return CallLayout(functools.partial(layer_rows.token_rows, key=key, vocab=module.num_embeddings), meta)
   if isinstance(module, nnx.Conv):
     rows = functools.partial(
       layer_rows.conv_input,

@@ -201,6 +201,23 @@ def kernel_dtype(params, key: LayerKey):
   raise KeyError(f"no kernel, embedding or LoRA factor at layer {layer_name(key)!r}")
 
 
+def check_stats_type(stats, transform: str) -> None:
+  """A clear TypeError where ``stats`` is not what ``value_grad_and_stats`` returns (e.g. ``grads`` and ``stats`` swapped)."""
+  if isinstance(stats, Mapping) and all(isinstance(v, (LayerStats, LayerMoments)) for v in stats.values()):
+    return
+  if isinstance(stats, Mapping):
+    wrong = next(v for v in stats.values() if not isinstance(v, (LayerStats, LayerMoments)))
+    got = f"a dict whose values include a {type(wrong).__name__}"
+  else:
+    got = f"a {type(stats).__name__}"
+  raise TypeError(
+    f"{transform}: `stats` must be the dict returned by nox.value_grad_and_stats (layer name -> LayerStats), got "
+    f"{got}. If you passed the gradients there, the arguments are swapped: "
+    "`loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params)` then "
+    "`tx.update(grads, opt_state, params, stats=stats)`."
+  )
+
+
 def check_stats(
   stats: Stats | None,
   layers: Mapping[LayerKey, LayerShape],
@@ -227,10 +244,7 @@ def check_stats(
       "`loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params, ...)` and call "
       "`tx.update(grads, opt_state, params, stats=stats)`."
     )
-  if not isinstance(stats, Mapping) or not all(isinstance(v, (LayerStats, LayerMoments)) for v in stats.values()):
-    raise TypeError(
-      f"{transform}: `stats` must be the dict returned by nox.value_grad_and_stats, got {type(stats).__name__}."
-    )
+  check_stats_type(stats, transform)
   present = {}
   for key, s in stats.items():
     if not tied_tables and getattr(s, "tied", None) is not None:
@@ -373,12 +387,20 @@ def _split_matrix(shape: LayerShape, matrix: jax.Array) -> dict[str, jax.Array]:
   return leaves
 
 
-def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys, fn: Callable[[LayerKey, jax.Array], jax.Array]):
+def map_layers(
+  updates,
+  layers: Mapping[LayerKey, LayerShape],
+  keys,
+  fn: Callable[[LayerKey, jax.Array], jax.Array],
+  *,
+  keep_non_finite: bool = False,
+):
   """Replaces the gradient matrix of every layer in ``keys`` by ``fn(key, matrix)``.
 
   A direction that is not finite (a bad batch) is replaced by zeros, so that
   layer (that copy of a stacked layer) takes no step; the optimizer states
-  stay finite by construction. The copies of a stacked layer are written back
+  stay finite by construction (``keep_non_finite=True``: written as is, for
+  results that are not steps, such as posterior samples). The copies of a stacked layer are written back
   as one stacked leaf.
   """
   tree = flatten(updates)
@@ -387,7 +409,7 @@ def map_layers(updates, layers: Mapping[LayerKey, LayerShape], keys, fn: Callabl
   for key in keys:
     shape = layers[key]
     direction = fn(key, gradient_matrix(tree.leaves, key, shape))
-    finite = jnp.all(jnp.isfinite(direction))
+    finite = True if keep_non_finite else jnp.all(jnp.isfinite(direction))
     path, index = _leaf_and_index(key)
     # Guarding the split leaves (not the matrix) lets XLA fold slice(concatenate(kernel, bias))
     # away, so a direction built as kernel and bias parts is never copied into one matrix.

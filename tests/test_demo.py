@@ -49,6 +49,8 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
     # (0.1) and near the training accuracy after 12 steps.
     assert 0.15 < row["test_accuracy"] <= 1 and math.isfinite(row["test_loss"]), row
     assert abs(row["test_accuracy"] - row["train_accuracy"]) < 0.2, row
+    # The validation split (20 % of the 4,000 non-test images) chose the setting; it is reported too.
+    assert 0.15 < row["validation_accuracy"] <= 1 and row["validation_accuracy"] == run["validation_accuracy"], row
   # The table's derived columns, recomputed from the stored curves.
   window, target = result["config"]["smoothing_window"], result["config"]["target_loss"]
 
@@ -83,16 +85,21 @@ def test_quick_demo_runs_every_method(tmp_path, capsys):
   stored = json.loads((out / "results.json").read_text())
   assert len(stored["runs"]) == len(methods) and stored["config"]["layers"] == "784-32-10"
   assert stored["config"]["train_size"] == 400 and stored["config"]["test_size"] == 1000
+  assert stored["config"]["validation_size"] == 800
   for method in methods:
     assert method in printed
-  assert "| method | best hyperparameters |" in printed and "| test acc |" in printed
+  assert "| method | best hyperparameters |" in printed and "| val acc | test acc |" in printed
+  # The amortisation settings and the table in words are printed and written next to the table.
+  assert "re-factorise every 20 steps" in printed and "reached the highest held-out accuracy" in printed
+  summary_md = (out / "summary.md").read_text()
+  assert "Amortisation:" in summary_md and "reached the highest held-out accuracy" in summary_md
   # 400 images at batch 50: 8 steps per epoch, so 12 steps print epoch 1/2 and a partial epoch 2/2.
   assert printed.count("epoch 1/2 mean batch loss") == len(methods)
   assert printed.count("epoch 2/2 (4/8 steps) mean batch loss") == len(methods)
   assert "\r" not in printed
 
 
-def test_best_run_is_lowest_final_loss(tmp_path):
+def test_best_run_has_the_highest_validation_accuracy(tmp_path):
   result = demo.main(
     [
       "--quick",
@@ -115,8 +122,30 @@ def test_best_run_is_lowest_final_loss(tmp_path):
   )
   runs = result["runs"]
   assert len(runs) == 3
-  finals = [r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf for r in runs]
-  assert result["best"]["sgd"] is runs[int(np.argmin(finals))]
+  keys = [
+    (-r["validation_accuracy"], r["validation_loss"]) if not r["diverged"] else (math.inf, math.inf) for r in runs
+  ]
+  assert result["best"]["sgd"] is runs[min(range(3), key=keys.__getitem__)]
+
+
+def test_selection_and_description():
+  run = lambda acc, loss, diverged=False: {"validation_accuracy": acc, "validation_loss": loss, "diverged": diverged}
+  assert demo.selection_key(run(0.9, 0.3)) < demo.selection_key(run(0.8, 0.1))  # accuracy first
+  assert demo.selection_key(run(0.9, 0.2)) < demo.selection_key(run(0.9, 0.3))  # then the loss
+  assert demo.selection_key(run(0.1, 2.0)) < demo.selection_key(run(math.nan, math.nan, diverged=True))
+  row = lambda method, test, train, ratio: {
+    "method": method,
+    "test_accuracy": test,
+    "final_train_loss": train,
+    "time_vs_sgd": ratio,
+  }
+  words = demo.describe([row("sgd", 0.90, 0.2, 1.0), row("foof", 0.95, 0.1, 2.5), row("kfac", 0.949, 0.3, 3.0)], 1000)
+  assert words.startswith("foof reached the highest held-out accuracy (0.950 on 1000 test images")
+  assert "kfac is within two standard errors" in words and "foof 2.5x" in words and "sgd 1.0x" not in words
+  cfg = demo.RunConfig(steps=100, batch_size=100, steps_per_epoch=32, inverse_every=20)
+  text = demo.amortisation_text(["foof", "kfac", "fngd", "natural_gradient"], cfg)
+  assert "FOOF and KFAC re-factorise every 20 steps" in text and "the 10 steps before" in text
+  assert "first epoch (steps 1-32)" in text and "every step" in text
 
 
 def test_smooth_and_steps_to_target():
@@ -141,6 +170,10 @@ def test_command_line_errors():
     demo.parse_args(["--steps", "0"])
   with pytest.raises(SystemExit):
     demo.parse_args(["--test-fraction", "1"])
+  with pytest.raises(SystemExit):
+    demo.parse_args(["--validation-fraction", "0"])
+  with pytest.raises(SystemExit):
+    demo.parse_args(["--inverse-every", "5", "--stats-window", "6"])
   args = demo.parse_args(["--quick"])
   assert args.hidden == demo.QUICK_FEATURES[:-1] and args.steps == demo.QUICK_STEPS
   args = demo.parse_args([])

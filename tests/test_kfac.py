@@ -284,6 +284,7 @@ def _mc_g(model, params, x, y, tx):
   return one
 
 
+@pytest.mark.slow  # 4000 vmapped Fisher samples: CI runs it in its second step
 def test_mc_fisher_g_averages_to_full_fisher_g():
   model = MLP()
   x, y = _batches("mlp", 1, seed=7)[0]

@@ -72,10 +72,13 @@ def test_notebook_committed_with_outputs_and_in_sync(path):
   outputs = [output for cell in code for output in cell.outputs]
   assert not [output for output in outputs if output.get("output_type") == "error"]
   assert any("image/png" in output.get("data", {}) for output in outputs), f"{path.name} has no plot"
-  # Colab-ready install cell: the published package, skipped where neuron_optax is importable.
+  # Install cell: skipped where the packages are importable; else from the checkout the notebook is in,
+  # else from a wheel next to it, else the published package. No placeholder left to fill in.
   install = code[0].source
-  assert '%pip install -q "neuron_optax[examples]"' in install and "find_spec" in install
-  assert "OWNER" not in path.read_text()
+  assert "find_spec" in install and '%pip install -q -e "{target}"' in install, install
+  assert 'glob("neuron_optax-*.whl")' in install and '%pip install -q "neuron_optax[examples]"' in install
+  text = path.read_text()
+  assert "OWNER" not in text and "<path to>" not in text and "git URL>" not in text
   builders = {"quickstart.ipynb": "quickstart", "paper_reproduction.ipynb": "paper_reproduction"}
   if path.name in builders:
     generated = getattr(_generator(), builders[path.name])()

@@ -98,8 +98,16 @@ def _direction(tx, params, grads, stats):
   return np.concatenate([np.asarray(layer["kernel"], np.float64), np.asarray(layer["bias"], np.float64)[None]])
 
 
-@pytest.mark.parametrize("method", ["foof", "kfac_heuristic", "kfac_standard", "natural_gradient"])
-@pytest.mark.parametrize("mean", [0.0, 1.0])
+@pytest.mark.parametrize(
+  "method, mean",
+  [
+    (method, mean)
+    if (method, mean) in {("foof", 0.0), ("foof", 1.0), ("kfac_heuristic", 0.0)}
+    else pytest.param(method, mean, marks=pytest.mark.slow)
+    for method in ["foof", "kfac_heuristic", "kfac_standard", "natural_gradient"]
+    for mean in [0.0, 1.0]
+  ],
+)
 def test_float32_directions_match_float64_on_the_same_rows(method, mean):
   for seed in range(2):
     params, grads, stats, a, cot = _recorded(seed, mean)

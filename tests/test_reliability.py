@@ -150,7 +150,7 @@ def test_non_finite_batch_with_uncaptured_leaves_needs_apply_if_finite(name):
   assert np.all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize("name", TRANSFORMS)
+@pytest.mark.parametrize("name", [n if n == "foof" else pytest.param(n, marks=pytest.mark.slow) for n in TRANSFORMS])
 def test_bfloat16_tracks_float32(name):
   """bf16 parameters and activations: float32 statistics, directions within 5% of float32's."""
   directions = {}
@@ -261,6 +261,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess with 8 forced devices compiles every transform again
 def test_batch_sharded_over_8_devices_matches_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=600)

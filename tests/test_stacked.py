@@ -416,6 +416,7 @@ class ScannedLM(nn.Module):
     return nn.Dense(VOCAB, name="head", **kw)(nn.LayerNorm(**kw)(x))
 
 
+@pytest.mark.slow
 def test_scanned_bfloat16_transformer_takes_finite_steps_with_every_method():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, size=(3, SEQ + 1)))
   model = ScannedLM()

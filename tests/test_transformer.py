@@ -371,17 +371,17 @@ def _train(method: str):
   )
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_transformer_lm_trains(method):
+@pytest.mark.parametrize(
+  "method",
+  [m if m in ("adamw", "foof", "kfac_heuristic") else pytest.param(m, marks=pytest.mark.slow) for m in METHODS],
+)
+def test_transformer_lm_trains_and_preconditions_only_captured_layers(method):
   result = _train(method)
   assert np.all(np.isfinite(result["losses"]))
   # from ~ln(96) (uniform over the vocabulary) towards the character unigram entropy
   assert result["after"] < result["before"] - 0.5, result
-
-
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "adamw"])
-def test_transformer_norms_pass_through_and_embedding_is_preconditioned(method):
-  result = _train(method)
+  if method == "adamw":
+    return
   assert all(result["pass_through"])  # every step: direction == gradient for position, LayerNorm
   assert all(all(step.values()) for step in result["changed"]), result["changed"]  # captured: preconditioned
 
