@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from neuron_optax.capture_probes import attach_probes, is_attend
 from neuron_optax.capture_trace import TraceInspectionError, current_trace, nesting, trace_state
-from neuron_optax.layer_stats import LayerKey, layer_name
+from neuron_optax.layer_stats import LORA_FACTORS, LayerKey, layer_name
 
 
 class CallLayout(NamedTuple):
@@ -231,8 +231,8 @@ class Recorder:
     attend = is_attend(key)
     name = "embedding" if meta["kind"] == "embed" or attend else "kernel"
     outer = self.param_shapes.get((key[:-1] if attend else key) + (name,))
-    if outer is None and name == "kernel":  # a LoRA factor: the weight leaf is the layer key itself
-      outer = self.param_shapes.get(key)
+    if outer is None and key and key[-1] in LORA_FACTORS:  # a LoRA factor: its weight leaf is the layer key
+      name, outer = key[-1], self.param_shapes.get(key)
     inner = tuple(meta["kernel_shape"])[:: -1 if attend else 1]  # attend's kernel is the table transposed
     if outer is None:
       raise NotImplementedError(

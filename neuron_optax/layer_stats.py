@@ -35,6 +35,10 @@ import jax.numpy as jnp
 
 LayerKey = tuple[Hashable, ...]
 
+# nnx.LoRA's adapter leaves: each is the weight matrix of a bias-free dense layer of its own, keyed by the
+# leaf's own path (one module holds both, so its path cannot be the key as it is for a kernel).
+LORA_FACTORS = ("lora_a", "lora_b")
+
 
 class KernelLayout(NamedTuple):
   """How a parameter splits into copies, input and output axes.

@@ -122,9 +122,9 @@ from flax import nnx
 from neuron_optax import capture_driver, layer_rows
 from neuron_optax.capture_args import FisherType, Likelihood, split_aux, validate_capture_args
 from neuron_optax.capture_recorder import Recorder
-from neuron_optax.layer_stats import KernelLayout, layer_name
+from neuron_optax.layer_stats import LORA_FACTORS, KernelLayout, layer_name
 from neuron_optax.nnx_recording import KEY_ATTRIBUTE as _KEY_ATTRIBUTE  # noqa: F401  (tests: nothing left behind)
-from neuron_optax.nnx_recording import LORA_FACTORS, Recording, captured_layers
+from neuron_optax.nnx_recording import Recording, captured_layers
 
 __all__ = ["value_grad_and_stats", "kernel_layouts", "captured_layers"]
 

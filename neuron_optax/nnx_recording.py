@@ -27,11 +27,10 @@ from flax import nnx
 from neuron_optax import layer_rows
 from neuron_optax.capture_probes import ATTEND, probe_names
 from neuron_optax.capture_recorder import CallLayout, Recorder
-from neuron_optax.layer_stats import LayerKey, layer_name
+from neuron_optax.layer_stats import LORA_FACTORS, LayerKey, layer_name
 from neuron_optax.tree_paths import flatten
 
 _CAPTURED_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum, nnx.Embed, nnx.LoRA)
-LORA_FACTORS = ("lora_a", "lora_b")
 
 
 def _weight_names(module: nnx.Module) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from neuron_optax.layer_stats import (
+  LORA_FACTORS,
   KernelLayout,
   LayerKey,
   LayerMoments,
@@ -46,17 +47,13 @@ from neuron_optax.layer_stats import (
   TokenRows,
   layer_name,
 )
-from neuron_optax.tree_paths import FlatTree, Path, flatten  # noqa: F401  (FlatTree: part of this module's API)
+from neuron_optax.tree_paths import Path, flatten
 
 KernelInputNdim = Mapping[str, int | KernelLayout] | Callable[[str, tuple[int, ...]], int | KernelLayout | None] | None
 
 # Attention projections of flax.linen.MultiHeadDotProductAttention and flax.nnx.MultiHeadAttention
 # map d_model to (heads, head_dim): their 3-D kernels have one input axis.
 _ATTENTION_PROJECTIONS = ("query", "key", "value")
-
-# nnx.LoRA's adapter leaves: each is the weight matrix of a bias-free dense layer of its own, keyed by
-# the leaf's path (a module holds both, so the module path cannot be the key as it is for a kernel).
-LORA_FACTORS = ("lora_a", "lora_b")
 
 
 def default_kernel_input_ndim(path: str, shape: tuple[int, ...]) -> int:

@@ -263,3 +263,29 @@ def test_stacked_adapters_in_nnx_scan_equal_unrolled(x64):
       np.testing.assert_allclose(
         updates["blocks"]["lora"][factor][i], ref_updates["blocks"][i]["lora"][factor], rtol=1e-10, atol=1e-12
       )
+
+
+@pytest.mark.slow  # eager Laplace over two models: ~13 s of CPU
+def test_adapter_only_laplace_equals_explicit_model(x64):
+  """A Laplace posterior over the adapters alone is one call, and equals the explicit model's."""
+  # The Laplace tools write trees through the library's layer mapping from the laplace/ package on
+  # (issue 26.1); the single-module laplace.py before it knew only kernel leaves.
+  pytest.importorskip("neuron_optax.laplace.posteriors")
+  lora, explicit, x, y = _setup(seed=4)
+  kw = dict(fisher="full", likelihood="categorical")
+  _, grads, stats = nox.nnx.value_grad_and_stats(_xent, wrt=nnx.LoRAParam, **kw)(lora, x, y)
+  _, ref_grads, ref_stats = nox.nnx.value_grad_and_stats(_xent, wrt=_EXPLICIT_ADAPTERS, **kw)(explicit, x, y)
+  params, ref_params = nnx.state(lora, nnx.LoRAParam), nnx.state(explicit, _EXPLICIT_ADAPTERS)
+  for structure in ("full", "kfac"):
+    evidence = [
+      nox.laplace_log_marginal_likelihood(
+        p, s, log_likelihood=-3.0, prior_precision=0.7, dataset_size=50, structure=structure
+      )
+      for p, s in ((params, stats), (ref_params, ref_stats))
+    ]
+    np.testing.assert_allclose(evidence[0], evidence[1], rtol=1e-12, err_msg=structure)
+  product, ref_product = nox.fisher_vector_product(stats, grads), nox.fisher_vector_product(ref_stats, ref_grads)
+  for key in _ADAPTERS:
+    got, want = _leaf(product, key), _leaf(ref_product, _LAYERS[key], True)
+    assert np.abs(got).max() > 1e-6
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14, err_msg=str(key))
