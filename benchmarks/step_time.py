@@ -148,14 +148,11 @@ def workloads(args) -> dict[str, models.Workload]:
     }
   chosen = {name: out[name] for name in args.models}
   if args.inverse_every is not None or args.stats_window is not None:  # e.g. the issue-24 goals: T=100, S=1
-    chosen = {
-      name: dataclasses.replace(
-        w,
-        inverse_every=args.inverse_every or w.inverse_every,
-        stats_window=args.stats_window or min(w.stats_window, args.inverse_every or w.inverse_every),
-      )
-      for name, w in chosen.items()
-    }
+    for name, w in chosen.items():
+      t = args.inverse_every or w.inverse_every
+      s = args.stats_window or min(w.stats_window, t)
+      described = w.description.replace(f"T={w.inverse_every}, S={w.stats_window}", f"T={t}, S={s}")
+      chosen[name] = dataclasses.replace(w, inverse_every=t, stats_window=s, description=described)
   return chosen
 
 
