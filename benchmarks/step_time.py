@@ -76,9 +76,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -144,12 +146,36 @@ def workloads(args) -> dict[str, models.Workload]:
       "resnet18": models.resnet_workload(batch, width),
       "transformer": models.transformer_workload(32, tokens=64, d_model=256, heads=4, depth=4, features=64),
     }
-  return {name: out[name] for name in args.models}
+  chosen = {name: out[name] for name in args.models}
+  if args.inverse_every is not None or args.stats_window is not None:  # e.g. the issue-24 goals: T=100, S=1
+    for name, w in chosen.items():
+      t = args.inverse_every or w.inverse_every
+      s = args.stats_window or min(w.stats_window, t)
+      described = w.description.replace(f"T={w.inverse_every}, S={w.stats_window}", f"T={t}, S={s}")
+      chosen[name] = dataclasses.replace(w, inverse_every=t, stats_window=s, description=described)
+  return chosen
 
 
 # --------------------------------------------------------------------------- #
 # One method on one workload
 # --------------------------------------------------------------------------- #
+
+
+def large_dots(compiled, min_elements: int = 100_000) -> dict[str, int]:
+  """``{output shape: count}`` of the dot products in a compiled (plain) step with large outputs.
+
+  Read from the compiled HLO text, so every branch of a conditional counts (the
+  contraction check's two branches too): the products a step can run, beside
+  the analytic floor. Small products (the check's probes, the output layer's
+  ``d_out = 10``) are left out.
+  """
+  found: dict[str, int] = {}
+  for match in re.finditer(r"= \w+\[([\d,]+)\]\S* dot\(", compiled.as_text()):
+    dims = tuple(int(d) for d in match.group(1).split(","))
+    if math.prod(dims) >= min_elements:
+      key = "x".join(map(str, dims))
+      found[key] = found.get(key, 0) + 1
+  return found
 
 
 class Runner:
@@ -211,6 +237,7 @@ class Runner:
       self.compiled = self.by_phase["plain"] if self.by_phase else compile_step(tx)
     self.compile_seconds = time.perf_counter() - start
     self.xla_flops = common.xla_flops(self.compiled)
+    self.large_dots = large_dots(self.compiled)
     self.count = 0  # the schedule counter of FOOF/KFAC (and the MC Fisher's sampling index)
     self.times: dict[str, list[float]] = {"plain": [], "statistics": [], "inversion": []}
     self.sequence: list[float] = []
@@ -325,6 +352,7 @@ def summarise(runner: Runner, contiguous: bool) -> dict[str, Any]:
     "median_seconds_by_kind": medians,
     "compile_seconds": runner.compile_seconds,
     "xla_flops": runner.xla_flops,
+    "large_dots": runner.large_dots,
     "final_loss": runner.loss,
   }
   out["median_step_seconds"] = medians.get("plain", statistics.median(runner.sequence))
@@ -511,6 +539,10 @@ def print_table(result: dict[str, Any]) -> str:
         f"{fmt(r.get('measured_over_floor'), '.2f')} | {fmt(r.get('xla_flops_ratio'), '.2f')} | "
         f"{fmt(r.get('dispatch_fraction'), '.2f')} |"
       )
+    lines.append(
+      "Large dot products in the compiled plain step (all branches): "
+      + "; ".join(f"{m} {sum(r['large_dots'].values())}" for m, r in wres["methods"].items())
+    )
     if wres["xla_over_analytic_model_flops"]:
       lines.append(
         f"XLA cost analysis of the SGD step / analytic model FLOPs "
@@ -549,6 +581,8 @@ def parse_args(argv=None):
     help="steps per pipelined block (FOOF/KFAC: at most the plain steps before the window)",
   )
   parser.add_argument("--fngd-epoch", type=int, default=5, help="FNGD steps_per_epoch (computing epoch, untimed)")
+  parser.add_argument("--inverse-every", type=int, default=None, help="override every workload's FOOF/KFAC T")
+  parser.add_argument("--stats-window", type=int, default=None, help="override every workload's FOOF/KFAC S")
   parser.add_argument("--resnet-width", type=int, default=None, help="ResNet first-stage channels")
   parser.add_argument("--resnet-batch", type=int, default=None, help="ResNet batch size")
   parser.add_argument("--output", default=None, help="output path without extension")

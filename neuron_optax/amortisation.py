@@ -6,9 +6,8 @@ One schedule for every method that keeps factors between steps:
   factors are re-factorised at steps ``0, T, 2T, …``; with ``stats_window=S``
   the moving averages are updated only in the ``S`` steps that end with a
   re-factorisation step (steps ``kT-S+1 … kT``; step 0 is its own window).
-  Defaults (``None``): ``T = 100`` and ``S = min(10, T)``, measured in
-  ``benchmarks/defaults.py`` to cost ~1.5-3× an SGD step on the benchmark
-  workloads and to train as well as re-factorising every step; ``S = T``
+  Defaults (``None``): ``T = 100`` and ``S = min(10, T)``, chosen with
+  ``benchmarks/defaults.py`` (README, "Step cost of the amortisation"); ``S = T``
   updates the averages every step.
 * FNGD (coefficient sharing): the coefficients are solved for in the steps of
   epochs ``0, R, 2R, …`` and reused from the table otherwise.
@@ -40,10 +39,9 @@ from neuron_optax.layer_stats import LayerKey, layer_name
 Phase = Literal["auto", "plain", "statistics", "inversion"]
 PHASES = ("plain", "statistics", "inversion")
 
-# FOOF's and KFAC's amortisation when none is given (``None``), from benchmarks/defaults.py: FOOF
-# costs 2.40x an SGD step on the paper's MLP (batch 100) and 1.50x on the Flax MNIST CNN, against
-# 12.2x when re-factorising every step. ``None`` rather than a number as the default keeps them out
-# of optax.inject_hyperparams' traced hyperparameters.
+# FOOF's and KFAC's amortisation when none is given (``None``; the README's step-cost table shows
+# why). ``None`` rather than a number as the default keeps them out of optax.inject_hyperparams'
+# traced hyperparameters.
 DEFAULT_INVERSE_EVERY = 100
 DEFAULT_STATS_WINDOW = 10
 
@@ -186,10 +184,9 @@ def after_backward(predicate: Any, stats: Mapping[Any, Any]) -> Any:
 
   A conditional can start only when its predicate is known; a predicate that
   depends on the step counter alone lets XLA place it before the backward
-  pass, where (on CPU) it stalls the rest of the step: a conditional with the
-  layer statistics as operands cost 10-13 % of an MLP step there, against 3 %
-  when scheduled after the backward pass. Tying the predicate to the
-  cotangents (``lax.optimization_barrier``, no computation) moves it there.
+  pass, where (on CPU) it stalls the rest of the step (README, "Benchmarks and
+  step cost"). Tying the predicate to the cotangents
+  (``lax.optimization_barrier``, no computation) moves it after the backward pass.
   """
   if isinstance(predicate, bool):
     return predicate
@@ -202,6 +199,24 @@ def maybe(predicate: jax.Array | bool, fn: Callable[[], Any], current: Any) -> A
   if isinstance(predicate, bool):  # a fixed phase: no conditional in the compiled step
     return fn() if predicate else current
   return jax.lax.cond(predicate, lambda _: fn(), lambda _: current, None)
+
+
+def hyperparameters_ok(damping: jax.Array, decay: jax.Array) -> jax.Array:
+  """Whether this step's damping (``> 0``, finite) and moving-average decay (in ``[0, 1)``) are usable.
+
+  A step where either is not (a schedule's or an injected value) leaves the
+  whole state as it was (statistics, their update counts, the factors) and
+  gives a zero direction; only the step counter advances, so that a schedule
+  bad at one step recovers at the next.
+  """
+  return hyperparams.valid(damping) & hyperparams.valid(decay, upper=1.0, include_lower=True)
+
+
+def maybe_valid(predicate: jax.Array | bool, ok: jax.Array, fn: Callable[[], Any], current: Any) -> Any:
+  """:func:`maybe`, keeping ``current`` where ``ok`` is false (a traced check of this step's hyperparameters)."""
+  if isinstance(predicate, bool):  # a fixed phase: the branch is compiled in, so select its result
+    return jax.tree.map(lambda new, old: jnp.where(ok, new, old), fn(), current) if predicate else current
+  return maybe(predicate & ok, fn, current)
 
 
 def refactorised(

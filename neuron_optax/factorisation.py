@@ -80,8 +80,8 @@ def _one_by_one_on_cpu(fn: Callable[..., Any]) -> Callable[..., Any]:
   """On CPU, ``fn`` applied to one matrix at a time and the results stacked.
 
   Batched LAPACK calls gain nothing on CPU (they loop over the matrices), and
-  with jaxlib 0.10 several of them in one computation deadlocked XLA:CPU's
-  thread pool (a ResNet's re-factorisation step never returned).
+  several of them in one computation can deadlock XLA:CPU's thread pool
+  (README, "Benchmarks and step cost").
   """
 
   def apply(*stacked):

@@ -48,13 +48,15 @@ Design decisions:
   ``n · stats.cotangents``; Fisher cotangents recorded with ``fisher="mc"`` or
   ``"full"`` are ignored (the update is the same as with ``"empirical"``).
 * The optax contract: the direction is a function of the incoming gradient
-  ``U``. When ``U`` is the recorded gradient (a randomised check at run time)
-  the direction is ``Σ_i c_i ψ_i``; otherwise the component of ``U`` along the
-  recorded gradient is preconditioned and the rest passes through
-  (:func:`incoming_direction`). ``contraction="rows"`` (an opt-in) skips the
-  check and never reads ``U``, so under ``jit`` XLA drops SGD's own
-  weight-gradient product: right only when ``fngd`` comes first in its chain,
-  outside ``MultiSteps``.
+  ``U``. When the whole tree is ``σ`` times the recorded gradient (one
+  randomised check per step, :func:`~neuron_optax.contraction.recorded_scale`)
+  the direction is ``σ Σ_i c_i ψ_i``, with no further product; otherwise the
+  component of ``U`` along the recorded gradient is preconditioned and the
+  rest passes through (:func:`incoming_direction`). The check reads ``U``, so
+  the step still forms SGD's weight-gradient product; ``contraction="rows"``
+  (an opt-in) skips the check and never reads ``U``, so under ``jit`` XLA drops
+  that product: right only when ``fngd`` comes first in its chain, outside
+  ``MultiSteps``.
 * The state has a fixed structure, so the table size must be known at
   ``init``: ``batch_size`` (examples per batch, the leading axis) is a required
   argument when sharing. A batch with more examples is a trace-time error. A
@@ -101,13 +103,11 @@ import jax.numpy as jnp
 import optax
 
 from neuron_optax import amortisation, hyperparams, linalg, param_layout
-from neuron_optax.contraction import recorded_gradient, recorded_gradient_matches
+from neuron_optax.contraction import CONTRACTIONS, Contraction, incoming_matrices, one_decision, recorded_gradient
 from neuron_optax.layer_stats import LayerKey, LayerStats, Stats, TokenRows, layer_name
 
-Phase = Literal["auto", "plain", "inversion", "compute", "reuse"]
-# FNGD's steps solve for their coefficients ("inversion") or reuse the stored ones ("plain");
-# "compute" and "reuse" are the names of earlier releases.
-_PHASE_ALIASES = {"compute": "inversion", "reuse": "plain"}
+# FNGD's steps solve for their coefficients ("inversion") or reuse the stored ones ("plain").
+Phase = Literal["auto", "plain", "inversion"]
 
 
 class FngdLayerState(NamedTuple):
@@ -120,8 +120,8 @@ class FngdState(NamedTuple):
 
 
 def _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs, phase, contraction) -> None:
-  amortisation.validate_phase("fngd", phase, ("auto", "plain", "inversion", *_PHASE_ALIASES))
-  hyperparams.check_choice("fngd", "contraction", contraction, ("gradient", "rows"))
+  amortisation.validate_phase("fngd", phase, ("auto", "plain", "inversion"))
+  hyperparams.check_choice("fngd", "contraction", contraction, CONTRACTIONS)
   hyperparams.check_bool("fngd", "share_coefficients", share_coefficients)
   if phase != "auto" and not share_coefficients:
     raise ValueError(
@@ -196,9 +196,7 @@ def incoming_direction(gradient: jax.Array, preconditioned: jax.Array, stats: La
   """FNGD's direction for an incoming gradient ``U`` that may differ from the recorded ``∇W``.
 
   The coefficients precondition the recorded gradient: ``Σ_i c_i ψ_i =
-  μ (F + μI)⁻¹ ∇W``. For ``U = ∇W`` (checked at run time,
-  :func:`~neuron_optax.contraction.recorded_gradient_matches`) that is the
-  direction. Otherwise ``U`` is split into its component along ``∇W`` and the
+  μ (F + μI)⁻¹ ∇W``. ``U`` is split into its component along ``∇W`` and the
   rest, ``U = s ∇W + R`` with ``s = <U, ∇W> / ‖∇W‖²``; the first part is
   preconditioned and the rest passes through::
 
@@ -206,16 +204,14 @@ def incoming_direction(gradient: jax.Array, preconditioned: jax.Array, stats: La
 
   so a rescaled gradient (clipping, accumulation of equal gradients) gives
   the rescaled FNGD direction, and what earlier transforms added (weight
-  decay, another optimiser's output) keeps its effect.
+  decay, another optimiser's output) keeps its effect. For ``U = σ ∇W`` this is
+  ``σ Σ_i c_i ψ_i``, which ``contraction="auto"`` takes without forming ``∇W``
+  once its check (:func:`~neuron_optax.contraction.recorded_scale`) finds it.
   """
-
-  def rescaled():
-    recorded = recorded_gradient(stats, gradient.dtype)
-    norm = jnp.sum(recorded * recorded)
-    scale = jnp.where(norm > 0, jnp.sum(gradient * recorded) / jnp.where(norm > 0, norm, 1), 0)
-    return scale * preconditioned + (gradient - scale * recorded)
-
-  return jax.lax.cond(recorded_gradient_matches(gradient, stats), lambda: preconditioned, rescaled)
+  recorded = recorded_gradient(stats, gradient.dtype)
+  norm = jnp.sum(recorded * recorded)
+  scale = jnp.where(norm > 0, jnp.sum(gradient * recorded) / jnp.where(norm > 0, norm, 1), 0)
+  return scale * preconditioned + (gradient - scale * recorded)
 
 
 def fngd(
@@ -227,7 +223,7 @@ def fngd(
   refresh_every_epochs: int | None = None,
   phase: Phase = "auto",
   kernel_input_ndim: param_layout.KernelInputNdim = None,
-  contraction: Literal["gradient", "rows"] = "gradient",
+  contraction: Contraction = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""FNGD: the damped empirical-Fisher natural gradient as a weighted sum of per-example gradients.
 
@@ -269,20 +265,20 @@ def fngd(
     phase: ``"auto"`` decides per step from the step counter, inside the
       compiled step (``jax.lax.cond``). ``"inversion"`` always solves for
       and stores the current row, ``"plain"`` always reuses it (the phase
-      names of :func:`neuron_optax.foof`; ``"compute"``/``"reuse"`` are
-      accepted as aliases): both states have the same structure, so a
+      names of :func:`neuron_optax.foof`): both states have the same structure, so a
       training loop can compile one step with each and pick it on the host
       with ``nox.coefficient_phase(step, steps_per_epoch,
-      refresh_every_epochs)``; the reusing step then holds no conditional and
-      no Gram-matrix code at all (on CPU the conditional alone costs about
-      10 % of an MLP step). Same trajectory as ``"auto"``. A reusing step
+      refresh_every_epochs)``; the reusing step then holds no coefficient
+      conditional and no Gram-matrix code at all. Same trajectory as ``"auto"``. A reusing step
       whose row was never computed uses ``1/n`` (SGD's direction).
     kernel_input_ndim: per-layer number of kernel input axes where it is not
       "all but the last" (as in :func:`neuron_optax.foof`).
-    contraction: ``"gradient"`` (default): the direction is a function of the
-      incoming updates (:func:`incoming_direction`); ``"rows"``: rebuilt from
-      the recorded rows alone (the incoming updates of captured layers are
-      not read; fastest, right only when ``fngd`` is first in its chain).
+    contraction: ``"auto"`` (default): ``σ Σ_i c_i ψ_i`` when one run-time check
+      per step finds the incoming updates to be ``σ`` times the recorded
+      gradient, else :func:`incoming_direction` (the optax contract);
+      ``"gradient"``: always :func:`incoming_direction`; ``"rows"``: rebuilt
+      from the recorded rows alone (the incoming updates of captured layers
+      are not read; fastest, right only when ``fngd`` is first in its chain).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
@@ -313,7 +309,6 @@ def fngd(
       Deep Learning <https://arxiv.org/abs/2403.03473>`__, 2024.
   """
   _validate(alpha, steps_per_epoch, batch_size, share_coefficients, refresh_every_epochs, phase, contraction)
-  phase = _PHASE_ALIASES.get(phase, phase)
 
   def init_fn(params) -> FngdState:
     layers = {}
@@ -333,7 +328,7 @@ def fngd(
 
     def solve(key, dtype):
       c = layer_coefficients(stats[key], alpha_now.astype(dtype), dtype)
-      return jnp.where(alpha_ok, c, jnp.nan)  # an invalid α: no step, no stored row (as a bad batch)
+      return jnp.where(alpha_ok, c, jnp.nan)  # an invalid α: no step (and no stored row)
 
     if not share_coefficients:
       coeffs = {key: solve(key, dtypes[key]) for key in stats}
@@ -360,20 +355,35 @@ def fngd(
           fresh[key] = c
           kept = jnp.where(jnp.all(jnp.isfinite(c)), c, jnp.full_like(c, 1 / n))
           padded = jnp.zeros(table.shape[1:], table.dtype).at[:n].set(kept)
-          new_tables[key] = jax.lax.dynamic_update_index_in_dim(table, padded, row, axis=0)
+          updated = jax.lax.dynamic_update_index_in_dim(table, padded, row, axis=0)
+          new_tables[key] = jnp.where(alpha_ok, updated, table)  # an invalid α stores nothing
         return fresh, new_tables
 
       computing = amortisation.coefficient_schedule(state.count, steps_per_epoch, refresh_every_epochs, phase, stats)
       coeffs, tables = amortisation.maybe(computing, compute, stored())
+      coeffs = {key: jnp.where(alpha_ok, c, jnp.nan) for key, c in coeffs.items()}  # an invalid α: no step
       layers = dict(state.layers)
       for key, table in tables.items():
         layers[layer_name(key)] = FngdLayerState(coefficients=table)
 
+    def rows_directions():
+      return {key: weighted_direction(stats[key], coeffs[key], dtypes[key]) for key in stats}
+
+    def exact_directions():
+      return {
+        key: incoming_direction(gradients[key], weighted_direction(stats[key], coeffs[key], dtypes[key]), stats[key])
+        for key in stats
+      }
+
+    gradients = {} if contraction == "rows" else incoming_matrices(updates, shapes, dtypes)
+    if contraction == "gradient":
+      chosen = exact_directions()
+    else:
+      chosen = one_decision(gradients, stats, state.count, contraction, rows_directions, exact_directions)
+
     def direction(key, grad):
-      preconditioned = weighted_direction(stats[key], coeffs[key], dtypes[key])
-      if contraction == "rows":
-        return preconditioned
-      return incoming_direction(grad.astype(dtypes[key]), preconditioned, stats[key])
+      del grad  # read through `gradients` (not at all with contraction="rows")
+      return chosen[key]
 
     directions = param_layout.map_layers(updates, shapes, stats.keys(), direction)
     return directions, FngdState(count=optax.safe_int32_increment(state.count), layers=layers)

@@ -24,23 +24,13 @@ Approximate Second-Order Optimization", ICML 2022, eqs. 5-6 and Algorithm 1.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from neuron_optax import amortisation, factorisation, hyperparams, linalg, param_layout, precision
-from neuron_optax.contraction import Contraction, left_precondition, validate_contraction
-from neuron_optax.layer_stats import Stats, layer_name
-
-_INVERSE_AND_FLOOR = functools.partial(linalg.damped_inverse, return_floor=True)
-
-
-def _DIAGONAL_INVERSE_AND_FLOOR(diagonal: jax.Array, damping: jax.Array) -> tuple[jax.Array, jax.Array]:
-  # A diagonal factor (an embedding's) is inverted elementwise: every divisor is at least λ, no floor.
-  return linalg.damped_inverse_diagonal(diagonal, damping), jnp.zeros([], diagonal.dtype)
+from neuron_optax import amortisation, amortised, factorisation, hyperparams, param_layout
+from neuron_optax.contraction import Contraction, left_order, left_precondition
 
 
 class FoofLayerState(NamedTuple):
@@ -163,83 +153,39 @@ def foof(
     - F. Benzing, `Gradient Descent on Neurons and its Link to Approximate Second-order
       Optimization <https://arxiv.org/abs/2201.12250>`__, ICML 2022.
   """
-  hyperparams.check_scalar_or_schedule("foof", "damping", damping)
-  inverse_every, stats_window = amortisation.resolve_amortisation(inverse_every, stats_window)
-  amortisation.validate_amortisation("foof", ema_decay, inverse_every, stats_window)
-  validate_contraction("foof", contraction)
+  settings = amortised.settings(
+    "foof", damping, ema_decay, inverse_every, stats_window, phase, contraction, kernel_input_ndim
+  )
   factorisation.validate_distribution("foof", distribute_factorisations)
-  amortisation.validate_phase("foof", phase)
 
-  def init_fn(params) -> FoofState:
-    layers = {}
-    initial_damping = hyperparams.value_at(damping, jnp.zeros([], jnp.int32))
-    for key, shape in param_layout.candidate_layers(params, kernel_input_ndim).items():
-      dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
-      factor_shape = param_layout.input_factor_shape(shape)
-      layers[layer_name(key)] = FoofLayerState(
-        a_ema=jnp.zeros(factor_shape, dtype),
-        a_updates=jnp.zeros([], jnp.int32),
-        a_inverse=param_layout.identity(factor_shape, dtype) / initial_damping.astype(dtype),
-        a_weight=jnp.zeros([], dtype),
-      )
-    return FoofState(count=jnp.zeros([], jnp.int32), layers=layers, damping=initial_damping)
+  def check_layer(layers, key, shape) -> None:
+    factor = param_layout.input_factor_shape(shape)  # an embedding's diagonal A: a vector
+    amortisation.check_state_layer("foof", layers, key, {"a_ema": factor, "a_inverse": factor})
 
-  def update_fn(updates, state: FoofState, params=None, *, stats: Stats | None = None, **extra_args):
-    del params, extra_args
-    shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
-    stats = param_layout.check_stats(stats, shapes, "foof", tied_tables=False)
-    names = {key: layer_name(key) for key in stats}
-    for key in stats:
-      factor = param_layout.input_factor_shape(shapes[key])  # an embedding's diagonal A: a vector
-      amortisation.check_state_layer("foof", state.layers, key, {"a_ema": factor, "a_inverse": factor})
-    damping_now = hyperparams.value_at(damping, state.count, state.damping.dtype)
-    damping_ok = hyperparams.valid(damping_now)
-    decay = hyperparams.value_at(ema_decay, state.count, state.damping.dtype)
-    update_statistics, refactorise = amortisation.schedule(
-      state.count, inverse_every, stats_window, phase, stats, damping_changed=damping_now != state.damping
-    )
+  def factorise(debiased, damping_now):
+    operands = {name: (a["a"], damping_now.astype(a["a"].dtype)) for name, a in debiased.items()}
+    return amortised.factorise_all("foof", operands, damping_now, distribute_factorisations)
 
-    def accumulate():
-      new = {}
-      for key, name in names.items():
-        layer = state.layers[name]
-        a_batch = stats[key].input_moment(layer.a_ema.dtype)
-        new[name] = amortisation.ema_update(layer.a_ema, layer.a_updates, layer.a_weight, a_batch, decay)
-      return new
+  method = amortised.Preconditioner(
+    name="foof",
+    check_layer=check_layer,
+    averages=lambda layer: {"a": amortised.MovingAverage(layer.a_ema, layer.a_weight, layer.a_updates)},
+    batch_values=lambda layer_stats, dtype: {"a": layer_stats.input_moment(dtype)},
+    factors=lambda layer: layer.a_inverse,
+    factorise=factorise,
+    rebuild=lambda layer, averages, inverse: FoofLayerState(
+      averages["a"].value, averages["a"].updates, inverse, averages["a"].weight
+    ),
+    order=lambda layer_stats: left_order(layer_stats, contraction),
+    apply=lambda inverse, gradient, layer_stats, damping_now, order: left_precondition(
+      inverse, gradient, layer_stats, order
+    ),
+  )
 
-    current = {name: (layer.a_ema, layer.a_updates, layer.a_weight) for name, layer in _layers(state, names)}
-    averages = amortisation.maybe(update_statistics, accumulate, current)
+  def make_layer(shape, dtype, initial_damping):
+    factor_shape = param_layout.input_factor_shape(shape)
+    a = amortised.MovingAverage.zeros(factor_shape, dtype)
+    inverse = param_layout.identity(factor_shape, dtype) / initial_damping.astype(dtype)
+    return FoofLayerState(a_ema=a.value, a_updates=a.updates, a_inverse=inverse, a_weight=a.weight)
 
-    def refactor():
-      operands = {
-        name: (amortisation.debiased(ema, weight), damping_now.astype(ema.dtype))
-        for name, (ema, _, weight) in averages.items()
-      }
-      solved = factorisation.factorise_by_shape(
-        _INVERSE_AND_FLOOR, operands, distribute_factorisations, _DIAGONAL_INVERSE_AND_FLOOR
-      )
-      precision.warn_if_floored("foof", {name: (floor, damping_now) for name, (_, floor) in solved.items()})
-      return {name: inverse for name, (inverse, _) in solved.items()}
-
-    stored = {name: layer.a_inverse for name, layer in _layers(state, names)}
-    inverses, built_with = amortisation.refactorised(
-      refactorise, refactor, stored, state.damping, damping_now, damping_ok
-    )
-
-    def direction(key, grad):
-      preconditioned = left_precondition(inverses[names[key]], grad, stats[key], contraction)
-      return jnp.where(damping_ok, preconditioned, jnp.nan)  # zeroed like a non-finite batch
-
-    directions = param_layout.map_layers(updates, shapes, stats.keys(), direction)
-    layers = dict(state.layers)
-    for name in names.values():
-      a_ema, a_updates, a_weight = averages[name]
-      layers[name] = FoofLayerState(a_ema, a_updates, inverses[name], a_weight)
-    new_state = FoofState(count=optax.safe_int32_increment(state.count), layers=layers, damping=built_with)
-    return directions, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _layers(state: FoofState, names: dict) -> list[tuple[str, FoofLayerState]]:
-  return [(name, state.layers[name]) for name in names.values()]
+  return amortised.transformation(method, settings, make_layer, FoofState)

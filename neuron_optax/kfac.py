@@ -61,25 +61,25 @@ Approximate Second-Order Optimization", ICML 2022, eqs. 2-4 and section 4.2
 
 from __future__ import annotations
 
-import functools
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from neuron_optax import amortisation, factorisation, hyperparams, kronecker, linalg, param_layout, precision
-from neuron_optax.contraction import Contraction, left_precondition, two_sided_precondition, validate_contraction
-from neuron_optax.layer_stats import LayerStats, Stats, layer_name
+from neuron_optax import amortisation, amortised, factorisation, hyperparams, kronecker, linalg, param_layout, precision
+from neuron_optax.contraction import (
+  Contraction,
+  Order,
+  left_order,
+  left_precondition,
+  two_sided_order,
+  two_sided_precondition,
+)
+from neuron_optax.layer_stats import LayerStats, layer_name
 
 DampingMode = Literal["heuristic", "standard"]
 _DAMPING_MODES = ("heuristic", "standard")
-_INVERSE_AND_FLOOR = functools.partial(linalg.damped_inverse, return_floor=True)
-
-
-def _DIAGONAL_INVERSE_AND_FLOOR(diagonal: jax.Array, damping: jax.Array) -> tuple[jax.Array, jax.Array]:
-  # A diagonal factor (an embedding's A) is inverted elementwise: every divisor is at least λ, no floor.
-  return linalg.damped_inverse_diagonal(diagonal, damping), jnp.zeros([], diagonal.dtype)
 
 
 class HeuristicFactors(NamedTuple):
@@ -119,15 +119,21 @@ def precondition(
   gradient: jax.Array,
   stats: LayerStats,
   damping: jax.Array | float,
-  contraction: Contraction,
+  order: Order = "gradient",
 ) -> jax.Array:
-  """The KFAC direction ``D`` of one layer from its stored factorisation."""
+  """The KFAC direction ``D`` of one layer from its stored factorisation.
+
+  ``order`` (:func:`order`): ``"gradient"`` reads the incoming ``gradient``; the
+  other orders form the ``A`` side (``"both"``: both sides) from the recorded rows.
+  """
   if isinstance(factors, HeuristicFactors):
-    return two_sided_precondition(factors.a_inverse, gradient, factors.g_inverse, stats, contraction)
+    return two_sided_precondition(factors.a_inverse, gradient, factors.g_inverse, stats, order)
   if factors.a_eigenvectors is None:  # a diagonal A: U_A = I
     rotated = gradient.astype(factors.a_eigenvalues.dtype)
   else:
-    rotated = left_precondition(factors.a_eigenvectors.T, gradient, stats, contraction)
+    rotated = left_precondition(
+      factors.a_eigenvectors.T, gradient, stats, "gradient" if order == "gradient" else "rows"
+    )
   return linalg.kronecker_eigen_solve(
     (factors.a_eigenvalues, factors.a_eigenvectors),
     (factors.g_eigenvalues, factors.g_eigenvectors),
@@ -135,6 +141,11 @@ def precondition(
     jnp.asarray(damping, rotated.dtype),
     a_rotated=True,
   )
+
+
+def order(stats: LayerStats, contraction: Contraction, heuristic: bool) -> Order:
+  """The cheapest exact order of one layer's products when the incoming gradient is the recorded one."""
+  return two_sided_order(stats, contraction) if heuristic else left_order(stats, contraction)
 
 
 def kfac(
@@ -237,14 +248,55 @@ def kfac(
     - F. Benzing, `Gradient Descent on Neurons and its Link to Approximate Second-order
       Optimization <https://arxiv.org/abs/2201.12250>`__, ICML 2022.
   """
-  hyperparams.check_scalar_or_schedule("kfac", "damping", damping)
-  inverse_every, stats_window = amortisation.resolve_amortisation(inverse_every, stats_window)
-  amortisation.validate_amortisation("kfac", ema_decay, inverse_every, stats_window)
-  validate_contraction("kfac", contraction)
-  hyperparams.check_choice("kfac", "damping_mode", damping_mode, _DAMPING_MODES)
+  settings = amortised.settings(
+    "kfac", damping, ema_decay, inverse_every, stats_window, phase, contraction, kernel_input_ndim
+  )
   factorisation.validate_distribution("kfac", distribute_factorisations)
-  amortisation.validate_phase("kfac", phase)
+  hyperparams.check_choice("kfac", "damping_mode", damping_mode, _DAMPING_MODES)
   heuristic = damping_mode == "heuristic"
+
+  def factorise(debiased, damping_now):
+    if heuristic:
+      operands = {}
+      for name, f in debiased.items():
+        a_damping, g_damping = kronecker.heuristic_dampings(f["a"], f["g"], damping_now)
+        operands[name, "a"], operands[name, "g"] = (f["a"], a_damping), (f["g"], g_damping)
+      inverses = amortised.factorise_all("kfac", operands, damping_now, distribute_factorisations)
+      return {name: HeuristicFactors(inverses[name, "a"], inverses[name, "g"]) for name in debiased}
+    operands = {(name, side): (f[side],) for name, f in debiased.items() for side in ("a", "g")}
+    solved = factorisation.factorise_by_shape(
+      linalg.sym_eigh,
+      operands,
+      distribute_factorisations,
+      lambda a: (a, None),  # diagonal A: U_A = I
+    )
+    floors = {
+      name: (linalg.kronecker_floor(solved[name, "a"][0], solved[name, "g"][0], damping_now), damping_now)
+      for name in debiased
+    }
+    precision.warn_if_floored("kfac", floors)
+    return {name: EigenFactors(*solved[name, "a"], *solved[name, "g"]) for name in debiased}
+
+  def rebuild(layer, averages, factors) -> KfacLayerState:
+    a, g = averages["a"], averages["g"]
+    return KfacLayerState(a.value, a.updates, g.value, g.updates, factors, a.weight, g.weight)
+
+  method = amortised.Preconditioner(
+    name="kfac",
+    check_layer=lambda layers, key, shape: _check_state_layer(layers, key, shape, heuristic),
+    averages=lambda layer: {
+      "a": amortised.MovingAverage(layer.a_ema, layer.a_weight, layer.a_updates),
+      "g": amortised.MovingAverage(layer.g_ema, layer.g_weight, layer.g_updates),
+    },
+    batch_values=lambda layer_stats, dtype: dict(zip("ag", kronecker.batch_factors(layer_stats, dtype))),
+    factors=lambda layer: layer.factors,
+    factorise=factorise,
+    rebuild=rebuild,
+    order=lambda layer_stats: order(layer_stats, contraction, heuristic),
+    apply=precondition,
+    # Standard damping applies λ at every step (eigendecompositions are damping-free).
+    damping_refactorises=heuristic,
+  )
 
   def initial_factors(shape, dtype, initial_damping) -> HeuristicFactors | EigenFactors:
     # What refactorise gives for A = G = 0 (π = 1), without running the factorisations.
@@ -256,102 +308,12 @@ def kfac(
     a_vectors = None if shape.is_embedding else a_identity
     return EigenFactors(jnp.zeros([d_in], dtype), a_vectors, jnp.zeros([d_out], dtype), jnp.eye(d_out, dtype=dtype))
 
-  def init_fn(params) -> KfacState:
-    layers = {}
-    initial_damping = hyperparams.value_at(damping, jnp.zeros([], jnp.int32))
-    for key, shape in param_layout.candidate_layers(params, kernel_input_ndim).items():
-      dtype = param_layout.statistics_dtype(param_layout.kernel_dtype(params, key))
-      layers[layer_name(key)] = KfacLayerState(
-        a_ema=jnp.zeros(param_layout.input_factor_shape(shape), dtype),
-        a_updates=jnp.zeros([], jnp.int32),
-        g_ema=jnp.zeros((shape.d_out, shape.d_out), dtype),
-        g_updates=jnp.zeros([], jnp.int32),
-        factors=initial_factors(shape, dtype, initial_damping),
-        a_weight=jnp.zeros([], dtype),
-        g_weight=jnp.zeros([], dtype),
-      )
-    return KfacState(count=jnp.zeros([], jnp.int32), layers=layers, damping=initial_damping)
+  def make_layer(shape, dtype, initial_damping):
+    a = amortised.MovingAverage.zeros(param_layout.input_factor_shape(shape), dtype)
+    g = amortised.MovingAverage.zeros((shape.d_out, shape.d_out), dtype)
+    return rebuild(None, {"a": a, "g": g}, initial_factors(shape, dtype, initial_damping))
 
-  def update_fn(updates, state: KfacState, params=None, *, stats: Stats | None = None, **extra_args):
-    del params, extra_args
-    shapes = param_layout.candidate_layers(updates, kernel_input_ndim)
-    stats = param_layout.check_stats(stats, shapes, "kfac", tied_tables=False)
-    names = {key: layer_name(key) for key in stats}
-    for key in stats:
-      _check_state_layer(state.layers, key, shapes[key], heuristic)
-    damping_now = hyperparams.value_at(damping, state.count, state.damping.dtype)
-    damping_ok = hyperparams.valid(damping_now)
-    decay = hyperparams.value_at(ema_decay, state.count, state.damping.dtype)
-    # Standard damping applies λ at every step (eigendecompositions are damping-free).
-    changed = (damping_now != state.damping) if heuristic else False
-    update_statistics, refactor_now = amortisation.schedule(
-      state.count, inverse_every, stats_window, phase, stats, damping_changed=changed
-    )
-    layer_states = {name: state.layers[name] for name in names.values()}
-
-    def accumulate():
-      new = {}
-      for key, name in names.items():
-        layer = layer_states[name]
-        a_batch, g_batch = kronecker.batch_factors(stats[key], layer.a_ema.dtype)
-        new[name] = (
-          amortisation.ema_update(layer.a_ema, layer.a_updates, layer.a_weight, a_batch, decay),
-          amortisation.ema_update(layer.g_ema, layer.g_updates, layer.g_weight, g_batch, decay),
-        )
-      return new
-
-    current = {
-      name: ((layer.a_ema, layer.a_updates, layer.a_weight), (layer.g_ema, layer.g_updates, layer.g_weight))
-      for name, layer in layer_states.items()
-    }
-    averages = amortisation.maybe(update_statistics, accumulate, current)
-
-    def refactor():
-      operands = {}
-      for name, (a_avg, g_avg) in averages.items():
-        a, g = amortisation.debiased(a_avg[0], a_avg[2]), amortisation.debiased(g_avg[0], g_avg[2])
-        if heuristic:
-          a_damping, g_damping = kronecker.heuristic_dampings(a, g, damping_now)
-          operands[name, "a"], operands[name, "g"] = (a, a_damping), (g, g_damping)
-        else:
-          operands[name, "a"], operands[name, "g"] = (a,), (g,)
-      solved = factorisation.factorise_by_shape(
-        _INVERSE_AND_FLOOR if heuristic else linalg.sym_eigh,
-        operands,
-        distribute_factorisations,
-        _DIAGONAL_INVERSE_AND_FLOOR if heuristic else lambda a: (a, None),  # diagonal A: U_A = I
-      )
-      if heuristic:
-        floors = {
-          f"{name} ({side.upper()} factor)": (solved[name, side][1], operands[name, side][1]) for name, side in solved
-        }
-        precision.warn_if_floored("kfac", floors)
-        return {name: HeuristicFactors(solved[name, "a"][0], solved[name, "g"][0]) for name in averages}
-      floors = {
-        name: (linalg.kronecker_floor(solved[name, "a"][0], solved[name, "g"][0], damping_now), damping_now)
-        for name in averages
-      }
-      precision.warn_if_floored("kfac", floors)
-      return {name: EigenFactors(*solved[name, "a"], *solved[name, "g"]) for name in averages}
-
-    stored = {name: layer.factors for name, layer in layer_states.items()}
-    factors, built_with = amortisation.refactorised(
-      refactor_now, refactor, stored, state.damping, damping_now, damping_ok
-    )
-
-    def direction(key, grad):
-      preconditioned = precondition(factors[names[key]], grad, stats[key], damping_now, contraction)
-      return jnp.where(damping_ok, preconditioned, jnp.nan)  # zeroed like a non-finite batch
-
-    directions = param_layout.map_layers(updates, shapes, stats.keys(), direction)
-    layers = dict(state.layers)
-    for name in names.values():
-      (a_ema, a_updates, a_weight), (g_ema, g_updates, g_weight) = averages[name]
-      layers[name] = KfacLayerState(a_ema, a_updates, g_ema, g_updates, factors[name], a_weight, g_weight)
-    new_state = KfacState(count=optax.safe_int32_increment(state.count), layers=layers, damping=built_with)
-    return directions, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return amortised.transformation(method, settings, make_layer, KfacState)
 
 
 def _check_state_layer(layers: dict, key, shape: param_layout.LayerShape, heuristic: bool) -> None:

@@ -266,3 +266,51 @@ def test_train_state_forwards_stats(setup):
   # a chain of plain optax transforms ignores the statistics
   plain = nox.TrainState.create(apply_fn=MODEL.apply, params=params, tx=optax.sgd(0.1))
   plain.apply_gradients(grads=grads, stats=stats)
+
+
+def _probe_rates(grads, stats, change, dtype, draws=4000):
+  """How often the one-per-step check accepts ``grads + change`` over ``draws`` steps' probes."""
+  from neuron_optax import contraction, param_layout
+
+  shapes = param_layout.candidate_layers(grads)
+  stats = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, stats)
+  gradients = contraction.incoming_matrices(grads, shapes, {key: dtype for key in stats})
+  gradients = {key: g + change.get(key, 0) for key, g in gradients.items()}
+  check = jax.jit(jax.vmap(lambda count: contraction.recorded_scale(gradients, stats, count)))
+  matches, scales = check(jnp.arange(draws))
+  return float(np.mean(matches)), np.asarray(scales)
+
+
+def _false_positive_bound(rho, dtype, probes=4):
+  """The stated bound π(√ε/ρ)^k, π(x) = P(|ab| ≤ x) for independent standard normals a, b."""
+  from math import erf
+
+  b = np.abs(np.random.default_rng(0).standard_normal(200_000))
+  x = np.sqrt(np.finfo(dtype).eps) / rho
+  return float(np.mean(np.vectorize(erf)(x / (b * np.sqrt(2))))) ** probes
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_check_per_step_finds_scaled_gradients_and_states_its_false_positive_rate(setup, dtype):
+  """The check of ``contraction.recorded_scale``: every multiple of the recorded gradient passes with
+  its scale; a change orthogonal to it passes at most at the stated rate (rank one: the worst case)."""
+  params, grads, stats = setup
+  key = next(k for k in stats if "hidden" in str(k))
+  for sigma in (1.0, 1e-3, -2.5):
+    rate, scales = _probe_rates(jax.tree.map(lambda g: sigma * g, grads), stats, {}, dtype)
+    assert rate == 1.0
+    np.testing.assert_allclose(scales, sigma, rtol=np.sqrt(np.finfo(dtype).eps))
+  from neuron_optax import contraction, param_layout
+
+  recorded = np.asarray(
+    contraction.incoming_matrices(grads, param_layout.candidate_layers(grads), {key: np.float64})[key]
+  )
+  rng = np.random.default_rng(1)
+  change = np.outer(rng.standard_normal(recorded.shape[0]), rng.standard_normal(recorded.shape[1]))
+  change -= np.sum(change * recorded) / np.sum(recorded * recorded) * recorded  # orthogonal to G
+  for rho in (1e-3, 1e-2) if dtype == np.float32 else (1e-7, 1e-6):
+    delta = rho * np.linalg.norm(recorded) * change / np.linalg.norm(change)
+    rate, _ = _probe_rates(grads, stats, {key: jnp.asarray(delta, dtype)}, dtype)
+    bound = _false_positive_bound(rho / np.sqrt(1 + rho**2), dtype)
+    assert rate <= bound + 4 * np.sqrt(bound * (1 - bound) / 4000) + 1e-3, (rho, rate, bound)
+  # With one check probe instead of four the rate at ρ = 1e-3 in float32 would be ~0.48, far above.

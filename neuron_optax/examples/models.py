@@ -65,8 +65,8 @@ class Options:
     batch_size: FNGD's batch size (fixes the table's shape at ``init``).
     phase: ``"auto"`` (the schedule inside the compiled step), or one phase
       for loops that compile one step per phase: ``"plain"``,
-      ``"statistics"``, ``"inversion"`` (FOOF/KFAC), ``"compute"``,
-      ``"reuse"`` (FNGD). Ignored by the other methods.
+      ``"statistics"``, ``"inversion"`` (FOOF/KFAC; FNGD: ``"inversion"``,
+      ``"plain"``). Ignored by the other methods.
   """
 
   inverse_every: int = 1
@@ -90,8 +90,8 @@ class Method:
     amortised: whether the step cost follows the ``inverse_every`` schedule
       (FOOF/KFAC).
     phased: whether the benchmarks run it with a Python-level switch and no
-      ``lax.cond`` in any compiled step. FNGD: ``make(..., phase="compute")``
-      for the computing epoch, ``make(..., phase="reuse")`` afterwards.
+      ``lax.cond`` in any compiled step. FNGD: ``make(..., phase="inversion")``
+      for the computing epoch, ``make(..., phase="plain")`` afterwards.
       FOOF/KFAC: one step per ``phase`` in ``("plain", "statistics",
       "inversion")``, picked on the host with
       :func:`neuron_optax.amortisation_phase`.
@@ -171,7 +171,7 @@ def _kfac(damping_mode: str):
   return build
 
 
-def _fngd(share_coefficients: bool, contraction: str = "gradient"):
+def _fngd(share_coefficients: bool, contraction: str = "auto"):
   def build(hp: Hyperparameters, options: Options) -> optax.GradientTransformation:
     if share_coefficients:
       tx = nox.fngd(
