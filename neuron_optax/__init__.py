@@ -9,6 +9,7 @@ Public API:
   fisher_vector_product, damped_fisher_solve, laplace_sample, laplace_log_marginal_likelihood,
   tune_prior_precision, ...  Fisher products and Laplace posteriors (Benzing 2022 App. C)
   fngd                  inverse-free fast natural gradient            (FNGD)
+  eigenbasis            any optax transform in the factors' eigenbasis (EKFAC, SOAP)
   amortisation_phase    the kind of a FOOF/KFAC step, for loops that compile one step per phase
   coefficient_phase     the same for FNGD's coefficient sharing
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
@@ -23,6 +24,7 @@ from neuron_optax._version import __version__ as __version__
 from neuron_optax.accumulation import AccumulationState, accumulate_micro_batches
 from neuron_optax.amortisation import amortisation_phase, coefficient_phase
 from neuron_optax.diagnostics import kfac_foof_similarity
+from neuron_optax.eigenbasis import EigenbasisState, eigenbasis
 from neuron_optax.fngd import FngdState, fngd
 from neuron_optax.foof import FoofState, foof
 from neuron_optax.kfac import KfacState, kfac
@@ -62,6 +64,8 @@ __all__ = [
   "NaturalGradientState",
   "fngd",
   "FngdState",
+  "eigenbasis",
+  "EigenbasisState",
   # Training-loop helpers
   "accumulate_micro_batches",
   "AccumulationState",
