@@ -1,10 +1,11 @@
-"""GPT-style character LM on Python's bundled docs: AdamW vs SGD vs FOOF/KFAC/FNGD recipes.
+"""GPT-style character LM on Python's bundled docs: AdamW, Muon, schedule-free AdamW and neuron recipes.
 
 The corpus is ``pydoc_data.topics`` (the text of ``help()``, shipped with Python;
-:mod:`neuron_optax.examples.text`), 96 characters; the last 10 % is held out. The model
-is written the way Flax users write a small GPT: ``nn.Embed`` plus a learned position
-table, ``--layers`` pre-LayerNorm blocks (causal ``nn.MultiHeadDotProductAttention``
-and a GELU MLP, 4x) stacked with
+:mod:`neuron_optax.examples.text`), 96 characters, split in three contiguous parts:
+**train** (first 80 %), **validation** (next 10 %: every tuning decision) and **test** (last
+10 %: every reported number). The model is written the way Flax users write a small GPT:
+``nn.Embed`` plus a learned position table, ``--layers`` pre-LayerNorm blocks (causal
+``nn.MultiHeadDotProductAttention`` and a GELU MLP, 4x) stacked with
 ``nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True})``,
 a final LayerNorm and an untied ``Dense`` head (``--tied``: ``embed.attend``).
 
@@ -17,47 +18,63 @@ method unrolled, so step times compare like with like (``layout`` in the JSON).
 
 Recipes. Each run is a recipe string ``PRE+OPT[:key=value,...]``:
 
-* ``PRE`` ``none`` | ``foof`` | ``kfac`` | ``fngd``; ``OPT`` ``adamw`` | ``adam`` | ``sgd``
-  (SGD with momentum 0.9). ``adamw`` is ``adamw(b1=0.9, b2, weight_decay=wd)`` with
-  the decay on kernels and the embedding only; ``adam`` the same with ``wd=0``.
-* ``lr`` peak learning rate (``a/b/c``: a grid, each a separate run), ``sched``
-  ``cosine`` (linear warm-up over ``warmup`` of the steps, default 0.05, then cosine
-  to 10 % of the peak) or ``const``; ``horizon`` the fraction of ``--steps`` that the
-  schedule and the run last (``0.7``: the schedule ends at 0.7x the steps).
-* ``clip`` global-norm clipping of the optimizer's input (after the preconditioner;
-  default 1.0 for adam/adamw, off for sgd; ``0``: off), ``b2``, ``wd``.
+* ``PRE`` ``none`` | ``foof`` | ``kfac`` | ``fngd`` | ``eigen`` (``nox.eigenbasis`` wrapping
+  ``OPT``); ``OPT`` ``adamw`` | ``adam`` | ``sgd`` (momentum 0.9) | ``muon`` |
+  ``sfadamw``. ``adamw`` is ``adamw(b1=0.9, b2, weight_decay=wd)`` with the decay on
+  kernels and the embedding only; ``adam`` the same with ``wd=0``. ``muon`` is
+  ``optax.contrib.muon`` with the standard split: ``MuonDimensionNumbers`` for every hidden
+  matrix (attention query/key/value/out and the MLP kernels, per block of the scanned
+  stack), AdamW (``adam_lr``, AdamW's decay mask) for the embedding, position table, norms,
+  biases and head; ``sfadamw`` is ``optax.contrib.schedule_free_adamw`` (warm-up ``warmup``,
+  evaluated at its averaged iterate).
+* any option ``k=a/b/c`` is a grid (the cartesian product of all grids is run).
+* ``lr`` peak learning rate, ``sched`` ``cosine`` (linear warm-up over ``warmup`` of the
+  steps, default 0.05, then cosine to 10 % of the peak) or ``const``; ``horizon`` the
+  fraction of ``--steps`` that the schedule and the run last.
+* ``clip`` global-norm clipping (default 1.0, off for sgd; ``0``: off), ``b2``, ``wd``;
+  Muon: ``adam_lr`` (the AdamW part's peak, required), ``beta`` (Muon's momentum).
 * preconditioner: ``damping`` (a number, or ``A>B@F``: ``A`` until fraction ``F`` of
-  the run, then ``B``), ``every`` (``inverse_every``), ``window`` (``stats_window``,
-  ``none`` = every step), ``ema`` (``ema_decay``), ``contraction``
-  (``auto``/``rows``/``gradient``), ``alpha`` (FNGD), ``layers`` which captured layers
-  are preconditioned (``all``, or ``+``-joined of ``mlp``, ``attn``, ``qkv``, ``out``,
-  ``head``; the others pass straight to ``OPT``, via ``optax.masked``).
-* ``name`` a label for the tables.
+  the run, then ``B``), ``every`` (``inverse_every`` / ``refresh_every``), ``window``
+  (``stats_window``, ``none`` = every step), ``ema`` (``ema_decay``), ``contraction``,
+  ``alpha`` (FNGD), ``layers`` (FOOF/KFAC/FNGD on ``all`` or ``+``-joined ``mlp``,
+  ``attn``, ``qkv``, ``out``, ``head``; via ``optax.masked``), ``sides`` (``input`` /
+  ``both``) and ``refresh`` (``eigh`` / ``power``) for ``eigen``.
+* ``rec=1`` marks the recommended recipe; ``name`` a label for the tables.
 
-Every recipe is ``chain(PRE, clip, OPT)`` with the learning rate injected into the
-state (one compilation per recipe, the learning-rate grid and the seeds share it).
-All runs of one invocation are trained **in lockstep**: chunks of ``--eval-every``
-steps of each run in turn, so that load on the machine affects all of them alike;
-each chunk is timed (``block_until_ready`` at its end; the held-out evaluation after
-it is not counted), giving held-out loss against steps and against training seconds.
+Every recipe is ``chain(PRE, clip, OPT, step sizes)`` (``eigen``: ``chain(clip,
+nox.eigenbasis(OPT), step sizes)``) with the peak learning rates in the last state (one
+compilation per recipe structure; the learning-rate grid and the seeds share it). All runs
+of one invocation are trained **in lockstep**: chunks of ``--eval-every`` steps of each
+run in turn, so that load on the machine affects all of them alike; each chunk is timed
+(``block_until_ready`` at its end; evaluations are not counted). The step-time ratio is
+the median over chunks of (this recipe's time per step) / (AdamW's, same chunk).
+
+Modes. Reports (default, seeds ``1,2,3``, never used for tuning) record curves on the
+**test** split; ``--tune`` (seed ``0``) records them on the **validation** split and adds a
+``tuning`` table: for every recipe with grids, the best grid point and whether each grid
+option's best value lies strictly inside its grid. Both modes evaluate both splits at the end.
 
 Targets. The reference is the AdamW recipe (the first ``none+adamw`` run, else the first
-``none+adam``/``none+sgd``, or ``--reference NAME``): its held-out loss at the end of its run, averaged over the seeds.
-For every run: the first step (linear interpolation between evaluations) and the
-training seconds at which its held-out loss reaches that target; ratios to AdamW's
-steps and seconds for the whole run. The goal of issue #18: ≤ 0.7x the steps at ≤ 1x
-the seconds.
+``none+adam``/``none+sgd``, or ``--reference NAME``): its final loss on the curve split,
+averaged over the seeds. For every run: the first step (linear interpolation between
+evaluations) and the training seconds at which its loss reaches that target, as fractions
+of AdamW's steps and seconds (``steps_to_reference``, ``wallclock_to_reference``).
+
+``--recipes compare`` runs tuned AdamW, tuned Muon and the recommended neuron recipe and
+writes ``<output-dir>/transformer_lm_<tag>.json`` whose ``summary`` has one entry per recipe:
+``recipe``, ``family``, ``recommended``, ``final_test_loss`` (mean over seeds),
+``steps_to_reference``, ``wallclock_to_reference`` and ``step_time_ratio`` (plus details).
 
 Settings: ``--setting cpu`` (default: d_model 64, 4 heads, 2 layers, context 64,
-batch 32, 500 steps, minutes per run on one core), ``--setting accelerator`` (d_model
-256, 8 heads, 4 layers, context 128, batch 64, 2000 steps; defined and documented, not
-yet run) and ``--quick`` (seconds; used by the test). Writes
-``benchmarks/results/transformer_lm_<tag>.{json,csv,png}`` with the machine, the
-versions and every run's curves.
+batch 32, 500 steps; ``--d-model 128 --layers 4`` the larger CPU scale), ``--setting
+accelerator`` (d_model 256, 8 heads, 4 layers, context 128, batch 64, 2000 steps) and
+``--quick`` (seconds; used by the test). Writes
+``<output-dir>/transformer_lm_<tag>.{json,csv,png}`` with the machine, the versions, the
+grids and every run's curves.
 
-    python benchmarks/transformer_lm.py                 # the CPU table (tuned recipes, 3 seeds)
-    python benchmarks/transformer_lm.py --quick
-    python benchmarks/transformer_lm.py --recipes "none+adamw:lr=2e-3/4e-3" --tag tune_adamw
+    python benchmarks/transformer_lm.py --recipes compare --tag compare_d64 --no-plot
+    python benchmarks/transformer_lm.py --setting accelerator --recipes compare --tag compare_gpu
+    python benchmarks/transformer_lm.py --tune --recipes "none+muon:lr=0.02/0.04/0.08,adam_lr=1.2e-2" --tag tune_muon
 """
 
 from __future__ import annotations
@@ -476,10 +493,15 @@ def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, ba
     opt = optax.contrib.schedule_free_adamw(
       recipe.lr, warmup_steps=warmup, b1=0.9, b2=float(o["b2"]), weight_decay=decay
     )
+  elif recipe.pre == "eigen":
+    # AdamW's decoupled decay commutes with the orthogonal rotations, so it is applied outside the
+    # eigenbasis (the same update as nox.eigenbasis(optax.adamw(...)), without rotating the parameters).
+    opt = optax.adam(unit, b1=0.9, b2=float(o["b2"]))
   else:
     decay = decay if recipe.opt == "adamw" else 0.0
     opt = optax.adamw(unit, b1=0.9, b2=float(o["b2"]), weight_decay=decay, mask=_decay_mask(params))
   if recipe.pre == "eigen":
+    decay = decay if recipe.opt == "adamw" else 0.0
     opt = nox.eigenbasis(
       opt,
       sides=o["sides"],
@@ -489,6 +511,8 @@ def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, ba
       refresh=o["refresh"],
       kernel_input_ndim=kernel_input_ndim,
     )
+    if decay:
+      opt = optax.chain(opt, decoupled_decay(decay, unit, _decay_mask(params)))
   parts.append(opt)
   parts.append(scale_by_step_sizes(labels))
   return optax.chain(*parts), run_steps
