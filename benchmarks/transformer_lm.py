@@ -617,14 +617,14 @@ COMPARE_RECIPES = {
     [
       "none+adamw:lr=1.2e-2,name=AdamW (tuned)",
       "none+muon:lr=0.04,adam_lr=1.2e-2,name=Muon (tuned)",
-      "eigen+adam:lr=8e-3,sides=both,every=10,window=10,rec=1,name=Eigenbasis(A,G) + Adam",
+      "eigen+adamw:lr=2.4e-2,sides=both,refresh=power,every=10,window=2,rec=1,name=Eigenbasis(A+G) power + AdamW",
     ]
   ),
 }
 COMPARE_RECIPES["accelerator"] = COMPARE_RECIPES["cpu"]
 QUICK_COMPARE_RECIPES = (
   "none+adamw:lr=4e-3,name=AdamW;none+muon:lr=0.02,adam_lr=4e-3,name=Muon;"
-  "eigen+adam:lr=4e-3,sides=both,every=5,window=5,rec=1,name=Eigenbasis + Adam"
+  "eigen+adamw:lr=8e-3,sides=both,refresh=power,every=10,window=2,rec=1,name=Eigenbasis + AdamW"
 )
 QUICK_RECIPES = (
   "none+adamw:lr=4e-3,name=AdamW;foof+adam:lr=4e-3,name=FOOF + Adam;foof+sgd:lr=0.1,sched=const,clip=0,name=FOOF + SGD"
