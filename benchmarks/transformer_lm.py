@@ -1,10 +1,11 @@
-"""GPT-style character LM on Python's bundled docs: AdamW vs SGD vs FOOF/KFAC/FNGD recipes.
+"""GPT-style character LM on Python's bundled docs: AdamW, Muon, schedule-free AdamW and neuron recipes.
 
 The corpus is ``pydoc_data.topics`` (the text of ``help()``, shipped with Python;
-:mod:`neuron_optax.examples.text`), 96 characters; the last 10 % is held out. The model
-is written the way Flax users write a small GPT: ``nn.Embed`` plus a learned position
-table, ``--layers`` pre-LayerNorm blocks (causal ``nn.MultiHeadDotProductAttention``
-and a GELU MLP, 4x) stacked with
+:mod:`neuron_optax.examples.text`), 96 characters, split in three contiguous parts:
+**train** (first 80 %), **validation** (next 10 %: every tuning decision) and **test** (last
+10 %: every reported number). The model is written the way Flax users write a small GPT:
+``nn.Embed`` plus a learned position table, ``--layers`` pre-LayerNorm blocks (causal
+``nn.MultiHeadDotProductAttention`` and a GELU MLP, 4x) stacked with
 ``nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True})``,
 a final LayerNorm and an untied ``Dense`` head (``--tied``: ``embed.attend``).
 
@@ -17,47 +18,63 @@ method unrolled, so step times compare like with like (``layout`` in the JSON).
 
 Recipes. Each run is a recipe string ``PRE+OPT[:key=value,...]``:
 
-* ``PRE`` ``none`` | ``foof`` | ``kfac`` | ``fngd``; ``OPT`` ``adamw`` | ``adam`` | ``sgd``
-  (SGD with momentum 0.9). ``adamw`` is ``adamw(b1=0.9, b2, weight_decay=wd)`` with
-  the decay on kernels and the embedding only; ``adam`` the same with ``wd=0``.
-* ``lr`` peak learning rate (``a/b/c``: a grid, each a separate run), ``sched``
-  ``cosine`` (linear warm-up over ``warmup`` of the steps, default 0.05, then cosine
-  to 10 % of the peak) or ``const``; ``horizon`` the fraction of ``--steps`` that the
-  schedule and the run last (``0.7``: the schedule ends at 0.7x the steps).
-* ``clip`` global-norm clipping of the optimizer's input (after the preconditioner;
-  default 1.0 for adam/adamw, off for sgd; ``0``: off), ``b2``, ``wd``.
+* ``PRE`` ``none`` | ``foof`` | ``kfac`` | ``fngd`` | ``eigen`` (``nox.eigenbasis`` wrapping
+  ``OPT``); ``OPT`` ``adamw`` | ``adam`` | ``sgd`` (momentum 0.9) | ``muon`` |
+  ``sfadamw``. ``adamw`` is ``adamw(b1=0.9, b2, weight_decay=wd)`` with the decay on
+  kernels and the embedding only; ``adam`` the same with ``wd=0``. ``muon`` is
+  ``optax.contrib.muon`` with the standard split: ``MuonDimensionNumbers`` for every hidden
+  matrix (attention query/key/value/out and the MLP kernels, per block of the scanned
+  stack), AdamW (``adam_lr``, AdamW's decay mask) for the embedding, position table, norms,
+  biases and head; ``sfadamw`` is ``optax.contrib.schedule_free_adamw`` (warm-up ``warmup``,
+  evaluated at its averaged iterate).
+* any option ``k=a/b/c`` is a grid (the cartesian product of all grids is run).
+* ``lr`` peak learning rate, ``sched`` ``cosine`` (linear warm-up over ``warmup`` of the
+  steps, default 0.05, then cosine to 10 % of the peak) or ``const``; ``horizon`` the
+  fraction of ``--steps`` that the schedule and the run last.
+* ``clip`` global-norm clipping (default 1.0, off for sgd; ``0``: off), ``b2``, ``wd``;
+  Muon: ``adam_lr`` (the AdamW part's peak, required), ``beta`` (Muon's momentum).
 * preconditioner: ``damping`` (a number, or ``A>B@F``: ``A`` until fraction ``F`` of
-  the run, then ``B``), ``every`` (``inverse_every``), ``window`` (``stats_window``,
-  ``none`` = every step), ``ema`` (``ema_decay``), ``contraction``
-  (``auto``/``rows``/``gradient``), ``alpha`` (FNGD), ``layers`` which captured layers
-  are preconditioned (``all``, or ``+``-joined of ``mlp``, ``attn``, ``qkv``, ``out``,
-  ``head``; the others pass straight to ``OPT``, via ``optax.masked``).
-* ``name`` a label for the tables.
+  the run, then ``B``), ``every`` (``inverse_every`` / ``refresh_every``), ``window``
+  (``stats_window``, ``none`` = every step), ``ema`` (``ema_decay``), ``contraction``,
+  ``alpha`` (FNGD), ``layers`` (FOOF/KFAC/FNGD on ``all`` or ``+``-joined ``mlp``,
+  ``attn``, ``qkv``, ``out``, ``head``; via ``optax.masked``), ``sides`` (``input`` /
+  ``both``) and ``refresh`` (``eigh`` / ``power``) for ``eigen``.
+* ``rec=1`` marks the recommended recipe; ``name`` a label for the tables.
 
-Every recipe is ``chain(PRE, clip, OPT)`` with the learning rate injected into the
-state (one compilation per recipe, the learning-rate grid and the seeds share it).
-All runs of one invocation are trained **in lockstep**: chunks of ``--eval-every``
-steps of each run in turn, so that load on the machine affects all of them alike;
-each chunk is timed (``block_until_ready`` at its end; the held-out evaluation after
-it is not counted), giving held-out loss against steps and against training seconds.
+Every recipe is ``chain(PRE, clip, OPT, step sizes)`` (``eigen``: ``chain(clip,
+nox.eigenbasis(OPT), step sizes)``) with the peak learning rates in the last state (one
+compilation per recipe structure; the learning-rate grid and the seeds share it). All runs
+of one invocation are trained **in lockstep**: chunks of ``--eval-every`` steps of each
+run in turn, so that load on the machine affects all of them alike; each chunk is timed
+(``block_until_ready`` at its end; evaluations are not counted). The step-time ratio is
+the median over chunks of (this recipe's time per step) / (AdamW's, same chunk).
+
+Modes. Reports (default, seeds ``1,2,3``, never used for tuning) record curves on the
+**test** split; ``--tune`` (seed ``0``) records them on the **validation** split and adds a
+``tuning`` table: for every recipe with grids, the best grid point and whether each grid
+option's best value lies strictly inside its grid. Both modes evaluate both splits at the end.
 
 Targets. The reference is the AdamW recipe (the first ``none+adamw`` run, else the first
-``none+adam``/``none+sgd``, or ``--reference NAME``): its held-out loss at the end of its run, averaged over the seeds.
-For every run: the first step (linear interpolation between evaluations) and the
-training seconds at which its held-out loss reaches that target; ratios to AdamW's
-steps and seconds for the whole run. The goal of issue #18: ≤ 0.7x the steps at ≤ 1x
-the seconds.
+``none+adam``/``none+sgd``, or ``--reference NAME``): its final loss on the curve split,
+averaged over the seeds. For every run: the first step (linear interpolation between
+evaluations) and the training seconds at which its loss reaches that target, as fractions
+of AdamW's steps and seconds (``steps_to_reference``, ``wallclock_to_reference``).
+
+``--recipes compare`` runs tuned AdamW, tuned Muon and the recommended neuron recipe and
+writes ``<output-dir>/transformer_lm_<tag>.json`` whose ``summary`` has one entry per recipe:
+``recipe``, ``family``, ``recommended``, ``final_test_loss`` (mean over seeds),
+``steps_to_reference``, ``wallclock_to_reference`` and ``step_time_ratio`` (plus details).
 
 Settings: ``--setting cpu`` (default: d_model 64, 4 heads, 2 layers, context 64,
-batch 32, 500 steps, minutes per run on one core), ``--setting accelerator`` (d_model
-256, 8 heads, 4 layers, context 128, batch 64, 2000 steps; defined and documented, not
-yet run) and ``--quick`` (seconds; used by the test). Writes
-``benchmarks/results/transformer_lm_<tag>.{json,csv,png}`` with the machine, the
-versions and every run's curves.
+batch 32, 500 steps; ``--d-model 128 --layers 4`` the larger CPU scale), ``--setting
+accelerator`` (d_model 256, 8 heads, 4 layers, context 128, batch 64, 2000 steps) and
+``--quick`` (seconds; used by the test). Writes
+``<output-dir>/transformer_lm_<tag>.{json,csv,png}`` with the machine, the versions, the
+grids and every run's curves.
 
-    python benchmarks/transformer_lm.py                 # the CPU table (tuned recipes, 3 seeds)
-    python benchmarks/transformer_lm.py --quick
-    python benchmarks/transformer_lm.py --recipes "none+adamw:lr=2e-3/4e-3" --tag tune_adamw
+    python benchmarks/transformer_lm.py --recipes compare --tag compare_d64 --no-plot
+    python benchmarks/transformer_lm.py --setting accelerator --recipes compare --tag compare_gpu
+    python benchmarks/transformer_lm.py --tune --recipes "none+muon:lr=0.02/0.04/0.08,adam_lr=1.2e-2" --tag tune_muon
 """
 
 from __future__ import annotations
@@ -65,6 +82,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -189,17 +207,28 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
   contraction="auto",
   alpha=1.0,
   layers="all",
+  sides="input",
+  refresh="eigh",
+  adam_lr=None,
+  beta=0.95,
+  rec=0,
   name=None,
 )
-DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.1}
+DEFAULT_LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.1, "muon": 0.04, "sfadamw": 3e-3}
+PRECONDITIONERS = ("none", "foof", "kfac", "fngd", "eigen")
+OPTIMIZERS = ("adamw", "adam", "sgd", "muon", "sfadamw")
+# Options that do not change the compiled step: the injected learning rates and the labels.
+_RUNTIME_OPTIONS = ("lr", "adam_lr", "name", "rec")
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  spec: str  # the string it was parsed from, with one learning rate
+  spec: str  # the string it was parsed from, with one value per grid option
   pre: str
   opt: str
   options: dict
+  base: str = ""  # the recipe string with its grids, shared by every point of the grid
+  grid: tuple = ()  # the options given as grids (a/b/c)
 
   @property
   def name(self) -> str:
@@ -213,36 +242,76 @@ class Recipe:
   def uses_stats(self) -> bool:
     return self.pre != "none"
 
+  @property
+  def family(self) -> str:
+    if self.pre != "none":
+      return "neuron"
+    return {"adamw": "adamw", "adam": "adamw", "sgd": "sgd", "muon": "muon", "sfadamw": "schedule_free"}[self.opt]
+
+  @property
+  def recommended(self) -> bool:
+    return str(self.options["rec"]) not in ("0", "False", "false", "no")
+
   def structure(self) -> str:
-    """Everything but the learning rate and the label: runs with equal structure share a compiled step."""
+    """Everything but the injected learning rates and the labels: runs with equal structure share a compiled step.
+
+    Schedule-free AdamW's learning rate is part of its update (no injected scale), so it is structure there.
+    """
+    runtime = () if self.opt == "sfadamw" else _RUNTIME_OPTIONS
     return f"{self.pre}+{self.opt}:" + ",".join(
-      f"{k}={v}" for k, v in sorted(self.options.items()) if k not in ("lr", "name")
+      f"{k}={v}" for k, v in sorted(self.options.items()) if k not in runtime + ("name", "rec")
     )
 
 
 def parse_recipes(spec: str) -> list[Recipe]:
-  """``"a;b"``: one :class:`Recipe` per recipe and learning rate (``lr=x/y``)."""
+  """``"a;b"``: one :class:`Recipe` per recipe and grid point (any option ``k=x/y/z`` is a grid)."""
   out = []
   for item in filter(None, (s.strip() for s in spec.split(";"))):
     head, _, tail = item.partition(":")
     pre, _, opt = head.partition("+")
-    if pre not in ("none", "foof", "kfac", "fngd") or opt not in ("adamw", "adam", "sgd"):
-      raise ValueError(f"recipe {item!r}: expected PRE+OPT with PRE in none/foof/kfac/fngd, OPT in adamw/adam/sgd")
+    if pre not in PRECONDITIONERS or opt not in OPTIMIZERS:
+      raise ValueError(
+        f"recipe {item!r}: expected PRE+OPT with PRE in {'/'.join(PRECONDITIONERS)}, OPT in {'/'.join(OPTIMIZERS)}"
+      )
     options = dict(RECIPE_DEFAULTS)
     for pair in filter(None, tail.split(",")):
       key, _, value = pair.partition("=")
       if key not in options:
         raise ValueError(f"recipe {item!r}: unknown option {key!r}")
       options[key] = value
-    lrs = str(options["lr"] or DEFAULT_LR[opt]).split("/")
-    for lr in lrs:
-      one = dict(options, lr=float(lr))
+    if options["lr"] is None:
+      options["lr"] = str(DEFAULT_LR[opt])
+    grid = tuple(k for k, v in options.items() if k != "name" and isinstance(v, str) and "/" in v)
+    values = [options[k].split("/") for k in grid]
+    for point in itertools.product(*values):
+      one = dict(options, **dict(zip(grid, point)))
+      one["lr"] = float(one["lr"])
       label = options["name"]
-      if label and len(lrs) > 1:
-        one["name"] = f"{label} lr={float(lr):g}"
-      spec_one = item if len(lrs) == 1 else item.replace(f"lr={options['lr']}", f"lr={lr}")
-      out.append(Recipe(spec_one, pre, opt, one))
+      suffix = " ".join(f"{k}={_number(v)}" for k, v in zip(grid, point))
+      if label and grid:
+        one["name"] = f"{label} {suffix}"
+      spec_one = f"{pre}+{opt}:" + ",".join(
+        f"{k}={_number(v)}" for k, v in one.items() if v != RECIPE_DEFAULTS[k] and k != "name"
+      )
+      if label:
+        spec_one += f",name={one['name']}"
+      out.append(Recipe(spec_one, pre, opt, one, base=item, grid=grid))
   return out
+
+
+def _is_number(value) -> bool:
+  try:
+    float(value)
+  except (TypeError, ValueError):
+    return False
+  return True
+
+
+def _number(value) -> str:
+  try:
+    return format(float(value), "g")
+  except (TypeError, ValueError):
+    return str(value)
 
 
 def _float_or_none(value):
@@ -289,18 +358,74 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, batch_size: int, kernel_input_ndim=None):
-  """``chain(PRE, clip, OPT, scale(-lr))`` with ``lr`` injected (``hyperparams['step_size']``).
+def muon_dimension_numbers(params):
+  """``optax.contrib.muon``'s standard split: every hidden matrix (attention query/key/value/out and the MLP
+  kernels, each copy of a stacked block separately) gets ``MuonDimensionNumbers``; embeddings, the position
+  table, norms, biases and the head get ``None`` (AdamW)."""
 
+  def dims(path, leaf):
+    names = _path_names(path)
+    if names[-1] != "kernel" or "head" in names:
+      return None
+    stack = leaf.ndim - (3 if names[-2] in ("query", "key", "value", "out") else 2)
+    if names[-2] == "out":  # (heads, head_dim) -> d_model
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=(stack, stack + 1), output_axis=stack + 2)
+    if names[-2] in ("query", "key", "value"):  # d_model -> (heads, head_dim)
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=stack, output_axis=(stack + 1, stack + 2))
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=stack, output_axis=stack + 1)
+
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def _decay_mask(params):
+  """AdamW's weight decay: kernels and the embedding, not biases, norms or the position table."""
+  return jax.tree_util.tree_map_with_path(lambda path, x: x.ndim >= 2 and "position" not in _path_names(path), params)
+
+
+def decoupled_decay(weight_decay: float, schedule, mask) -> optax.GradientTransformation:
+  """``u - schedule(t) * wd * p`` on ``mask``: the decoupled decay of ``optax.adamw`` (before its peak scale)."""
+
+  def init(params):
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    factor = schedule(state.count) if callable(schedule) else schedule
+    updates = jax.tree.map(lambda u, p, m: u - factor * weight_decay * p if m else u, updates, params, mask)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
+def scale_by_step_sizes(labels) -> optax.GradientTransformation:
+  """Multiplies each leaf by the step size of its label (``"base"`` or ``"muon"``), held in the state.
+
+  The peak learning rates live in the state, so a learning-rate grid and the seeds share one compiled step.
+  """
+
+  def init(params):
+    del params
+    return {"base": jnp.ones([], jnp.float32), "muon": jnp.ones([], jnp.float32)}
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, label: u * state[label].astype(u.dtype), updates, labels), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, batch_size: int, kernel_input_ndim=None):
+  """``chain(PRE, clip, OPT, step sizes)`` with the peak learning rates in the last state.
+
+  ``PRE=eigen`` wraps ``clip, OPT`` instead: ``chain(clip, nox.eigenbasis(OPT), step sizes)``.
   ``kernel_input_ndim``: the captured layers' layouts, ``nox.kernel_layouts(stats)`` (the
   scanned model's kernels have a leading stack axis, one FOOF/KFAC state per block).
   """
   o = recipe.options
   run_steps = max(1, int(round(float(o["horizon"]) * steps)))
+  window = None if str(o["window"]).lower() == "none" else int(o["window"])
   parts = []
-  if recipe.pre != "none":
+  if recipe.pre in ("foof", "kfac", "fngd"):
     damping = damping_value(o["damping"], run_steps)
-    window = None if str(o["window"]).lower() == "none" else int(o["window"])
     if recipe.pre == "foof":
       pre = nox.foof(
         damping,
@@ -334,29 +459,86 @@ def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, ba
     parts.append(pre)
   clip = _float_or_none(o["clip"])
   if clip is None:
-    clip = 1.0 if recipe.opt in ("adam", "adamw") else 0.0
+    clip = 0.0 if recipe.opt == "sgd" else 1.0
   if clip > 0:
     parts.append(optax.clip_by_global_norm(clip))
   unit = unit_schedule(o, run_steps)
+  decay = float(o["wd"])
+  labels = jax.tree.map(lambda _: "base", params)
   if recipe.opt == "sgd":
-    parts.append(optax.sgd(unit, momentum=float(o["momentum"])))
-  else:
-    decay = float(o["wd"]) if recipe.opt == "adamw" else 0.0
-    decay_mask = jax.tree_util.tree_map_with_path(
-      lambda path, x: x.ndim >= 2 and "position" not in _path_names(path), params
+    opt = optax.sgd(unit, momentum=float(o["momentum"]))
+  elif recipe.opt == "muon":
+    dims = muon_dimension_numbers(params)
+    labels = jax.tree.map(
+      lambda d: "base" if d is None else "muon",
+      dims,
+      is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers),
     )
-    parts.append(optax.adamw(unit, b1=0.9, b2=float(o["b2"]), weight_decay=decay, mask=decay_mask))
-  parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
+    adam_decay = jax.tree.map(lambda m, label: bool(m) and label == "base", _decay_mask(params), labels)
+    opt = optax.chain(
+      optax.contrib.muon(
+        unit,
+        beta=float(o["beta"]),
+        weight_decay=decay,
+        adam_b1=0.9,
+        adam_b2=float(o["b2"]),
+        adam_weight_decay=0.0,  # AdamW's masked decay below, as in the AdamW baseline
+        adam_learning_rate=unit,
+        muon_weight_dimension_numbers=dims,
+      ),
+      decoupled_decay(decay, unit, adam_decay),
+    )
+  elif recipe.opt == "sfadamw":
+    warmup = max(1, int(float(o["warmup"]) * run_steps))
+    opt = optax.contrib.schedule_free_adamw(
+      recipe.lr, warmup_steps=warmup, b1=0.9, b2=float(o["b2"]), weight_decay=decay
+    )
+  elif recipe.pre == "eigen":
+    # AdamW's decoupled decay commutes with the orthogonal rotations, so it is applied outside the
+    # eigenbasis (the same update as nox.eigenbasis(optax.adamw(...)), without rotating the parameters).
+    opt = optax.adam(unit, b1=0.9, b2=float(o["b2"]))
+  else:
+    decay = decay if recipe.opt == "adamw" else 0.0
+    opt = optax.adamw(unit, b1=0.9, b2=float(o["b2"]), weight_decay=decay, mask=_decay_mask(params))
+  if recipe.pre == "eigen":
+    decay = decay if recipe.opt == "adamw" else 0.0
+    opt = nox.eigenbasis(
+      opt,
+      sides=o["sides"],
+      ema_decay=float(o["ema"]),
+      refresh_every=int(o["every"]),
+      stats_window=window,
+      refresh=o["refresh"],
+      kernel_input_ndim=kernel_input_ndim,
+    )
+    if decay:
+      opt = optax.chain(opt, decoupled_decay(decay, unit, _decay_mask(params)))
+  parts.append(opt)
+  parts.append(scale_by_step_sizes(labels))
   return optax.chain(*parts), run_steps
 
 
-def init_state(tx, params, learning_rate: float):
-  state = tx.init(params)
-  inner = state[-1]
-  state = state[:-1] + (
-    inner._replace(hyperparams=dict(inner.hyperparams, step_size=jnp.asarray(learning_rate, jnp.float32))),
-  )
-  return state
+def step_sizes(recipe: Recipe) -> dict:
+  """The injected peak learning rates: ``base`` (AdamW's, or Muon's AdamW part) and ``muon``."""
+  if recipe.opt == "sfadamw":
+    return {"base": 1.0, "muon": 1.0}
+  if recipe.opt == "muon":
+    if recipe.options["adam_lr"] is None:
+      raise ValueError(f"recipe {recipe.spec!r}: Muon needs adam_lr= (the tuned AdamW learning rate)")
+    return {"base": float(recipe.options["adam_lr"]), "muon": recipe.lr}
+  return {"base": recipe.lr, "muon": recipe.lr}
+
+
+def init_state(tx, params, sizes: dict):
+  state = jax.tree.map(jnp.copy, tx.init(params))  # distinct buffers: the step donates its state
+  return state[:-1] + ({k: jnp.asarray(v, jnp.float32) for k, v in sizes.items()},)
+
+
+def eval_params(recipe: Recipe, params, state):
+  """Schedule-free AdamW is evaluated at its averaged iterate ``x``, every other method at its parameters."""
+  if recipe.opt != "sfadamw":
+    return params
+  return optax.contrib.schedule_free_eval_params(state[-2], params)
 
 
 def make_step(loss_fn, tx, uses_stats: bool):
@@ -428,6 +610,22 @@ SETTINGS = {
     d_model=32, heads=4, layers=2, seq_len=32, batch_size=16, steps=40, eval_every=10, eval_windows=32, max_chars=30_000
   ),
 }
+# --recipes compare: tuned AdamW, tuned Muon and the recommended neuron recipe (the tuning runs are
+# benchmarks/results/transformer_lm_tune_*.json; tuned on validation, seed 0).
+COMPARE_RECIPES = {
+  "cpu": ";".join(
+    [
+      "none+adamw:lr=1.2e-2,name=AdamW (tuned)",
+      "none+muon:lr=0.04,adam_lr=1.2e-2,name=Muon (tuned)",
+      "eigen+adamw:lr=2.4e-2,sides=both,refresh=power,every=10,window=2,rec=1,name=Eigenbasis(A+G) power + AdamW",
+    ]
+  ),
+}
+COMPARE_RECIPES["accelerator"] = COMPARE_RECIPES["cpu"]
+QUICK_COMPARE_RECIPES = (
+  "none+adamw:lr=4e-3,name=AdamW;none+muon:lr=0.02,adam_lr=4e-3,name=Muon;"
+  "eigen+adamw:lr=8e-3,sides=both,refresh=power,every=10,window=2,rec=1,name=Eigenbasis + AdamW"
+)
 QUICK_RECIPES = (
   "none+adamw:lr=4e-3,name=AdamW;foof+adam:lr=4e-3,name=FOOF + Adam;foof+sgd:lr=0.1,sched=const,clip=0,name=FOOF + SGD"
 )
@@ -441,12 +639,17 @@ class Run:
   def __init__(self, recipe: Recipe, seed: int, step, tx, params, run_steps: int, batches):
     self.recipe, self.seed, self.step, self.run_steps = recipe, seed, step, run_steps
     self.params = jax.tree.map(jnp.copy, params)
-    self.state = init_state(tx, self.params, recipe.lr)
+    self.state = init_state(tx, self.params, step_sizes(recipe))
     self.batches = batches
     self.done, self.diverged = 0, False
     self.losses: list[float] = []
     self.evals: list[tuple[int, float, float]] = []  # (step, held-out loss, training seconds)
     self.seconds = 0.0
+    self.chunk_seconds: list[float] = []  # per lockstep chunk, for the step-time ratio
+
+  @property
+  def eval_params(self):
+    return eval_params(self.recipe, self.params, self.state)
 
   @property
   def finished(self) -> bool:
@@ -460,7 +663,9 @@ class Run:
       self.params, self.state, loss = self.step(self.params, self.state, next(self.batches))
       pending.append(loss)
     jax.block_until_ready((self.params, self.state))
-    self.seconds += time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    self.seconds += elapsed
+    self.chunk_seconds.append(elapsed / k)
     self.done += k
     self.losses.extend(float(x) for x in pending)
     tail = self.losses[-k:]
@@ -489,6 +694,64 @@ def summarise(values):
   return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def three_splits(tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """train (first 80 %), validation (next 10 %: all tuning) and test (last 10 %: every reported number)."""
+  rest, test = text.split(tokens, valid_fraction=0.1)
+  train, validation = text.split(rest, valid_fraction=1 / 9)
+  return {"train": train, "validation": validation, "test": test}
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, count: int) -> list[jax.Array]:
+  """``count`` evenly spaced ``seq_len + 1`` windows of a held-out split, in batches of 64."""
+  starts = np.linspace(0, len(tokens) - seq_len - 1, count).astype(int)
+  windows = np.asarray(tokens)[starts[:, None] + np.arange(seq_len + 1)]
+  return [jnp.asarray(windows[i : i + 64]) for i in range(0, len(windows), 64)]
+
+
+def lockstep_ratio(runs: list[Run], reference: list[Run]) -> float | None:
+  """Median over lockstep chunks of (mean time per step of ``runs``) / (the reference's), chunk by chunk."""
+  if not runs or not reference:
+    return None
+  chunks = min(len(r.chunk_seconds) for r in runs + reference)
+  ratios = [
+    float(np.mean([r.chunk_seconds[i] for r in runs]) / np.mean([r.chunk_seconds[i] for r in reference]))
+    for i in range(chunks)
+  ]
+  return statistics.median(ratios) if ratios else None
+
+
+def tuning_table(recipes: list[Recipe], rows: list[dict]) -> list[dict]:
+  """Per recipe string with grids: the best grid point on the curve split and, per grid option, whether
+  its best value lies strictly inside the grid (not its smallest or largest value)."""
+  by_name = {row["name"]: row for row in rows}
+  table = []
+  for base in dict.fromkeys(r.base for r in recipes if r.grid):
+    points = [r for r in recipes if r.base == base]
+    scored = [(by_name[r.name]["final_curve_mean"], r) for r in points if by_name[r.name]["final_curve_mean"]]
+    if not scored:
+      table.append(dict(recipe=base, best=None, best_validation_loss=float("nan"), strictly_inside={}))
+      continue
+    loss, best = min(scored, key=lambda x: x[0])
+    inside, grid = {}, {}
+    for key in best.grid:
+      values = list(dict.fromkeys(r.options[key] for r in points))
+      if all(_is_number(v) for v in values):
+        values = sorted(values, key=float)
+      grid[key] = values
+      inside[key] = len(values) >= 3 and values.index(best.options[key]) not in (0, len(values) - 1)
+    table.append(
+      dict(
+        recipe=base,
+        best=best.name,
+        best_values={k: best.options[k] for k in best.grid},
+        best_validation_loss=loss,
+        strictly_inside=inside,
+        grid=grid,
+      )
+    )
+  return table
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--setting", choices=("cpu", "accelerator"), default="cpu")
@@ -502,7 +765,15 @@ def main(argv=None):
   parser.add_argument(
     "--reference", default=None, help="name of the AdamW reference recipe (default: first none+adamw)"
   )
-  parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick 0)")
+  parser.add_argument(
+    "--seeds", default=None, help="comma-separated (default: 1,2,3 for reports, 0 for --tune and --quick)"
+  )
+  parser.add_argument(
+    "--tune",
+    action="store_true",
+    help="tuning mode: curves on the validation split, seed 0, and a 'tuning' table saying for every grid "
+    "option which value was best and whether it lies strictly inside the grid",
+  )
   parser.add_argument("--layout", choices=("auto", "scan", "unrolled"), default="auto")
   parser.add_argument("--no-remat", action="store_true", help="scan without nn.remat")
   parser.add_argument("--tied", action="store_true", help="tie the head to the embedding (embed.attend)")
@@ -527,22 +798,28 @@ def main(argv=None):
   for key in config:
     if getattr(args, key) is not None:
       config[key] = getattr(args, key)
-  seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-  named = {"cpu": CPU_RECIPES, "accelerator": ACCELERATOR_RECIPES, "defaults": DEFAULTS_RECIPES, "quick": QUICK_RECIPES}
+  seeds = [int(s) for s in (args.seeds or ("0" if args.quick or args.tune else "1,2,3")).split(",")]
+  named = {
+    "cpu": CPU_RECIPES,
+    "accelerator": ACCELERATOR_RECIPES,
+    "defaults": DEFAULTS_RECIPES,
+    "quick": QUICK_RECIPES,
+    "compare": QUICK_COMPARE_RECIPES if args.quick else COMPARE_RECIPES.get(setting, COMPARE_RECIPES["cpu"]),
+  }
   recipes = parse_recipes(named.get(args.recipes or setting, args.recipes))
   tag = args.tag or setting
+  curve_split = "validation" if args.tune else "test"
 
   from common import machine_info  # benchmarks/common.py
 
   load_before = os.getloadavg()
   started = time.perf_counter()
   tokens = text.encode(text.python_docs(max_chars=config["max_chars"]))
-  train_tokens, valid_tokens = text.split(tokens, valid_fraction=0.1)
+  splits = three_splits(tokens)
+  train_tokens = splits["train"]
   seq_len, batch_size = config["seq_len"], config["batch_size"]
   steps_per_epoch = text.steps_per_epoch(train_tokens, batch_size, seq_len)
-  starts = np.linspace(0, len(valid_tokens) - seq_len - 1, config["eval_windows"]).astype(int)
-  held_out = np.asarray(valid_tokens)[starts[:, None] + np.arange(seq_len + 1)]
-  eval_batches = [jnp.asarray(held_out[i : i + 64]) for i in range(0, len(held_out), 64)]
+  eval_sets = {name: eval_windows(splits[name], seq_len, config["eval_windows"]) for name in ("validation", "test")}
 
   dims = (config["d_model"], config["heads"], config["layers"], seq_len)
   model_scan = TransformerLM(*dims, scan=True, remat=not args.no_remat, tied=args.tied)
@@ -565,15 +842,16 @@ def main(argv=None):
   to_layout = (lambda p: p) if layout == "scan" else (lambda p: unstack_blocks(p, config["layers"]))
   loss_fn = lambda p, w: lm_loss(model, p, w)
   eval_loss = jax.jit(loss_fn)
-  evaluate = lambda p: float(
-    np.average([eval_loss(p, b) for b in eval_batches], weights=[len(b) for b in eval_batches])
-  )
+
+  def evaluate(p, split=curve_split):
+    batches = eval_sets[split]
+    return float(np.average([eval_loss(p, b) for b in batches], weights=[len(b) for b in batches]))
 
   params0 = {seed: to_layout(init_scan(jax.random.key(seed))) for seed in seeds}
   n_params = int(sum(x.size for x in jax.tree.leaves(params0[seeds[0]])))
   print(
     f"setting {setting}: {n_params} parameters, layout {layout}{' (' + layout_note + ')' if layout_note else ''}; "
-    f"{len(train_tokens)} training / {len(valid_tokens)} held-out characters, {steps_per_epoch} steps per epoch; "
+    f"{len(train_tokens)} training / {len(splits['validation'])} validation / {len(splits['test'])} test characters, {steps_per_epoch} steps per epoch; "
     f"{config['steps']} steps, {len(recipes)} recipes x {len(seeds)} seeds; load {load_before[0]:.2f}",
     flush=True,
   )
@@ -600,10 +878,10 @@ def main(argv=None):
   compile_start = time.perf_counter()
   for tx, _, step in compiled.values():  # compile outside the timed chunks
     p = jax.tree.map(jnp.copy, params0[seeds[0]])
-    jax.block_until_ready(step(p, init_state(tx, p, 0.0), example))
+    jax.block_until_ready(step(p, init_state(tx, p, {"base": 0.0, "muon": 0.0}), example))
   compile_seconds = time.perf_counter() - compile_start
   for run in runs:
-    run.evals.append((0, evaluate(run.params), 0.0))
+    run.evals.append((0, evaluate(run.eval_params), 0.0))
 
   chunk = config["eval_every"]
   while not all(run.finished for run in runs):
@@ -611,11 +889,13 @@ def main(argv=None):
       if not run.finished:
         run.advance(chunk)
         if not run.diverged:
-          run.evals.append((run.done, evaluate(run.params), run.seconds))
+          run.evals.append((run.done, evaluate(run.eval_params), run.seconds))
     done = min(run.done for run in runs if not run.finished) if not all(r.finished for r in runs) else config["steps"]
     print(f"  step {done}/{config['steps']}  load {os.getloadavg()[0]:.2f}", flush=True)
 
   # ---- the reference and the targets ---------------------------------------------------------
+  for run in runs:  # both held-out splits at the end, whichever one the curves were recorded on
+    run.final = {split: evaluate(run.eval_params, split) for split in eval_sets} if not run.diverged else {}
   names = list(dict.fromkeys(r.recipe.name for r in runs))
   by_name = {name: [r for r in runs if r.recipe.name == name] for name in names}
   plain = [n for n in names if by_name[n][0].recipe.pre == "none"]  # AdamW first, then Adam, then any first-order
@@ -630,6 +910,7 @@ def main(argv=None):
   rows = []
   for name in names:
     group = by_name[name]
+    recipe = group[0].recipe
     ok = [r for r in group if not r.diverged]
     finals = [r.evals[-1][1] for r in ok]
     hits = [interpolate_target(r.evals, target) if target is not None else (None, None) for r in ok]
@@ -640,49 +921,75 @@ def main(argv=None):
     mean_final, sd_final = summarise(finals)
     mean_steps, _ = summarise(steps_hit) if reached == len(ok) and ok else (None, None)
     mean_seconds, _ = summarise(seconds_hit) if reached == len(ok) and ok else (None, None)
+    steps_ratio = mean_steps / ref_steps if mean_steps is not None and ref_steps else None
+    seconds_ratio = mean_seconds / ref_seconds if mean_seconds is not None and ref_seconds else None
+    if name == reference and ok:
+      # The target is the mean of AdamW's own finals, which its worse seeds never reach; AdamW takes
+      # all its steps and seconds to get there by definition.
+      steps_ratio = seconds_ratio = 1.0
     rows.append(
       dict(
+        recipe=name,
+        family=recipe.family,
+        recommended=recipe.recommended,
+        final_test_loss=summarise([r.final["test"] for r in ok])[0],
+        steps_to_reference=steps_ratio,
+        wallclock_to_reference=seconds_ratio,
+        step_time_ratio=lockstep_ratio(ok, ref_runs),
         name=name,
-        recipe=group[0].recipe.spec,
-        structure=group[0].recipe.structure(),
-        learning_rate=group[0].recipe.lr,
+        spec=recipe.spec,
+        structure=recipe.structure(),
+        learning_rate=recipe.lr,
         seeds=len(group),
         diverged=len(group) - len(ok),
         run_steps=group[0].run_steps,
-        final_valid_mean=mean_final,
-        final_valid_sd=sd_final,
-        best_valid_mean=summarise([min(e[1] for e in r.evals) for r in ok])[0],
+        final_test_sd=summarise([r.final["test"] for r in ok])[1],
+        final_validation_loss=summarise([r.final["validation"] for r in ok])[0],
+        curve_split=curve_split,
+        final_curve_mean=mean_final,
+        final_curve_sd=sd_final,
+        best_curve_mean=summarise([min(e[1] for e in r.evals) for r in ok])[0],
         final_train_mean=summarise([float(np.mean(r.losses[-max(1, r.done // 10) :])) for r in ok])[0],
         reached_target=f"{reached}/{len(group)}",
         steps_to_target=mean_steps,
-        steps_ratio=mean_steps / ref_steps if mean_steps is not None and ref_steps else None,
         seconds_to_target=mean_seconds,
-        seconds_ratio=mean_seconds / ref_seconds if mean_seconds is not None and ref_seconds else None,
         ms_per_step=1e3 * statistics.median(per_step) if per_step else None,
-        step_time_ratio=(statistics.median(per_step) / statistics.median([r.seconds / r.done for r in ref_runs]))
+        mean_step_time_ratio=(statistics.median(per_step) / statistics.median([r.seconds / r.done for r in ref_runs]))
         if per_step and ref_runs
         else None,
       )
     )
+  tuning = tuning_table(recipes, rows) if args.tune else []
 
   fmt = lambda v, f: "-" if v is None else format(v, f)
   print(
-    f"\ntarget: {reference} final held-out loss {fmt(target, '.4f')} at {fmt(ref_steps, '.0f')} steps, {fmt(ref_seconds, '.1f')} s"
+    f"\ntarget: {reference} final {curve_split} loss {fmt(target, '.4f')} at {fmt(ref_steps, '.0f')} steps, "
+    f"{fmt(ref_seconds, '.1f')} s"
   )
-  print(f"{'recipe':60s} {'final val':>13s} {'reach':>5s} {'steps x':>7s} {'secs x':>7s} {'step t x':>8s}")
+  print(
+    f"{'recipe':56s} {'final ' + curve_split[:5]:>13s} {'test':>7s} {'reach':>5s} {'steps x':>7s} {'secs x':>7s} {'step t x':>8s}"
+  )
   for row in rows:
     final = (
-      f"{fmt(row['final_valid_mean'], '.4f')}±{fmt(row['final_valid_sd'], '.3f')}"
-      if row["final_valid_mean"]
+      f"{fmt(row['final_curve_mean'], '.4f')}±{fmt(row['final_curve_sd'], '.3f')}"
+      if row["final_curve_mean"]
       else "diverged"
     )
     print(
-      f"{row['name'][:60]:60s} {final:>13s} {row['reached_target']:>5s} {fmt(row['steps_ratio'], '7.2f')} "
-      f"{fmt(row['seconds_ratio'], '7.2f')} {fmt(row['step_time_ratio'], '8.2f')}"
+      f"{row['name'][:56]:56s} {final:>13s} {fmt(row['final_test_loss'], '7.4f')} {row['reached_target']:>5s} "
+      f"{fmt(row['steps_to_reference'], '7.2f')} {fmt(row['wallclock_to_reference'], '7.2f')} "
+      f"{fmt(row['step_time_ratio'], '8.2f')}"
+    )
+  for entry in tuning:
+    print(
+      f"tuning {entry['recipe']}: best {entry['best']} (validation {entry['best_validation_loss']:.4f}); "
+      + ", ".join(f"{k} {'inside' if v else 'AT THE EDGE'}" for k, v in entry["strictly_inside"].items())
     )
 
   result = dict(
     setting=setting,
+    mode="tune" if args.tune else "report",
+    curve_split=curve_split,
     config=dict(
       config,
       seeds=seeds,
@@ -692,7 +999,8 @@ def main(argv=None):
       tied=args.tied,
       steps_per_epoch=steps_per_epoch,
       train_characters=int(len(train_tokens)),
-      valid_characters=int(len(valid_tokens)),
+      validation_characters=int(len(splits["validation"])),
+      test_characters=int(len(splits["test"])),
       parameters=n_params,
       vocab_size=text.VOCAB_SIZE,
     ),
@@ -702,9 +1010,11 @@ def main(argv=None):
     compile_seconds=compile_seconds,
     wall_seconds=time.perf_counter() - started,
     reference=reference,
-    target_valid_loss=target,
+    target_loss=target,
     reference_steps=ref_steps,
     reference_seconds=ref_seconds,
+    grids=sorted({r.base for r in recipes}),
+    tuning=tuning,
     summary=rows,
     runs=[
       dict(
@@ -715,6 +1025,8 @@ def main(argv=None):
         diverged=r.diverged,
         steps=r.done,
         seconds=r.seconds,
+        chunk_seconds_per_step=r.chunk_seconds,
+        final=getattr(r, "final", {}),
         evals=r.evals,
         train_losses=r.losses,
       )
@@ -751,7 +1063,7 @@ def plot(result: dict, path: str) -> None:
       kwargs = dict(color=colours[i % len(colours)], alpha=0.85, lw=1.2, label=name if j == 0 else None)
       axes[0].plot(e[:, 0], e[:, 1], **kwargs)
       axes[1].plot(e[:, 2], e[:, 1], **kwargs)
-  target = result["target_valid_loss"]
+  target = result["target_loss"]
   for ax in axes:
     if target is not None:
       ax.axhline(target, color="gray", ls=":", lw=1)
@@ -763,7 +1075,7 @@ def plot(result: dict, path: str) -> None:
     axes[0].set_ylim(min(finals) - 0.05, min(finals) + 0.8)
   axes[0].set_xlabel("step")
   axes[1].set_xlabel("training seconds (timed in lockstep chunks)")
-  axes[0].set_ylabel("held-out loss (nats/char)")
+  axes[0].set_ylabel(f"{result['curve_split']} loss (nats/char)")
   axes[0].legend(fontsize=7)
   c = result["config"]
   fig.suptitle(

@@ -11,6 +11,7 @@ Public API:
                         posteriors and their predictives (Benzing 2022 App. C; laplace-torch's vocabulary)
   fngd                  inverse-free fast natural gradient            (FNGD)
   norm_constrained      the KL constraint on a preconditioned step    (Ba, Grosse & Martens 2017)
+  eigenbasis            any optax transform in the factors' eigenbasis (EKFAC, SOAP)
   amortisation_phase    the kind of a FOOF/KFAC step, for loops that compile one step per phase
   coefficient_phase     the same for FNGD's coefficient sharing
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
@@ -25,6 +26,7 @@ from neuron_optax._version import __version__ as __version__
 from neuron_optax.accumulation import AccumulationState, accumulate_micro_batches
 from neuron_optax.amortisation import amortisation_phase, coefficient_phase
 from neuron_optax.diagnostics import kfac_foof_similarity
+from neuron_optax.eigenbasis import EigenbasisState, eigenbasis
 from neuron_optax.fngd import FngdState, fngd
 from neuron_optax.foof import FoofState, foof
 from neuron_optax.kfac import KfacState, kfac
@@ -71,6 +73,8 @@ __all__ = [
   "FngdState",
   "norm_constrained",
   "NormConstraintState",
+  "eigenbasis",
+  "EigenbasisState",
   # Training-loop helpers
   "accumulate_micro_batches",
   "AccumulationState",

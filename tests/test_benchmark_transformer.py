@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
@@ -39,14 +40,55 @@ def test_recipe_parsing():
   assert transformer_lm.layer_selected(("blocks", "attention", "out"), "out")
 
 
-def test_quick_benchmark_runs(tmp_path):
-  recipes = "none+adamw:lr=4e-3,name=AdamW;foof+adam:lr=4e-3,damping=0.1,every=5,window=2,name=FOOF + Adam"
-  result = transformer_lm.main(["--quick", "--recipes", recipes, "--output-dir", str(tmp_path), "--no-plot"])
-  assert result["reference"] == "AdamW" and result["target_valid_loss"] is not None
-  for row in result["summary"]:
-    assert row["diverged"] == 0, row
-    assert row["final_valid_mean"] < np.log(96), row  # learnt something in 40 steps
+def test_grids_and_the_tuning_table():
+  recipes = transformer_lm.parse_recipes("none+adamw:lr=1e-3/2e-3/4e-3,wd=0/0.1,name=A;eigen+adam:sides=input/both")
+  assert len(recipes) == 8 and recipes[0].grid == ("lr", "wd") and recipes[-1].options["sides"] == "both"
+  assert recipes[0].structure() == recipes[2].structure() != recipes[1].structure()  # lr is injected, wd is not
+  assert [r.family for r in recipes[::6]] == ["adamw", "neuron"]
+  losses = {"A lr=0.001 wd=0": 2.0, "A lr=0.002 wd=0": 1.5, "A lr=0.004 wd=0": 1.7, "A lr=0.001 wd=0.1": 2.1}
+  rows = [dict(name=r.name, final_curve_mean=losses.get(r.name, 1.9)) for r in recipes]
+  table = transformer_lm.tuning_table(recipes, rows)
+  assert table[0]["best"] == "A lr=0.002 wd=0" and table[0]["strictly_inside"] == {"lr": True, "wd": False}
+  assert table[1]["strictly_inside"] == {"sides": False}  # two values: never strictly inside
+
+
+def test_muon_split_on_the_scanned_layout():
+  """optax.contrib.muon's standard split: every hidden matrix of every block, AdamW for the rest."""
+  model = transformer_lm.TransformerLM(16, 2, 2, 8, scan=True)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  dims = transformer_lm.muon_dimension_numbers(params)
+  muon = {"/".join(map(str, k)) for k, d in _items(dims) if d is not None}
+  assert muon == {
+    f"blocks/{m}/kernel"
+    for m in ("attention/query", "attention/key", "attention/value", "attention/out", "mlp_in", "mlp_out")
+  }
+  query = dims["blocks"]["attention"]["query"]["kernel"]  # (layers, d_model, heads, head_dim)
+  assert query == optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=(2, 3))
+  assert dims["blocks"]["attention"]["out"]["kernel"].reduction_axis == (1, 2)
+
+
+def _items(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _items(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
+
+
+def test_quick_compare_writes_the_summary(tmp_path):
+  """``--recipes compare`` (tuned AdamW, tuned Muon, the recommended neuron recipe) in lockstep."""
+  result = transformer_lm.main(["--quick", "--recipes", "compare", "--output-dir", str(tmp_path), "--no-plot"])
   with open(tmp_path / "transformer_lm_quick.json") as f:
     saved = json.load(f)
-  assert saved["machine"]["jax"] == jax.__version__
+  assert saved["machine"]["jax"] == jax.__version__ and saved["curve_split"] == "test"
+  summary = saved["summary"]
+  assert [row["family"] for row in summary] == ["adamw", "muon", "neuron"]
+  assert [row["recommended"] for row in summary] == [False, False, True]
+  for row in summary:
+    assert {"recipe", "final_test_loss", "steps_to_reference", "wallclock_to_reference", "step_time_ratio"} <= set(row)
+    assert row["diverged"] == 0, row
+    assert row["final_test_loss"] < np.log(96), row  # learnt something in 40 steps
+    assert row["step_time_ratio"] > 0
+  assert summary[0]["steps_to_reference"] == 1.0 and summary[0]["step_time_ratio"] == 1.0
+  assert result["reference"] == summary[0]["recipe"]
   assert (tmp_path / "transformer_lm_quick.csv").exists()
