@@ -123,6 +123,8 @@ def everything(model, wrt, to_flat, x, y, key, names):
     out[f"evidence/{s}"] = nox.laplace_log_marginal_likelihood(params, stats, log_likelihood=-2.0, structure=s, **kw)
     out[f"tau/{s}"] = nox.tune_prior_precision(params, stats, dataset_size=N_DATA, structure=s, grid_points=21)
     out[f"probit/{s}"] = nox.glm_predictive(apply_fn, params, stats, structure=s, **kw)
+  # Same key, same noise: both models capture their layers in call order (a1, b1, a2, b2), so the noise is
+  # sliced alike and the Monte-Carlo predictives must agree exactly.
   out["mc"] = nox.glm_predictive(apply_fn, params, stats, link_approx="mc", num_samples=4, key=key, **kw)
   return out
 
