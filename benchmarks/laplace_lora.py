@@ -14,7 +14,8 @@ and test images: the fine-tuned MAP, temperature scaling (one ``T`` on the valid
 
     python benchmarks/laplace_lora.py            # about 3 min on a shared 2-core machine
 
-Writes ``benchmarks/results/laplace_lora.{csv,json}`` (``laplace_lora_grid<k>`` for another ``--grid-points``).
+Writes ``benchmarks/results/laplace_lora.{csv,json}`` (suffixes ``_n<size>``/``_grid<k>`` for other
+``--train-size``/``--grid-points``).
 """
 
 from __future__ import annotations
@@ -211,7 +212,9 @@ def main(argv=None) -> dict[str, Any]:
       record(f"LoRA-Laplace {structure}", tau_from, value, probs, fit_seconds, seconds, log_evidence=float(evidence))
 
   os.makedirs(RESULTS, exist_ok=True)
-  suffix = "" if args.grid_points == 13 else f"_grid{args.grid_points}"
+  suffix = ("" if args.train_size == 200 else f"_n{args.train_size}") + (
+    "" if args.grid_points == 13 else f"_grid{args.grid_points}"
+  )
   base = os.path.join(RESULTS, f"laplace_lora{suffix}")
   fields = ["method", "tau_from", "tau", "nll", "ece", "accuracy", "fit_seconds", "predict_seconds"]
   with open(base + ".csv", "w", newline="") as handle:
