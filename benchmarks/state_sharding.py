@@ -15,6 +15,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -67,17 +68,24 @@ def main() -> None:
   param_sharding = jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x, 8)), params)
   params = jax.device_put(params, param_sharding)
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  foof = nox.foof(1.0, inverse_every=2, kernel_input_ndim=layouts)
+  kfac = nox.kfac(1.0, inverse_every=2, kernel_input_ndim=layouts)
+  standard = nox.kfac(1.0, damping_mode="standard", inverse_every=2, kernel_input_ndim=layouts)
   transforms = {
-    "foof": nox.foof(1.0, inverse_every=2, kernel_input_ndim=layouts),
-    "kfac": nox.kfac(1.0, inverse_every=2, kernel_input_ndim=layouts),
-    "kfac_standard": nox.kfac(1.0, damping_mode="standard", inverse_every=2, kernel_input_ndim=layouts),
-    "fngd": nox.fngd(1.0, steps_per_epoch=10, batch_size=config["batch_size"], kernel_input_ndim=layouts),
+    "foof": (foof, foof),
+    "foof+pad_for_sharding": (nox.pad_for_sharding(foof, 8), foof),
+    "kfac": (kfac, kfac),
+    "kfac+pad_for_sharding": (nox.pad_for_sharding(kfac, 8), kfac),
+    "kfac_standard+pad_for_sharding": (nox.pad_for_sharding(standard, 8), standard),
   }
+  fngd = nox.fngd(1.0, steps_per_epoch=10, batch_size=config["batch_size"], kernel_input_ndim=layouts)
+  transforms["fngd"] = (fngd, fngd)
   rows = []
-  for name, tx in transforms.items():
+  for name, (tx, reference_tx) in transforms.items():
     shapes = jax.eval_shape(tx.init, params)
     shardings = nox.state_sharding(shapes, param_sharding)
-    replicated_state = jax.jit(tx.init, out_shardings=NamedSharding(mesh, P()))(params)
+    # The replicated reference is the unpadded transform (the padding is for sharding only).
+    replicated_state = jax.jit(reference_tx.init, out_shardings=NamedSharding(mesh, P()))(params)
     sharded_state = jax.jit(tx.init, out_shardings=shardings)(params)
     kept = {}
     for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(shardings)):
@@ -85,16 +93,17 @@ def main() -> None:
         kept[jax.tree_util.keystr(path)] = list(leaf.shape)
     kept_bytes = sum(4 * math.prod(shape) for shape in kept.values())
 
-    def step(p, s, w, tx=tx):
+    def step(p, s, w, tx):
       _, grads, stats = nox.value_grad_and_stats(loss_fn)(p, w)
       return tx.update(grads, s, p, stats=stats)
 
     hlo = {}
-    for label, state, out in (
-      ("replicated", replicated_state, NamedSharding(mesh, P())),
-      ("sharded", sharded_state, shardings),
-    ):
-      jitted = jax.jit(step, out_shardings=(param_sharding, out))
+    runs = (
+      ("replicated", reference_tx, replicated_state, NamedSharding(mesh, P())),
+      ("sharded", tx, sharded_state, shardings),
+    )
+    for label, transform, state, out in runs:
+      jitted = jax.jit(functools.partial(step, tx=transform), out_shardings=(param_sharding, out))
       hlo[label] = collectives(jitted.lower(params, state, window).compile().as_text())
       updates, _ = jitted(params, state, window)
       if label == "replicated":

@@ -44,7 +44,7 @@ from neuron_optax.linen import value_grad_and_stats
 from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
 from neuron_optax.param_layout import KernelLayout, kernel_layouts
 from neuron_optax.precision import PrecisionWarning
-from neuron_optax.sharding import state_bytes_per_device, state_sharding
+from neuron_optax.sharding import PaddedState, pad_for_sharding, state_bytes_per_device, state_sharding
 from neuron_optax.train_state import TrainState
 
 __all__ = [
@@ -72,6 +72,8 @@ __all__ = [
   "TrainState",
   # Sharded optimizer state
   "state_sharding",
+  "pad_for_sharding",
+  "PaddedState",
   "state_bytes_per_device",
   # Fisher products and Laplace posteriors (Benzing 2022 App. C)
   "fisher_vector_product",

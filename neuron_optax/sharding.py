@@ -18,9 +18,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import optax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from neuron_optax.fngd import FngdState
@@ -116,7 +118,7 @@ def state_sharding(
     >>> import jax, numpy as np, optax, neuron_optax as nox
     >>> from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
     >>> mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
-    >>> params = {"Dense_0": {"kernel": np.zeros((4, 8)), "bias": np.zeros(8)}}
+    >>> params = {"Dense_0": {"kernel": np.zeros((4, 8), np.float32), "bias": np.zeros(8, np.float32)}}
     >>> shard = {"Dense_0": {"kernel": NamedSharding(mesh, P(None, "fsdp")), "bias": NamedSharding(mesh, P())}}
     >>> tx = nox.foof(1.0)
     >>> shardings = nox.state_sharding(jax.eval_shape(tx.init, params), shard)
@@ -196,3 +198,88 @@ def state_bytes_per_device(state: Any) -> int:
     for shard in leaf.addressable_shards:
       per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
   return max(per_device.values(), default=0)
+
+
+class PaddedState(NamedTuple):
+  """The state of :func:`pad_for_sharding`: the inner state, its layers' odd-sized arrays zero-padded."""
+
+  inner: Any
+
+
+def _pad_layers(node: Any, multiple: int, min_elements: int, shapes: Any = None) -> Any:
+  # Pads (shapes=None) or crops back to ``shapes`` every array of a neuron layer state that no axis of
+  # ``multiple`` divides; everything else is returned as it is.
+  def pad(x: jax.Array) -> jax.Array:
+    if x.ndim == 0 or x.size < min_elements or any(size % multiple == 0 for size in x.shape):
+      return x
+    extra = -x.shape[0] % multiple
+    return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
+
+  def crop(x: jax.Array, shape: Any) -> jax.Array:
+    return x if x.shape == shape.shape else x[: shape.shape[0]]
+
+  def visit(state: Any, reference: Any) -> Any:
+    if isinstance(state, _LAYERED_STATES):
+      if reference is None:
+        return state._replace(layers=jax.tree.map(pad, state.layers))
+      return state._replace(layers=jax.tree.map(crop, state.layers, reference.layers))
+    return state
+
+  is_state = lambda x: isinstance(x, _LAYERED_STATES)  # noqa: E731
+  if shapes is None:
+    return jax.tree.map(lambda s: visit(s, None), node, is_leaf=is_state)
+  return jax.tree.map(visit, node, shapes, is_leaf=is_state)
+
+
+def pad_for_sharding(
+  tx: optax.GradientTransformation, devices: int, *, min_elements: int = 1024
+) -> optax.GradientTransformationExtraArgs:
+  r"""Store a FOOF / KFAC / FNGD state with its odd-sized arrays zero-padded so that they can be sharded.
+
+  JAX splits an axis only into equal parts, and a bias-augmented factor :math:`A` of size
+  :math:`d_\text{in} + 1` is often odd. This wrapper stores every such array of a layer's state
+  (one that has at least ``min_elements`` elements and no axis divisible by ``devices``) with its
+  first axis padded by zero rows to the next multiple of ``devices``,
+
+  .. math::
+
+    X \mapsto \begin{pmatrix} X \\ 0 \end{pmatrix} \in \mathbb{R}^{\lceil d / k \rceil k \times d'},
+
+  and crops the padding off before every update, so the inner transform and its results are
+  unchanged; :func:`state_sharding` then splits the padded arrays. The crop and the pad are slices
+  and concatenations that XLA partitions with the state.
+
+  Args:
+    tx: the transform (``foof``, ``kfac``, ``fngd``, or a chain containing them).
+    devices: the number of devices the state is to be split over (e.g. ``mesh.shape["fsdp"]``).
+    min_elements: smaller arrays are left as they are (and stay replicated).
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is a :class:`PaddedState`.
+
+  Examples:
+    >>> import jax, numpy as np, neuron_optax as nox
+    >>> tx = nox.pad_for_sharding(nox.foof(1.0), devices=8, min_elements=1)
+    >>> state = tx.init({"Dense_0": {"kernel": np.zeros((4, 8), np.float32), "bias": np.zeros(8, np.float32)}})
+    >>> state.inner.layers["Dense_0"].a_ema.shape  # (5, 5) padded to (8, 5)
+    (8, 5)
+
+  References:
+    Rajbhandari et al., *ZeRO: Memory optimizations toward training trillion parameter models*,
+    SC 2020 (optimizer-state partitioning).
+  """
+  if not isinstance(devices, int) or devices < 1:
+    raise ValueError(f"pad_for_sharding: devices must be a positive int (the mesh axis size); got {devices!r}.")
+  tx = optax.with_extra_args_support(tx)
+
+  def init_fn(params: Any) -> PaddedState:
+    return PaddedState(_pad_layers(tx.init(params), devices, min_elements))
+
+  def update_fn(updates: Any, state: PaddedState, params: Any = None, **extra_args: Any) -> tuple[Any, PaddedState]:
+    # The unpadded layout is a function of the parameters' shapes only (the updates have them).
+    shapes = jax.eval_shape(tx.init, params if params is not None else updates)
+    inner = _pad_layers(state.inner, devices, min_elements, shapes)
+    updates, inner = tx.update(updates, inner, params, **extra_args)
+    return updates, PaddedState(_pad_layers(inner, devices, min_elements))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
