@@ -17,6 +17,7 @@ Public API:
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
   TrainState            flax TrainState whose apply_gradients(grads=..., stats=...) forwards stats
   PrecisionWarning      a damping below the float resolution of a layer's factor (warned once per layer)
+  state_sharding        shardings of FOOF/KFAC/FNGD states that follow the parameters' (FSDP, tensor parallel)
   kernel_layouts        the layouts (input and stack axes) of captured layers, for the transforms
   nnx.value_grad_and_stats  the same capture for flax.nnx models
 """
@@ -52,6 +53,7 @@ from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
 from neuron_optax.param_layout import KernelLayout, kernel_layouts
 from neuron_optax.precision import PrecisionWarning
 from neuron_optax.safeguard import NormConstraintState, norm_constrained
+from neuron_optax.sharding import PaddedState, pad_for_sharding, state_bytes_per_device, state_sharding
 from neuron_optax.train_state import TrainState
 
 __all__ = [
@@ -81,6 +83,11 @@ __all__ = [
   "amortisation_phase",
   "coefficient_phase",
   "TrainState",
+  # Sharded optimizer state
+  "state_sharding",
+  "pad_for_sharding",
+  "PaddedState",
+  "state_bytes_per_device",
   # Fisher products and Laplace posteriors (Benzing 2022 App. C)
   "fisher_vector_product",
   "damped_fisher_solve",

@@ -75,6 +75,7 @@ SLOW_PAGES = {
   "optax.md",
   "scale.md",
   "stacked.md",
+  "transformers.md",
 }
 
 
