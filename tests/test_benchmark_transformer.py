@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
@@ -75,6 +76,7 @@ def _items(tree, prefix=()):
       yield prefix + (key,), value
 
 
+@pytest.mark.slow  # three recipes x training in lockstep: CI runs it in its second step
 def test_quick_compare_writes_the_summary(tmp_path):
   """``--recipes compare`` (tuned AdamW, tuned Muon, the recommended neuron recipe) in lockstep."""
   result = transformer_lm.main(["--quick", "--recipes", "compare", "--output-dir", str(tmp_path), "--no-plot"])

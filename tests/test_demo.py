@@ -12,6 +12,7 @@ from neuron_optax.examples import demo
 pytest.importorskip("mlxtend")
 
 
+@pytest.mark.slow  # trains every method with its validation grid
 def test_quick_demo_runs_every_method(tmp_path, capsys):
   out = tmp_path / "results"
   result = demo.main(

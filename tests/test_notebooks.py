@@ -36,6 +36,7 @@ def test_both_notebooks_exist():
   assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "paper_reproduction.ipynb"}
 
 
+@pytest.mark.slow  # executes whole notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes(path, monkeypatch):
   monkeypatch.setenv("NOX_NOTEBOOK_QUICK", "1")

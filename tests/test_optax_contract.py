@@ -290,7 +290,7 @@ def _false_positive_bound(rho, dtype, probes=4):
   return float(np.mean(np.vectorize(erf)(x / (b * np.sqrt(2))))) ** probes
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)])
 def test_one_check_per_step_finds_scaled_gradients_and_states_its_false_positive_rate(setup, dtype):
   """The check of ``contraction.recorded_scale``: every multiple of the recorded gradient passes with
   its scale; a change orthogonal to it passes at most at the stated rate (rank one: the worst case)."""
