@@ -57,7 +57,6 @@ import common  # noqa: E402
 import models  # noqa: E402
 
 import neuron_optax as nox  # noqa: E402
-from neuron_optax import linalg  # noqa: E402
 from neuron_optax.examples import data as nox_data  # noqa: E402
 
 MODES = ("heuristic", "standard", "gradient")
@@ -94,19 +93,30 @@ def _cosine(x, y):
   return jnp.vdot(x, y) / (jnp.linalg.norm(x) * jnp.linalg.norm(y))
 
 
+def _damped_inverse(m, damping):
+  return jnp.linalg.inv(m + damping * jnp.eye(m.shape[0], dtype=m.dtype))
+
+
+def _kronecker_eigen_solve(a_eigh, g_eigh, gradient, damping):
+  """``D`` with ``A D G + λD = ∇W`` (standard damping), in the factors' eigenbases."""
+  (a_values, a_vectors), (g_values, g_vectors) = a_eigh, g_eigh
+  rotated = a_vectors.T @ gradient @ g_vectors
+  divisors = jnp.maximum(a_values, 0)[:, None] * jnp.maximum(g_values, 0)[None, :] + damping
+  return a_vectors @ (rotated / divisors) @ g_vectors.T
+
+
 @jax.jit
 def layer_cosines(gradient, a, g, a_eigh, g_eigh, damping):
   """``(heuristic, standard, gradient)`` cosines to FOOF for one layer and a traced ``λ``.
 
   The heuristic one is ``kfac_foof_similarity``'s formula (checked against it
-  in :func:`similarities`); the standard one uses ``kfac``'s eigenbasis solve.
+  in :func:`similarities`); the standard one solves ``A D G + λD = ∇W`` in the factors' eigenbases.
   """
   pi = jnp.sqrt((jnp.trace(a) / a.shape[0]) / (jnp.trace(g) / g.shape[0]))  # Martens & Grosse's π
   root = jnp.sqrt(damping)
-  a_inverse = linalg.damped_inverse(a, pi * root)
-  foof = a_inverse @ gradient
-  heuristic = foof @ linalg.damped_inverse(g, root / pi)
-  standard = linalg.kronecker_eigen_solve(a_eigh, g_eigh, gradient, damping)
+  foof = _damped_inverse(a, pi * root) @ gradient
+  heuristic = foof @ _damped_inverse(g, root / pi)
+  standard = _kronecker_eigen_solve(a_eigh, g_eigh, gradient, damping)
   return _cosine(heuristic, foof), _cosine(standard, foof), _cosine(gradient, foof)
 
 
@@ -115,7 +125,9 @@ def similarities(grads, stats, dampings, check: bool = False) -> tuple[dict, flo
   difference of the heuristic cosines from ``nox.kfac_foof_similarity``'s at three dampings."""
   out = {mode: {} for mode in MODES}
   factors = layer_factors(grads, stats)
-  eighs = {layer: (linalg.sym_eigh(a), linalg.sym_eigh(g)) for layer, (_, a, g) in factors.items()}
+  eighs = {
+    layer: (jnp.linalg.eigh((a + a.T) / 2), jnp.linalg.eigh((g + g.T) / 2)) for layer, (_, a, g) in factors.items()
+  }
   for damping in dampings:
     for layer, (gradient, a, g) in factors.items():
       values = layer_cosines(gradient, a, g, *eighs[layer], jnp.float32(damping))

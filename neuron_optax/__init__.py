@@ -23,15 +23,14 @@ Public API:
 """
 
 from neuron_optax import nnx
-from neuron_optax._version import __version__ as __version__
-from neuron_optax.accumulation import AccumulationState, accumulate_micro_batches
-from neuron_optax.amortisation import amortisation_phase, coefficient_phase
-from neuron_optax.diagnostics import kfac_foof_similarity
-from neuron_optax.eigenbasis import EigenbasisState, eigenbasis
-from neuron_optax.fngd import FngdState, fngd
-from neuron_optax.foof import FoofState, foof
-from neuron_optax.kfac import KfacState, kfac
-from neuron_optax.laplace import (
+from neuron_optax._src.accumulation import AccumulationState, accumulate_micro_batches
+from neuron_optax._src.amortisation import amortisation_phase, coefficient_phase
+from neuron_optax._src.diagnostics import kfac_foof_similarity
+from neuron_optax._src.eigenbasis import EigenbasisLayerState, EigenbasisState, eigenbasis
+from neuron_optax._src.fngd import FngdLayerState, FngdState, fngd
+from neuron_optax._src.foof import FoofLayerState, FoofState, foof
+from neuron_optax._src.kfac import EigenFactors, HeuristicFactors, KfacLayerState, KfacState, kfac
+from neuron_optax._src.laplace import (
   KroneckerFactors,
   damped_fisher_solve,
   expected_calibration_error,
@@ -47,14 +46,15 @@ from neuron_optax.laplace import (
   negative_log_likelihood,
   tune_prior_precision,
 )
-from neuron_optax.layer_stats import LayerMoments, LayerStats
-from neuron_optax.linen import value_grad_and_stats
-from neuron_optax.natural_gradient import NaturalGradientState, natural_gradient
-from neuron_optax.param_layout import KernelLayout, kernel_layouts
-from neuron_optax.precision import PrecisionWarning
-from neuron_optax.safeguard import NormConstraintState, norm_constrained
-from neuron_optax.sharding import PaddedState, pad_for_sharding, state_bytes_per_device, state_sharding
-from neuron_optax.train_state import TrainState
+from neuron_optax._src.layer_stats import LayerMoments, LayerStats
+from neuron_optax._src.linen import value_grad_and_stats
+from neuron_optax._src.natural_gradient import NaturalGradientState, natural_gradient
+from neuron_optax._src.param_layout import KernelLayout, kernel_layouts
+from neuron_optax._src.precision import PrecisionWarning
+from neuron_optax._src.safeguard import NormConstraintState, norm_constrained
+from neuron_optax._src.sharding import PaddedState, pad_for_sharding, state_bytes_per_device, state_sharding
+from neuron_optax._src.train_state import TrainState
+from neuron_optax._version import __version__ as __version__
 
 __all__ = [
   # Capture
@@ -67,16 +67,22 @@ __all__ = [
   # Transforms and their states
   "foof",
   "FoofState",
+  "FoofLayerState",
   "kfac",
   "KfacState",
+  "KfacLayerState",
+  "HeuristicFactors",
+  "EigenFactors",
   "natural_gradient",
   "NaturalGradientState",
   "fngd",
   "FngdState",
+  "FngdLayerState",
   "norm_constrained",
   "NormConstraintState",
   "eigenbasis",
   "EigenbasisState",
+  "EigenbasisLayerState",
   # Training-loop helpers
   "accumulate_micro_batches",
   "AccumulationState",

@@ -275,7 +275,7 @@ def test_errors():
 def test_jax_internals_that_moved_give_one_clear_error(monkeypatch):
   """Layers inside transforms need JAX's trace internals; where they moved, one error names the JAX version,
   and layers outside transforms (which need none of them) still work."""
-  from neuron_optax import capture_trace
+  from neuron_optax._src import capture_trace
 
   def moved():
     raise AttributeError("module 'jax._src.core' has no attribute 'trace_ctx'")

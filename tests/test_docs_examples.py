@@ -149,7 +149,12 @@ def test_every_public_name_has_a_docstring():
   assert not undocumented
 
 
-TRANSFORM_MODULES = ["neuron_optax.foof", "neuron_optax.kfac", "neuron_optax.natural_gradient", "neuron_optax.fngd"]
+TRANSFORM_MODULES = [
+  "neuron_optax._src.foof",
+  "neuron_optax._src.kfac",
+  "neuron_optax._src.natural_gradient",
+  "neuron_optax._src.fngd",
+]
 
 
 @pytest.mark.parametrize("module_name", TRANSFORM_MODULES)

@@ -105,8 +105,8 @@ def test_embed_rows_and_directions_equal_one_hot_dense_for_every_method(x64):
 def test_token_rows_linear_algebra_equals_explicit_per_example_gradients(x64):
   """Gram matrix (both contraction orders), Jᵀv and Jw of one-hot rows kept as token ids, with and
   without a tied output use, against explicit per-example gradients ``ψ``."""
-  from neuron_optax import linalg
-  from neuron_optax.layer_stats import TokenRows
+  from neuron_optax._src import linalg
+  from neuron_optax._src.layer_stats import TokenRows
 
   rng = np.random.default_rng(1)
   for vocab, positions in ((4, 3), (60, 2)):  # per-example gradients cheaper / position pairs cheaper

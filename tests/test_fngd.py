@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from neuron_optax import value_grad_and_stats
-from neuron_optax.fngd import FngdState, coefficients, fngd
+from neuron_optax._src.fngd import FngdState, coefficients, fngd
 
 RTOL = 1e-9
 ATOL = 1e-12

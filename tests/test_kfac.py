@@ -19,7 +19,7 @@ from conftest import init_f64
 from numpy_reference import augment, ema_schedule, im2col
 
 from neuron_optax import kfac_foof_similarity, value_grad_and_stats
-from neuron_optax.kfac import EigenFactors, HeuristicFactors, KfacState, kfac
+from neuron_optax._src.kfac import EigenFactors, HeuristicFactors, KfacState, kfac
 
 
 @pytest.fixture(autouse=True)
@@ -234,7 +234,7 @@ def test_directions_match_explicit_kronecker_solve(
 
 
 def test_contraction_order_choice():
-  from neuron_optax.contraction import both_sides_from_rows as _both_sides_from_rows
+  from neuron_optax._src.contraction import both_sides_from_rows as _both_sides_from_rows
 
   model, _, shape = MODELS["wide"]
   x, y = _batches("wide", 1)[0]

@@ -23,7 +23,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import neuron_optax as nox
-from neuron_optax import param_layout
+from neuron_optax._src import param_layout
 
 pytestmark = pytest.mark.usefixtures("x64")
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neuron_optax import factorisation as _factors
-from neuron_optax import linalg
+from neuron_optax._src import factorisation as _factors
+from neuron_optax._src import linalg
 
 
 @pytest.fixture(autouse=True)

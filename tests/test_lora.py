@@ -270,7 +270,7 @@ def test_adapter_only_laplace_equals_explicit_model(x64):
   """A Laplace posterior over the adapters alone is one call, and equals the explicit model's."""
   # The Laplace tools write trees through the library's layer mapping from the laplace/ package on
   # (issue 26.1); the single-module laplace.py before it knew only kernel leaves.
-  pytest.importorskip("neuron_optax.laplace.posteriors")
+  pytest.importorskip("neuron_optax._src.laplace.posteriors")
   lora, explicit, x, y = _setup(seed=4)
   kw = dict(fisher="full", likelihood="categorical")
   _, grads, stats = nox.nnx.value_grad_and_stats(_xent, wrt=nnx.LoRAParam, **kw)(lora, x, y)

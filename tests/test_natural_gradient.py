@@ -20,8 +20,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from neuron_optax import value_grad_and_stats
-from neuron_optax.linalg import damped_solve
-from neuron_optax.natural_gradient import natural_gradient
+from neuron_optax._src.linalg import damped_solve
+from neuron_optax._src.natural_gradient import natural_gradient
 
 pytestmark = pytest.mark.usefixtures("x64")
 

@@ -11,9 +11,9 @@ from flax import nnx
 from numpy_reference import augment, im2col, same_padding
 
 import neuron_optax as nox
-from neuron_optax import nnx as nox_nnx
-from neuron_optax import nnx_recording
-from neuron_optax import param_layout as _params
+from neuron_optax._src import nnx as nox_nnx
+from neuron_optax._src import nnx_recording
+from neuron_optax._src import param_layout as _params
 
 F64 = jnp.float64
 
@@ -376,7 +376,7 @@ def test_einsum_plain_contractions_are_captured(x64):
   ],
 )
 def test_einsum_layouts_that_are_not_one_matrix(equation, reason):
-  from neuron_optax.layer_rows import einsum_layout as _einsum_layout
+  from neuron_optax._src.layer_rows import einsum_layout as _einsum_layout
 
   lhs, rhs = equation.split("->")[0].split(",")
   layout = _einsum_layout(equation, len(lhs) if "..." not in lhs else 3, len(rhs) if "..." not in rhs else 2)
@@ -605,7 +605,7 @@ def test_training_loop_with_nnx_optimizer_reduces_loss():
 def test_other_transforms_train_nnx_models(transform, fisher):
   import importlib
 
-  module = importlib.import_module(f"neuron_optax.{transform}")
+  module = importlib.import_module(f"neuron_optax._src.{transform}")
   tx = {
     "kfac": lambda: module.kfac(1.0),
     "natural_gradient": lambda: module.natural_gradient(1.0),

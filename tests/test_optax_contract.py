@@ -270,7 +270,7 @@ def test_train_state_forwards_stats(setup):
 
 def _probe_rates(grads, stats, change, dtype, draws=4000):
   """How often the one-per-step check accepts ``grads + change`` over ``draws`` steps' probes."""
-  from neuron_optax import contraction, param_layout
+  from neuron_optax._src import contraction, param_layout
 
   shapes = param_layout.candidate_layers(grads)
   stats = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, stats)
@@ -300,7 +300,7 @@ def test_one_check_per_step_finds_scaled_gradients_and_states_its_false_positive
     rate, scales = _probe_rates(jax.tree.map(lambda g: sigma * g, grads), stats, {}, dtype)
     assert rate == 1.0
     np.testing.assert_allclose(scales, sigma, rtol=np.sqrt(np.finfo(dtype).eps))
-  from neuron_optax import contraction, param_layout
+  from neuron_optax._src import contraction, param_layout
 
   recorded = np.asarray(
     contraction.incoming_matrices(grads, param_layout.candidate_layers(grads), {key: np.float64})[key]

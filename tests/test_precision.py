@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import neuron_optax as nox
-from neuron_optax import linalg, precision
+from neuron_optax._src import linalg, precision
 
 N, D_IN, D_OUT = 4, 32, 8
 ACCURATE_DOWN_TO = 1e-6  # the README's guarantee: within 1e-2 of float64 for relative dampings >= this

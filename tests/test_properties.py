@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import neuron_optax as nox
-from neuron_optax import precision
-from neuron_optax.layer_stats import LayerStats
+from neuron_optax._src import precision
+from neuron_optax._src.layer_stats import LayerStats
 
 METHODS = ["foof", "kfac_heuristic", "kfac_standard", "natural_gradient", "natural_gradient_blocks", "fngd"]
 STEPS = 4

@@ -134,7 +134,7 @@ def test_sharded_state_on_8_devices_matches_replicated():
 
 
 def test_rule_splits_first_divisible_axis_and_replicates_the_rest():
-  from neuron_optax import sharding
+  from neuron_optax._src import sharding
 
   mesh = AbstractMesh((8, 2), ("fsdp", "tp"))
   assert sharding._split((65, 64), mesh, ("fsdp",), 16) == P(None, "fsdp")

@@ -25,8 +25,8 @@ from flax import traverse_util
 from numpy_reference import augment
 
 import neuron_optax as nox
+from neuron_optax._src.fngd import fngd
 from neuron_optax.examples import text
-from neuron_optax.fngd import fngd
 
 # --------------------------------------------------------------------------- #
 # NumPy references
