@@ -114,9 +114,9 @@ def test_two_processes_match_one_process(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   python_path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
   base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=python_path)
-  base.pop("XLA_FLAGS", None)
+  flags = os.environ.get("XLA_FLAGS", "")  # the suite's code-generation flags (conftest), no device count
   port = str(_free_port())
-  env2 = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env2 = dict(base, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2")
   workers = [
     subprocess.Popen(
       [sys.executable, str(script), str(i), "2", port, str(tmp_path)],
@@ -127,7 +127,7 @@ def test_two_processes_match_one_process(tmp_path):
     )
     for i in range(2)
   ]
-  env4 = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env4 = dict(base, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4")
   single = subprocess.run(
     [sys.executable, str(script), "0", "1", "0", str(tmp_path)], env=env4, capture_output=True, text=True, timeout=900
   )

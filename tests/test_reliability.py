@@ -263,7 +263,11 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow  # a subprocess with 8 forced devices compiles every transform again
 def test_batch_sharded_over_8_devices_matches_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ,
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+  )
   result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
   assert result.stdout.count("OK") == 4

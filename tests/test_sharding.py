@@ -127,7 +127,11 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_state_on_8_devices_matches_replicated():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ,
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+  )
   result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout + result.stderr
   assert result.stdout.count("OK") == 8, result.stdout
