@@ -129,3 +129,33 @@ def plot_reliability(rows, path: str, title: str, panels=("evidence", "validatio
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def prior_precisions(apply_val, params, stats, val_labels, *, log_likelihood, grid, num_samples, key, **posterior):
+  """``τ`` by the marginal likelihood and by the validation NLL of the probit GLM predictive (jit-able).
+
+  ``posterior``: ``dataset_size``, ``structure`` (and any other argument of the posterior). Returns
+  ``(τ_evidence, log evidence at τ_evidence, τ_validation, validation NLL at every grid point)``.
+  """
+  tau = nox.tune_prior_precision(params, stats, **posterior)
+  evidence = nox.laplace_log_marginal_likelihood(
+    params, stats, log_likelihood=log_likelihood, prior_precision=tau, **posterior
+  )
+  tau_val, scores = nox.grid_search_prior_precision(
+    apply_val, params, stats, val_labels, grid=grid, num_samples=num_samples, key=key, **posterior
+  )
+  return tau, evidence, tau_val, scores
+
+
+def probit_predictive(apply_fn, params, stats, tau, key, num_samples, **posterior):
+  """``nox.glm_predictive`` with the probit link from ``num_samples`` posterior samples (no Jacobian formed)."""
+  return nox.glm_predictive(
+    apply_fn,
+    params,
+    stats,
+    prior_precision=tau,
+    link_approx="probit",
+    num_samples=num_samples,
+    key=key,
+    **posterior,
+  )

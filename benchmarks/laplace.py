@@ -400,36 +400,19 @@ def calibration(args) -> dict[str, Any]:
       stats = capture(params, x, y, **({"rng": key} if fisher == "mc" else {}))[2]
       if last_only:
         stats = {k: v for k, v in stats.items() if k == last}
-      kw = dict(dataset_size=n_train, structure=structure)
-      tau = nox.tune_prior_precision(params, stats, **kw)
-      evidence = nox.laplace_log_marginal_likelihood(
-        params, stats, log_likelihood=log_likelihood, prior_precision=tau, **kw
-      )
-      tau_val, _ = nox.grid_search_prior_precision(
-        lambda p: model.apply({"params": p}, x_val),
-        params,
-        stats,
-        y_val,
-        grid=grid,
-        num_samples=args.samples,
-        key=key,
-        **kw,
+      kw = dict(dataset_size=n_train, structure=structure, num_samples=args.samples, key=key)
+      apply_val = lambda p: model.apply({"params": p}, x_val)
+      tau, evidence, tau_val, _ = cal.prior_precisions(
+        apply_val, params, stats, y_val, log_likelihood=log_likelihood, grid=grid, **kw
       )
       return stats, tau, tau_val, evidence
 
     (stats, tau, tau_val, evidence), fit_seconds = cal.timed(jax.jit(fit), params, key, x, y, x_val, y_val)
 
     def predict(params, stats, tau, key, x_test, structure=structure):
-      return nox.glm_predictive(
-        lambda p: model.apply({"params": p}, x_test),
-        params,
-        stats,
-        prior_precision=tau,
-        dataset_size=n_train,
-        structure=structure,
-        link_approx="probit",
-        num_samples=args.samples,
-        key=key,
+      apply_test = lambda p: model.apply({"params": p}, x_test)
+      return cal.probit_predictive(
+        apply_test, params, stats, tau, key, args.samples, dataset_size=n_train, structure=structure
       )
 
     predict = jax.jit(predict)

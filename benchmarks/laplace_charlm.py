@@ -29,6 +29,9 @@ docstring). ``τ`` from the marginal likelihood (``nox.tune_prior_precision``) a
 (``nox.grid_search_prior_precision``). Cost: *fit s* the compiled capture + evidence ``τ`` + validation grid,
 *predict s* the test predictive (compilation excluded; MAP rows: the training, compilation included).
 
+``--train-chars N --steps S --weight-decay W``: the MAP trained on the first ``N`` training characters only (an
+over-fitted, over-confident MAP for a long enough run).
+
     python benchmarks/laplace_charlm.py            # about 10 min on a shared 2-core machine
     python benchmarks/laplace_charlm.py --quick    # seconds; the smoke test
 
@@ -132,6 +135,8 @@ def parse_args(argv=None):
   parser.add_argument("--grid-points", type=int, default=13, help="validation τ grid, 1e-2 .. 1e10")
   parser.add_argument("--lora-rank", type=int, default=4)
   parser.add_argument("--lora-steps", type=int, default=200)
+  parser.add_argument("--train-chars", type=int, default=None, help="train on the first N characters only")
+  parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decay of the MAP training")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output-dir", default=cal.RESULTS)
   args = parser.parse_args(argv)
@@ -169,6 +174,8 @@ def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
   info, started = common.machine_info(), time.perf_counter()
   splits = tlm.three_splits(text.encode(text.python_docs()))
+  if args.train_chars:
+    splits["train"] = splits["train"][: args.train_chars]
   p = args.seq_len
   windows = lambda split, count: jnp.concatenate(tlm.eval_windows(splits[split], p, count))
   val, test = windows("validation", args.val_windows), windows("test", args.test_windows)
@@ -189,7 +196,7 @@ def main(argv=None) -> dict[str, Any]:
 
   batches = text.batches(splits["train"], args.batch_size, p, seed=args.seed, epochs=None)
   begin = time.perf_counter()
-  params, final_loss = train(loss_of(model), params, batches, args.steps, args.lr)
+  params, final_loss = train(loss_of(model), params, batches, args.steps, args.lr, weight_decay=args.weight_decay)
   map_seconds = time.perf_counter() - begin
   num_params = sum(x.size for x in jax.tree.leaves(params))
   print(
@@ -214,24 +221,14 @@ def main(argv=None) -> dict[str, Any]:
     grid = jnp.logspace(-2, 10, args.grid_points)
     for index, (method, selected) in enumerate(posteriors):
       key = jax.random.key(100 + index)
-      kw = dict(dataset_size=dataset_size, structure="kfac")
+      kw = dict(dataset_size=dataset_size, structure="kfac", num_samples=args.samples)
 
       def fit(params, key, fisher_windows, val_x, val_y, selected=selected):
         stats = capture(params, fisher_windows, rng=key)[2]
         stats = {k: v for k, v in stats.items() if selected(k)}
-        tau = nox.tune_prior_precision(params, stats, **kw)
-        evidence = nox.laplace_log_marginal_likelihood(
-          params, stats, log_likelihood=log_likelihood, prior_precision=tau, **kw
-        )
-        tau_val, scores = nox.grid_search_prior_precision(
-          lambda q: model.apply({"params": q}, val_x),
-          params,
-          stats,
-          val_y,
-          grid=grid,
-          num_samples=args.samples,
-          key=key,
-          **kw,
+        apply_val = lambda q: model.apply({"params": q}, val_x)
+        tau, evidence, tau_val, scores = cal.prior_precisions(
+          apply_val, params, stats, val_y, log_likelihood=log_likelihood, grid=grid, key=key, **kw
         )
         return stats, tau, tau_val, evidence, scores
 
@@ -241,16 +238,8 @@ def main(argv=None) -> dict[str, Any]:
       layer_names = ["/".join(map(str, k)) for k in stats]
 
       def predict(params, stats, tau, key, test_x):
-        return nox.glm_predictive(
-          lambda q: model.apply({"params": q}, test_x),
-          params,
-          stats,
-          prior_precision=tau,
-          link_approx="probit",
-          num_samples=args.samples,
-          key=key,
-          **kw,
-        )
+        apply_test = lambda q: model.apply({"params": q}, test_x)
+        return cal.probit_predictive(apply_test, params, stats, tau, key, **kw)
 
       predict = jax.jit(predict).lower(params, stats, tau, jax.random.key(7), test_x).compile()
       laplace_rows[method] = {"layers": layer_names, "validation_nll": [float(s) for s in scores]}
@@ -287,7 +276,8 @@ def main(argv=None) -> dict[str, Any]:
   evaluate(lora, lora_params, "LoRA MAP", lora_seconds, [("LoRA-Laplace KFAC", is_adapter)])
 
   os.makedirs(args.output_dir, exist_ok=True)
-  base = os.path.join(args.output_dir, "laplace_charlm" + ("_quick" if args.quick else ""))
+  suffix = ("_quick" if args.quick else "") + (f"_train{args.train_chars}" if args.train_chars else "")
+  base = os.path.join(args.output_dir, "laplace_charlm" + suffix)
   cal.write_csv(base + ".csv", table.rows)
   info["load_average_end"] = common.load_average()
   result = {
@@ -295,7 +285,8 @@ def main(argv=None) -> dict[str, Any]:
       "corpus": "pydoc_data.topics (neuron_optax.examples.text), splits of benchmarks/transformer_lm.py",
       "model": f"TransformerLM unrolled d{args.d_model} heads {args.heads} layers {args.layers} context {p}",
       "parameters": int(num_params),
-      "map": f"AdamW lr {args.lr} cosine, wd 0.1, clip 1, batch {args.batch_size}, {args.steps} steps",
+      "map": f"AdamW lr {args.lr} cosine, wd {args.weight_decay}, clip 1, batch {args.batch_size}, {args.steps} steps",
+      "train_chars": int(len(splits["train"])),
       "map_final_training_loss": final_loss,
       "lora": f"rank {args.lora_rank} adapters beside every MLP layer and the head, {adapters} parameters, "
       f"{args.lora_steps} AdamW steps (wd 0) on the training split",

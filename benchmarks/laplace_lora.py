@@ -154,20 +154,10 @@ def main(argv=None) -> dict[str, Any]:
       model = nnx.merge(graphdef, adapters, frozen)
       capture = nox.nnx.value_grad_and_stats(xent, fisher="full", likelihood="categorical", wrt=nnx.LoRAParam)
       stats = capture(model, x, y)[2]  # the adapters' factors only
-      kw = dict(dataset_size=n_train, structure=structure)
-      tau = nox.tune_prior_precision(adapters, stats, **kw)
-      evidence = nox.laplace_log_marginal_likelihood(
-        adapters, stats, log_likelihood=log_likelihood, prior_precision=tau, **kw
-      )
-      tau_val, _ = nox.grid_search_prior_precision(
-        lambda p: nnx.merge(graphdef, p, frozen)(x_val),
-        adapters,
-        stats,
-        y_val,
-        grid=grid,
-        num_samples=args.samples,
-        key=key,
-        **kw,
+      kw = dict(dataset_size=n_train, structure=structure, num_samples=args.samples, key=key)
+      apply_val = lambda p: nnx.merge(graphdef, p, frozen)(x_val)
+      tau, evidence, tau_val, _ = cal.prior_precisions(
+        apply_val, adapters, stats, y_val, log_likelihood=log_likelihood, grid=grid, **kw
       )
       return stats, tau, tau_val, evidence
 
@@ -176,16 +166,9 @@ def main(argv=None) -> dict[str, Any]:
     )
 
     def predict(adapters, frozen, stats, tau, key, x_test, structure=structure):
-      return nox.glm_predictive(
-        lambda p: nnx.merge(graphdef, p, frozen)(x_test),
-        adapters,
-        stats,
-        prior_precision=tau,
-        dataset_size=n_train,
-        structure=structure,
-        link_approx="probit",
-        num_samples=args.samples,
-        key=key,
+      apply_test = lambda p: nnx.merge(graphdef, p, frozen)(x_test)
+      return cal.probit_predictive(
+        apply_test, adapters, stats, tau, key, args.samples, dataset_size=n_train, structure=structure
       )
 
     predict = jax.jit(predict)
