@@ -49,7 +49,6 @@ time to fit (capture, factorisation, τ) and to predict. Writes ``benchmarks/res
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -67,13 +66,13 @@ import optax  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import calibration as cal  # noqa: E402
 import common  # noqa: E402
 
 import neuron_optax as nox  # noqa: E402
 from neuron_optax.examples import data as nox_data  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-BINS = 15
+RESULTS, BINS, metrics = cal.RESULTS, cal.BINS, cal.metrics
 
 
 class MLP(nn.Module):
@@ -129,22 +128,6 @@ def train_map(model, x, y, prior: float, steps: int, seed: int):
 
   params, values = run(params)
   return params, float(values[-1])
-
-
-def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-  """NLL, ECE (15 bins, top label), accuracy, and the reliability bins."""
-  confidence, predicted = probs.max(1), probs.argmax(1)
-  correct = predicted == labels
-  edges = np.linspace(0, 1, BINS + 1)
-  index = np.clip(np.digitize(confidence, edges[1:-1]), 0, BINS - 1)
-  bins, ece = [], 0.0
-  for b in range(BINS):
-    mask = index == b
-    if mask.any():
-      ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-      bins.append([b, int(mask.sum()), float(confidence[mask].mean()), float(correct[mask].mean())])
-  nll = -np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None)))
-  return {"nll": float(nll), "ece": float(ece), "accuracy": float(correct.mean()), "bins": bins}
 
 
 def tv(p: np.ndarray, q: np.ndarray) -> float:
@@ -284,10 +267,7 @@ def main(argv=None) -> dict[str, Any]:
   suffix = ("_quick" if args.quick else "") + (f"_n{args.train_size}" if args.train_size else "")
   base = os.path.join(RESULTS, f"laplace{suffix}")
   fields = ["posterior", "predictive", "tau_from", "m_or_rows", "tau", "log_evidence", "nll", "ece", "accuracy"]
-  with open(base + ".csv", "w", newline="") as handle:
-    writer = csv.DictWriter(handle, fieldnames=fields + ["seconds_incl_compile"], extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+  cal.write_csv(base + ".csv", rows, fields + ["seconds_incl_compile"])
   info["load_average_end"] = common.load_average()
   result = {
     "settings": {
@@ -371,14 +351,6 @@ def plot(rows, curves, map_validation_nll: float, path: str) -> None:
   plt.close(fig)
 
 
-def timed(fn, *args):
-  """``(result, seconds of a second call)``: compilation excluded."""
-  jax.block_until_ready(fn(*args))
-  begin = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return out, time.perf_counter() - begin
-
-
 def calibration(args) -> dict[str, Any]:
   """MAP, temperature scaling, last-layer Laplace and all-layer KFAC-Laplace on held-out digits."""
   info = common.machine_info()
@@ -403,34 +375,15 @@ def calibration(args) -> dict[str, Any]:
   def ce(p, inputs, labels):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, inputs), labels).mean()
 
-  rows, probabilities = [], {}
-
-  def record(name, tau_from, tau, probs, fit_seconds, predict_seconds, **extra):
-    probs = np.asarray(probs)
-    probabilities[(name, tau_from)] = probs
-    row = {"method": name, "tau_from": tau_from, "tau": None if tau is None else float(tau)}
-    row.update(metrics(probs, y_test), fit_seconds=round(fit_seconds, 3), predict_seconds=round(predict_seconds, 3))
-    rows.append({**row, **extra})
-    print(
-      f"{name:>22} {tau_from:>16}: NLL {row['nll']:.4f} ECE {row['ece']:.4f} acc {row['accuracy']:.3f} "
-      f"(τ {'-' if tau is None else f'{float(tau):.3g}'}, fit {fit_seconds:.2f} s, predict {predict_seconds:.2f} s)",
-      flush=True,
-    )
-
-  map_probs, seconds = timed(lambda p: jax.nn.softmax(apply(p, x_test)), params)
-  record("MAP", "-", None, map_probs, map_seconds, seconds)
-
-  # Temperature scaling: one temperature T > 0 on the validation NLL (a fine grid in log T, then the best).
-  val_logits, test_logits = apply(params, x_val), apply(params, x_test)
-
-  def fit_temperature(val_logits):
-    temperatures = jnp.exp(jnp.linspace(-3.0, 3.0, 2001))
-    nll = jax.vmap(lambda t: nox.negative_log_likelihood(jax.nn.softmax(val_logits / t), y_val))(temperatures)
-    return temperatures[jnp.argmin(nll)]
-
-  temperature, fit_seconds = timed(jax.jit(fit_temperature), val_logits)
-  scaled, seconds = timed(jax.jit(lambda logits, t: jax.nn.softmax(logits / t)), test_logits, temperature)
-  record("temperature scaling", "validation NLL", None, scaled, fit_seconds, seconds, temperature=float(temperature))
+  table = cal.Table(y_test)
+  map_probs, seconds = cal.timed(lambda p: jax.nn.softmax(apply(p, x_test)), params)
+  table.record("MAP", "-", None, map_probs, map_seconds, seconds)
+  temperature, scaled, fit_seconds, seconds = cal.temperature_scaling(
+    apply(params, x_val), y_val, apply(params, x_test)
+  )
+  table.record(
+    "temperature scaling", "validation NLL", None, scaled, fit_seconds, seconds, temperature=float(temperature)
+  )
 
   grid = jnp.logspace(-2, 5, args.grid_points)
   posteriors = [
@@ -447,51 +400,30 @@ def calibration(args) -> dict[str, Any]:
       stats = capture(params, x, y, **({"rng": key} if fisher == "mc" else {}))[2]
       if last_only:
         stats = {k: v for k, v in stats.items() if k == last}
-      kw = dict(dataset_size=n_train, structure=structure)
-      tau = nox.tune_prior_precision(params, stats, **kw)
-      evidence = nox.laplace_log_marginal_likelihood(
-        params, stats, log_likelihood=log_likelihood, prior_precision=tau, **kw
-      )
-      tau_val, _ = nox.grid_search_prior_precision(
-        lambda p: model.apply({"params": p}, x_val),
-        params,
-        stats,
-        y_val,
-        grid=grid,
-        num_samples=args.samples,
-        key=key,
-        **kw,
+      kw = dict(dataset_size=n_train, structure=structure, num_samples=args.samples, key=key)
+      apply_val = lambda p: model.apply({"params": p}, x_val)
+      tau, evidence, tau_val, _ = cal.prior_precisions(
+        apply_val, params, stats, y_val, log_likelihood=log_likelihood, grid=grid, **kw
       )
       return stats, tau, tau_val, evidence
 
-    (stats, tau, tau_val, evidence), fit_seconds = timed(jax.jit(fit), params, key, x, y, x_val, y_val)
+    (stats, tau, tau_val, evidence), fit_seconds = cal.timed(jax.jit(fit), params, key, x, y, x_val, y_val)
 
     def predict(params, stats, tau, key, x_test, structure=structure):
-      return nox.glm_predictive(
-        lambda p: model.apply({"params": p}, x_test),
-        params,
-        stats,
-        prior_precision=tau,
-        dataset_size=n_train,
-        structure=structure,
-        link_approx="probit",
-        num_samples=args.samples,
-        key=key,
+      apply_test = lambda p: model.apply({"params": p}, x_test)
+      return cal.probit_predictive(
+        apply_test, params, stats, tau, key, args.samples, dataset_size=n_train, structure=structure
       )
 
     predict = jax.jit(predict)
     for tau_from, value in (("evidence", tau), ("validation NLL", tau_val)):
-      probs, seconds = timed(predict, params, stats, value, jax.random.key(7), x_test)
-      record(name, tau_from, value, probs, fit_seconds, seconds, log_evidence=float(evidence))
+      probs, seconds = cal.timed(predict, params, stats, value, jax.random.key(7), x_test)
+      table.record(name, tau_from, value, probs, fit_seconds, seconds, log_evidence=float(evidence))
 
   os.makedirs(RESULTS, exist_ok=True)
   suffix = ("_quick" if args.quick else "") + (f"_n{args.train_size}" if args.train_size else "")
   base = os.path.join(RESULTS, f"laplace_calibration{suffix}")
-  fields = ["method", "tau_from", "tau", "nll", "ece", "accuracy", "fit_seconds", "predict_seconds"]
-  with open(base + ".csv", "w", newline="") as handle:
-    writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+  cal.write_csv(base + ".csv", table.rows)
   info["load_average_end"] = common.load_average()
   result = {
     "settings": {
@@ -511,42 +443,15 @@ def calibration(args) -> dict[str, Any]:
       "timing": "seconds of a second call (compilation excluded), 2 shared CPU cores",
     },
     "machine": info,
-    "rows": rows,
+    "rows": table.rows,
     "seconds_total": round(time.perf_counter() - started, 1),
   }
   with open(base + ".json", "w") as handle:
     json.dump(result, handle, indent=1)
-  plot_calibration(rows, base + ".png")
+  title = "Calibration on held-out digits: MAP, temperature scaling, last-layer and all-layer KFAC Laplace"
+  cal.plot_reliability(table.rows, base + ".png", title)
   print(f"wrote {base}.csv, .json, .png in {result['seconds_total']} s", flush=True)
   return result
-
-
-def plot_calibration(rows, path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-  for ax, tau_from in zip(axes, ("evidence", "validation NLL")):
-    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
-    for row in rows:
-      if row["tau_from"] not in (tau_from, "-") and row["method"] != "temperature scaling":
-        continue
-      bins = np.asarray(row["bins"])
-      style = dict(color="k", lw=2) if row["method"] == "MAP" else {}
-      label = f"{row['method']} (ECE {row['ece']:.3f}, NLL {row['nll']:.3f})"
-      ax.plot(bins[:, 2], bins[:, 3], marker="o", ms=3, label=label, **style)
-    ax.set_title(f"reliability, Laplace τ by {tau_from}")
-    ax.set_xlabel("confidence (bin mean)")
-    ax.set_ylabel("accuracy (bin)")
-    ax.set_xlim(0, 1.01)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(alpha=0.3)
-  fig.suptitle("Calibration on held-out digits: MAP, temperature scaling, last-layer and all-layer KFAC Laplace")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 if __name__ == "__main__":

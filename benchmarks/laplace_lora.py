@@ -21,7 +21,6 @@ Writes ``benchmarks/results/laplace_lora.{csv,json}`` (suffixes ``_n<size>``/``_
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -39,8 +38,8 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import calibration as cal  # noqa: E402
 import common  # noqa: E402
-from laplace import BINS, RESULTS, metrics, timed  # noqa: E402
 
 import neuron_optax as nox  # noqa: E402
 from neuron_optax.examples import data as nox_data  # noqa: E402
@@ -122,41 +121,24 @@ def main(argv=None) -> dict[str, Any]:
   pretrain_seconds = time.perf_counter() - begin
   graphdef, _, _ = nnx.split(model, nnx.LoRAParam, ...)
   apply = jax.jit(lambda state, inputs: nnx.merge(graphdef, state)(inputs))
-  rows, settings_extra = [], {}
-
-  def record(name, tau_from, tau, probs, fit_seconds, predict_seconds, **extra):
-    row = {"method": name, "tau_from": tau_from, "tau": None if tau is None else float(tau)}
-    row.update(metrics(np.asarray(probs), y_test), fit_seconds=round(fit_seconds, 3))
-    row["predict_seconds"] = round(predict_seconds, 3)
-    rows.append({**row, **extra})
-    print(
-      f"{name:>24} {tau_from:>16}: NLL {row['nll']:.4f} ECE {row['ece']:.4f} acc {row['accuracy']:.3f} "
-      f"(τ {'-' if tau is None else f'{float(tau):.3g}'}, fit {fit_seconds:.2f} s)",
-      flush=True,
-    )
+  table, settings_extra = cal.Table(y_test, width=24), {}
 
   state = nnx.state(model)
-  probs, seconds = timed(lambda s: jax.nn.softmax(apply(s, x_test)), state)
-  record("pretrained (no fine-tune)", "-", None, probs, pretrain_seconds, seconds)
+  probs, seconds = cal.timed(lambda s: jax.nn.softmax(apply(s, x_test)), state)
+  table.record("pretrained (no fine-tune)", "-", None, probs, pretrain_seconds, seconds)
 
   begin = time.perf_counter()
   final_loss = fit(model, nnx.LoRAParam, x, y, args.map_prior, args.steps)
   tune_seconds = time.perf_counter() - begin
   settings_extra["fine_tune_final_objective"] = final_loss
   state = nnx.state(model)
-  probs, seconds = timed(lambda s: jax.nn.softmax(apply(s, x_test)), state)
-  record("LoRA MAP", "-", None, probs, tune_seconds, seconds)
+  probs, seconds = cal.timed(lambda s: jax.nn.softmax(apply(s, x_test)), state)
+  table.record("LoRA MAP", "-", None, probs, tune_seconds, seconds)
 
-  val_logits, test_logits = apply(state, x_val), apply(state, x_test)
-
-  def fit_temperature(val_logits):
-    temperatures = jnp.exp(jnp.linspace(-3.0, 3.0, 2001))
-    nll = jax.vmap(lambda t: nox.negative_log_likelihood(jax.nn.softmax(val_logits / t), y_val))(temperatures)
-    return temperatures[jnp.argmin(nll)]
-
-  temperature, fit_seconds = timed(jax.jit(fit_temperature), val_logits)
-  scaled, seconds = timed(jax.jit(lambda logits, t: jax.nn.softmax(logits / t)), test_logits, temperature)
-  record("temperature scaling", "validation NLL", None, scaled, fit_seconds, seconds, temperature=float(temperature))
+  temperature, scaled, fit_seconds, seconds = cal.temperature_scaling(apply(state, x_val), y_val, apply(state, x_test))
+  table.record(
+    "temperature scaling", "validation NLL", None, scaled, fit_seconds, seconds, temperature=float(temperature)
+  )
 
   graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
   log_likelihood = -n_train * float(optax.softmax_cross_entropy_with_integer_labels(apply(state, x), y).mean())
@@ -172,55 +154,36 @@ def main(argv=None) -> dict[str, Any]:
       model = nnx.merge(graphdef, adapters, frozen)
       capture = nox.nnx.value_grad_and_stats(xent, fisher="full", likelihood="categorical", wrt=nnx.LoRAParam)
       stats = capture(model, x, y)[2]  # the adapters' factors only
-      kw = dict(dataset_size=n_train, structure=structure)
-      tau = nox.tune_prior_precision(adapters, stats, **kw)
-      evidence = nox.laplace_log_marginal_likelihood(
-        adapters, stats, log_likelihood=log_likelihood, prior_precision=tau, **kw
-      )
-      tau_val, _ = nox.grid_search_prior_precision(
-        lambda p: nnx.merge(graphdef, p, frozen)(x_val),
-        adapters,
-        stats,
-        y_val,
-        grid=grid,
-        num_samples=args.samples,
-        key=key,
-        **kw,
+      kw = dict(dataset_size=n_train, structure=structure, num_samples=args.samples, key=key)
+      apply_val = lambda p: nnx.merge(graphdef, p, frozen)(x_val)
+      tau, evidence, tau_val, _ = cal.prior_precisions(
+        apply_val, adapters, stats, y_val, log_likelihood=log_likelihood, grid=grid, **kw
       )
       return stats, tau, tau_val, evidence
 
-    (stats, tau, tau_val, evidence), fit_seconds = timed(
+    (stats, tau, tau_val, evidence), fit_seconds = cal.timed(
       jax.jit(fit_laplace), adapters, frozen, key, x, y, x_val, y_val
     )
 
     def predict(adapters, frozen, stats, tau, key, x_test, structure=structure):
-      return nox.glm_predictive(
-        lambda p: nnx.merge(graphdef, p, frozen)(x_test),
-        adapters,
-        stats,
-        prior_precision=tau,
-        dataset_size=n_train,
-        structure=structure,
-        link_approx="probit",
-        num_samples=args.samples,
-        key=key,
+      apply_test = lambda p: nnx.merge(graphdef, p, frozen)(x_test)
+      return cal.probit_predictive(
+        apply_test, adapters, stats, tau, key, args.samples, dataset_size=n_train, structure=structure
       )
 
     predict = jax.jit(predict)
     for tau_from, value in (("evidence", tau), ("validation NLL", tau_val)):
-      probs, seconds = timed(predict, adapters, frozen, stats, value, jax.random.key(7), x_test)
-      record(f"LoRA-Laplace {structure}", tau_from, value, probs, fit_seconds, seconds, log_evidence=float(evidence))
+      probs, seconds = cal.timed(predict, adapters, frozen, stats, value, jax.random.key(7), x_test)
+      table.record(
+        f"LoRA-Laplace {structure}", tau_from, value, probs, fit_seconds, seconds, log_evidence=float(evidence)
+      )
 
-  os.makedirs(RESULTS, exist_ok=True)
+  os.makedirs(cal.RESULTS, exist_ok=True)
   suffix = ("" if args.train_size == 200 else f"_n{args.train_size}") + (
     "" if args.grid_points == 13 else f"_grid{args.grid_points}"
   )
-  base = os.path.join(RESULTS, f"laplace_lora{suffix}")
-  fields = ["method", "tau_from", "tau", "nll", "ece", "accuracy", "fit_seconds", "predict_seconds"]
-  with open(base + ".csv", "w", newline="") as handle:
-    writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+  base = os.path.join(cal.RESULTS, f"laplace_lora{suffix}")
+  cal.write_csv(base + ".csv", table.rows)
   info["load_average_end"] = common.load_average()
   adapter_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(adapters))
   result = {
@@ -241,13 +204,13 @@ def main(argv=None) -> dict[str, Any]:
       "validation_tau_grid": [float(t) for t in grid],
       "predictive": "glm_predictive, probit link, moments of num_samples posterior samples through one JVP each",
       "dtype": "float64",
-      "ece_bins": BINS,
+      "ece_bins": cal.BINS,
       "seed": args.seed,
       "timing": "seconds of a second call (compilation excluded; MAP rows: training incl. compilation)",
       **settings_extra,
     },
     "machine": info,
-    "rows": rows,
+    "rows": table.rows,
     "seconds_total": round(time.perf_counter() - started, 1),
   }
   with open(base + ".json", "w") as handle:

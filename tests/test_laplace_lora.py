@@ -12,19 +12,17 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
+from lora_models import ExplicitModel, LoraModel, xent
 
 import neuron_optax as nox
 
 pytestmark = pytest.mark.usefixtures("x64")
 
-F64 = jnp.float64
 D_IN, HIDDEN, CLASSES, RANK, N = 3, 4, 3, 2, 5
 TAU, N_DATA, DAMPING = 0.7, 40.0, 0.1
 STRUCTURES = ("full", "diagonal", "kfac", "kfac_heuristic", "input_factor")
-_B_INIT = nnx.initializers.normal(0.7)  # lora_b starts at zero by default: lora_a's Fisher block would be zero
 
 # adapter leaf path in the LoRA model -> the explicit model's bias-free layer; this order is the flat order
 ADAPTERS = {
@@ -36,41 +34,8 @@ ADAPTERS = {
 EXPLICIT_ADAPTERS = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(name) for name in ADAPTERS.values())))
 
 
-class LoraModel(nnx.Module):
-  def __init__(self, rngs):
-    self.hidden = nnx.LoRALinear(
-      D_IN, HIDDEN, lora_rank=RANK, param_dtype=F64, lora_param_dtype=F64, b_initializer=_B_INIT, rngs=rngs
-    )
-    base = nnx.Linear(HIDDEN, CLASSES, param_dtype=F64, rngs=rngs)
-    self.head = nnx.LoRA(HIDDEN, RANK, CLASSES, base_module=base, param_dtype=F64, b_initializer=_B_INIT, rngs=rngs)
-
-  def __call__(self, x):
-    return self.head(jnp.tanh(self.hidden(x)))
-
-
-class ExplicitModel(nnx.Module):
-  def __init__(self, lora: LoraModel):
-    rngs = nnx.Rngs(0)
-
-    def linear(source_kernel, source_bias=None):
-      layer = nnx.Linear(*source_kernel.shape, use_bias=source_bias is not None, param_dtype=F64, rngs=rngs)
-      layer.kernel[...] = source_kernel[...]
-      if source_bias is not None:
-        layer.bias[...] = source_bias[...]
-      return layer
-
-    self.base1 = linear(lora.hidden.kernel, lora.hidden.bias)
-    self.a1, self.b1 = linear(lora.hidden.lora.lora_a), linear(lora.hidden.lora.lora_b)
-    self.base2 = linear(lora.head.base_module.kernel, lora.head.base_module.bias)
-    self.a2, self.b2 = linear(lora.head.lora_a), linear(lora.head.lora_b)
-
-  def __call__(self, x):
-    h = jnp.tanh(self.base1(x) + self.b1(self.a1(x)))
-    return self.base2(h) + self.b2(self.a2(h))
-
-
-def xent(model, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+def lora_model(seed):
+  return LoraModel(nnx.Rngs(seed), D_IN, HIDDEN, CLASSES, RANK)
 
 
 def lora_flat(tree):
@@ -145,7 +110,7 @@ def explicit_ggn(explicit, x):
 def test_lora_laplace_equals_explicit_two_linear_model():
   rng = np.random.default_rng(0)
   x, y = jnp.asarray(rng.normal(size=(N, D_IN))), jnp.asarray(rng.integers(0, CLASSES, size=N))
-  lora = LoraModel(nnx.Rngs(0))
+  lora = lora_model(0)
   explicit = ExplicitModel(lora)
   key = jax.random.key(1)
 
@@ -194,7 +159,7 @@ def test_lora_stats_with_whole_param_state_and_mismatch_errors():
   parameter on the adapter state alone: a clear error naming the missing base layers."""
   rng = np.random.default_rng(1)
   x, y = jnp.asarray(rng.normal(size=(N, D_IN))), jnp.asarray(rng.integers(0, CLASSES, size=N))
-  lora = LoraModel(nnx.Rngs(1))
+  lora = lora_model(1)
   capture = lambda wrt: nnx.jit(nox.nnx.value_grad_and_stats(xent, fisher="full", likelihood="categorical", wrt=wrt))
   _, _, adapter_stats = capture(nnx.LoRAParam)(lora, x, y)
   _, _, all_stats = capture(nnx.Param)(lora, x, y)

@@ -12,53 +12,9 @@ import optax
 import pytest
 from conftest import assert_stats_match_grads
 from flax import nnx
+from lora_models import B_INIT, F64, ExplicitModel, LoraModel, xent
 
 import neuron_optax as nox
-
-F64 = jnp.float64
-_B_INIT = nnx.initializers.normal(0.7)  # lora_b starts at zero by default, which would make A's cotangents zero
-
-
-class LoraModel(nnx.Module):
-  """An ``nnx.LoRALinear`` hidden layer and an ``nnx.LoRA`` head wrapping an ``nnx.Linear``."""
-
-  def __init__(self, rngs, d_in=4, hidden=5, classes=3, rank=2):
-    self.hidden = nnx.LoRALinear(
-      d_in, hidden, lora_rank=rank, param_dtype=F64, lora_param_dtype=F64, b_initializer=_B_INIT, rngs=rngs
-    )
-    base = nnx.Linear(hidden, classes, param_dtype=F64, rngs=rngs)
-    self.head = nnx.LoRA(hidden, rank, classes, base_module=base, param_dtype=F64, b_initializer=_B_INIT, rngs=rngs)
-
-  def __call__(self, x):
-    return self.head(jnp.tanh(self.hidden(x)))
-
-
-class ExplicitModel(nnx.Module):
-  """The same function with the adapters' factors as plain bias-free ``nnx.Linear`` layers."""
-
-  def __init__(self, lora: LoraModel):
-    rngs = nnx.Rngs(0)
-    d_in, hidden = lora.hidden.kernel.shape
-    rank, classes = lora.head.lora_b.shape
-
-    def linear(a, b, source_kernel, source_bias=None):
-      layer = nnx.Linear(a, b, use_bias=source_bias is not None, param_dtype=F64, rngs=rngs)
-      layer.kernel[...] = source_kernel[...]
-      if source_bias is not None:
-        layer.bias[...] = source_bias[...]
-      return layer
-
-    self.base1 = linear(d_in, hidden, lora.hidden.kernel, lora.hidden.bias)
-    self.a1 = linear(d_in, rank, lora.hidden.lora.lora_a)
-    self.b1 = linear(rank, hidden, lora.hidden.lora.lora_b)
-    self.base2 = linear(hidden, classes, lora.head.base_module.kernel, lora.head.base_module.bias)
-    self.a2 = linear(hidden, rank, lora.head.lora_a)
-    self.b2 = linear(rank, classes, lora.head.lora_b)
-
-  def __call__(self, x):
-    h = jnp.tanh(self.base1(x) + self.b1(self.a1(x)))
-    return self.base2(h) + self.b2(self.a2(h))
-
 
 # LoRA model layer -> (explicit layer, LoRA model's weight leaf path, explicit model's kernel path)
 _LAYERS = {
@@ -71,10 +27,6 @@ _LAYERS = {
 }
 _ADAPTERS = [k for k in _LAYERS if k[-1] in ("lora_a", "lora_b")]
 _EXPLICIT_ADAPTERS = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(_LAYERS[k][0]) for k in _ADAPTERS)))
-
-
-def _xent(model, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
 def _setup(seed=0, n=6):
@@ -98,8 +50,8 @@ def test_lora_stats_equal_explicit_model(x64, adapters_only):
   lora, explicit, x, y = _setup()
   kw = dict(fisher="full", likelihood="categorical")  # the empirical cotangents come with the Fisher ones
   wrt, explicit_wrt = (nnx.LoRAParam, _EXPLICIT_ADAPTERS) if adapters_only else (nnx.Param, nnx.Param)
-  loss, grads, stats = nnx.jit(nox.nnx.value_grad_and_stats(_xent, wrt=wrt, **kw))(lora, x, y)
-  ref_loss, ref_grads, ref_stats = nnx.jit(nox.nnx.value_grad_and_stats(_xent, wrt=explicit_wrt, **kw))(explicit, x, y)
+  loss, grads, stats = nnx.jit(nox.nnx.value_grad_and_stats(xent, wrt=wrt, **kw))(lora, x, y)
+  ref_loss, ref_grads, ref_stats = nnx.jit(nox.nnx.value_grad_and_stats(xent, wrt=explicit_wrt, **kw))(explicit, x, y)
 
   keys = _ADAPTERS if adapters_only else list(_LAYERS)
   assert sorted(stats) == sorted(keys)
@@ -141,8 +93,8 @@ def test_every_optimizer_direction_equals_explicit_model(x64, adapters_only):
   keys = _ADAPTERS if adapters_only else list(_LAYERS)
   # Fisher cotangents, so that KFAC and the natural gradient use the Fisher they are defined with
   kw = dict(fisher="full", likelihood="categorical")
-  _, grads, stats = nnx.jit(nox.nnx.value_grad_and_stats(_xent, wrt=wrt, **kw))(lora, x, y)
-  _, ref_grads, ref_stats = nnx.jit(nox.nnx.value_grad_and_stats(_xent, wrt=explicit_wrt, **kw))(explicit, x, y)
+  _, grads, stats = nnx.jit(nox.nnx.value_grad_and_stats(xent, wrt=wrt, **kw))(lora, x, y)
+  _, ref_grads, ref_stats = nnx.jit(nox.nnx.value_grad_and_stats(xent, wrt=explicit_wrt, **kw))(explicit, x, y)
   params, ref_params = nnx.state(lora, wrt), nnx.state(explicit, explicit_wrt)
 
   @jax.jit
@@ -171,7 +123,7 @@ def test_adapter_only_training_leaves_base_weights(x64):
 
   @nnx.jit
   def step(model, optimizer, x, y):
-    loss, grads, stats = nox.nnx.value_grad_and_stats(_xent, wrt=nnx.LoRAParam)(model, x, y)
+    loss, grads, stats = nox.nnx.value_grad_and_stats(xent, wrt=nnx.LoRAParam)(model, x, y)
     optimizer.update(model, grads, stats=stats)
     return loss
 
@@ -194,7 +146,7 @@ _LENGTH, _WIDTH = 2, 3
 
 def _lora_block(rngs):
   return nnx.LoRALinear(
-    _WIDTH, _WIDTH, lora_rank=2, param_dtype=F64, lora_param_dtype=F64, b_initializer=_B_INIT, rngs=rngs
+    _WIDTH, _WIDTH, lora_rank=2, param_dtype=F64, lora_param_dtype=F64, b_initializer=B_INIT, rngs=rngs
   )
 
 
@@ -247,7 +199,7 @@ def test_stacked_adapters_in_nnx_scan_equal_unrolled(x64):
   def directions(model, unrolled):
     out = []
     for m, kernel_input_ndim in ((model, layout), (unrolled, None)):
-      _, grads, stats = nox.nnx.value_grad_and_stats(_xent, wrt=nnx.LoRAParam)(m, x, y)
+      _, grads, stats = nox.nnx.value_grad_and_stats(xent, wrt=nnx.LoRAParam)(m, x, y)
       params, tx = nnx.state(m, nnx.LoRAParam), nox.foof(0.5, kernel_input_ndim=kernel_input_ndim)
       out.append((stats, nnx.as_pure(tx.update(grads, tx.init(params), params, stats=stats)[0])))
     return out
@@ -273,8 +225,8 @@ def test_adapter_only_laplace_equals_explicit_model(x64):
   pytest.importorskip("neuron_optax._src.laplace.posteriors")
   lora, explicit, x, y = _setup(seed=4)
   kw = dict(fisher="full", likelihood="categorical")
-  _, grads, stats = nox.nnx.value_grad_and_stats(_xent, wrt=nnx.LoRAParam, **kw)(lora, x, y)
-  _, ref_grads, ref_stats = nox.nnx.value_grad_and_stats(_xent, wrt=_EXPLICIT_ADAPTERS, **kw)(explicit, x, y)
+  _, grads, stats = nox.nnx.value_grad_and_stats(xent, wrt=nnx.LoRAParam, **kw)(lora, x, y)
+  _, ref_grads, ref_stats = nox.nnx.value_grad_and_stats(xent, wrt=_EXPLICIT_ADAPTERS, **kw)(explicit, x, y)
   params, ref_params = nnx.state(lora, nnx.LoRAParam), nnx.state(explicit, _EXPLICIT_ADAPTERS)
   for structure in ("full", "kfac"):
     evidence = [

@@ -171,6 +171,23 @@ def _conv_padding(padding, x: jax.Array, kernel_size, kernel_dilation):
   return x, padding
 
 
+CONV_SETTINGS = (
+  "kernel_size",
+  "strides",
+  "padding",
+  "input_dilation",
+  "kernel_dilation",
+  "feature_group_count",
+  "mask",
+)
+
+
+def conv_settings(module) -> dict:
+  """The keyword arguments of :func:`conv_input` read off a convolution module (``nn.Conv`` and ``nnx.Conv`` name
+  them alike)."""
+  return {name: getattr(module, name) for name in CONV_SETTINGS}
+
+
 def conv_input(
   x: jax.Array,
   key: LayerKey,

@@ -58,17 +58,7 @@ def _recorded(module: nn.Module, x: jax.Array, key: LayerKey):
   if isinstance(module, nn.Embed):
     return layer_rows.token_rows(x, key, module.num_embeddings)
   if isinstance(module, nn.Conv):
-    return layer_rows.conv_input(
-      x,
-      key,
-      kernel_size=module.kernel_size,
-      strides=module.strides,
-      padding=module.padding,
-      input_dilation=module.input_dilation,
-      kernel_dilation=module.kernel_dilation,
-      feature_group_count=module.feature_group_count,
-      mask=module.mask,
-    )
+    return layer_rows.conv_input(x, key, **layer_rows.conv_settings(module))
   if isinstance(module, nn.DenseGeneral):
     return layer_rows.dense_general_rows(module.axis, module.batch_dims, x, key)
   return layer_rows.as_rows(x)

@@ -70,18 +70,7 @@ def _layout(module, key: LayerKey, x: jax.Array, args, kwargs) -> CallLayout | N
     meta = dict(kind="embed", has_bias=False, kernel_shape=tuple(module.embedding.shape), kernel_input_ndim=1)
     return CallLayout(functools.partial(layer_rows.token_rows, key=key, vocab=module.num_embeddings), meta)
   if isinstance(module, nnx.Conv):
-    rows = functools.partial(
-      layer_rows.conv_input,
-      key=key,
-      kernel_size=module.kernel_size,
-      strides=module.strides,
-      padding=module.padding,
-      input_dilation=module.input_dilation,
-      kernel_dilation=module.kernel_dilation,
-      feature_group_count=module.feature_group_count,
-      mask=module.mask,
-      layer_type="nnx.Conv",
-    )
+    rows = functools.partial(layer_rows.conv_input, key=key, layer_type="nnx.Conv", **layer_rows.conv_settings(module))
     return CallLayout(rows, _meta(module, "conv", module.kernel.ndim - 1))
   if isinstance(module, nnx.LinearGeneral):
     names = dict(layer_type="nnx.LinearGeneral", batch_arg="batch_axis")

@@ -45,9 +45,18 @@ Metric = Literal["nll", "ece"]
 
 
 class _Predictor:
-  """The GLM predictive of one posterior at any ``τ``; the ``τ``-independent parts are computed once."""
+  """The GLM predictive of one posterior at any ``τ``; the ``τ``-independent parts are computed once.
 
-  def __init__(self, where, apply_fn, params, stats, *, dataset_size, structure, num_samples, key, options):
+  Built by :func:`glm_predictive` (one ``τ``) and :func:`grid_search_prior_precision` (a grid), which check their
+  own arguments first; the link arguments are checked here.
+  """
+
+  def __init__(self, where, apply_fn, params, stats, dataset_size, structure, link_approx, num_samples, key, options):
+    hyperparams.check_choice(where, "link_approx", link_approx, LINKS)
+    hyperparams.check_integer(where, "num_samples", num_samples, optional=True)
+    if link_approx == "mc" and num_samples is None:
+      raise ValueError(f"{where}: link_approx='mc' averages over posterior samples; pass num_samples= and key=.")
+    self.link_approx = link_approx
     self.post = posterior(where, structure, params, stats, dataset_size, **options)
     self.mean, self.jvp = jax.linearize(apply_fn, params)
     if jnp.ndim(self.mean) < 1:
@@ -85,9 +94,9 @@ class _Predictor:
     deviations = jax.vmap(lambda m: self.jvp(self._tangent(m)))(deltas)
     return mean, None, deviations.reshape(self.num_samples, rows, self.classes).astype(self.post.dtype)
 
-  def probabilities(self, tau, link_approx: str):
+  def probabilities(self, tau):
     mean, f_var, deviations = self.moments(tau)
-    if link_approx == "mc":
+    if self.link_approx == "mc":
       probs = jnp.mean(jax.nn.softmax(mean[None] + deviations, axis=-1), axis=0)
       return probs.reshape(self.mean.shape)
     if f_var is not None:
@@ -99,7 +108,7 @@ class _Predictor:
       sums = jnp.sum(deviations, axis=-1)
       row_sums = jnp.mean(deviations * sums[..., None], axis=0)
       total = jnp.mean(sums**2, axis=0)
-    if link_approx == "probit":
+    if self.link_approx == "probit":
       probs = jax.nn.softmax(mean / jnp.sqrt(1 + math.pi / 8 * diagonal), axis=-1)
     else:
       probs = _laplace_bridge(mean, diagonal, row_sums, total)
@@ -118,13 +127,6 @@ def _laplace_bridge(mean, diagonal, row_sums, total):
   diagonal = diagonal - row_sums**2 / total
   alpha = (1 - 2 / k + jnp.exp(mean) / k**2 * jnp.sum(jnp.exp(-mean), axis=-1, keepdims=True)) / diagonal
   return jnp.nan_to_num(alpha / jnp.sum(alpha, axis=-1, keepdims=True), nan=1.0)
-
-
-def _check_link(where, link_approx, num_samples):
-  hyperparams.check_choice(where, "link_approx", link_approx, LINKS)
-  hyperparams.check_integer(where, "num_samples", num_samples, optional=True)
-  if link_approx == "mc" and num_samples is None:
-    raise ValueError(f"{where}: link_approx='mc' averages over posterior samples; pass num_samples= and key=.")
 
 
 def glm_predictive(
@@ -187,20 +189,12 @@ def glm_predictive(
     networks", UAI 2022 (Laplace bridge); E. Daxberger et al., "Laplace Redux", NeurIPS 2021.
   """
   where = "glm_predictive"
-  _check_link(where, link_approx, num_samples)
+  options = dict(output_scale=output_scale, max_columns=max_columns)
   hyperparams.check_positive_scalar(where, "prior_precision", prior_precision)
   predictor = _Predictor(
-    where,
-    apply_fn,
-    params,
-    stats,
-    dataset_size=dataset_size,
-    structure=structure,
-    num_samples=num_samples,
-    key=key,
-    options=dict(output_scale=output_scale, max_columns=max_columns),
+    where, apply_fn, params, stats, dataset_size, structure, link_approx, num_samples, key, options
   )
-  return predictor.probabilities(prior_precision, link_approx)
+  return predictor.probabilities(prior_precision)
 
 
 def negative_log_likelihood(probabilities: jax.Array, labels: jax.Array) -> jax.Array:
@@ -261,18 +255,10 @@ def grid_search_prior_precision(
     ``(τ, scores)``: the best ``τ`` (the smallest score, first on ties) and the score at every grid point.
   """
   where = "grid_search_prior_precision"
-  _check_link(where, link_approx, num_samples)
+  options = dict(output_scale=output_scale, max_columns=max_columns)
   hyperparams.check_choice(where, "metric", metric, ("nll", "ece"))
   predictor = _Predictor(
-    where,
-    apply_fn,
-    params,
-    stats,
-    dataset_size=dataset_size,
-    structure=structure,
-    num_samples=num_samples,
-    key=key,
-    options=dict(output_scale=output_scale, max_columns=max_columns),
+    where, apply_fn, params, stats, dataset_size, structure, link_approx, num_samples, key, options
   )
   grid = (
     jnp.logspace(-4, 4, 21, dtype=predictor.post.dtype) if grid is None else jnp.asarray(grid, predictor.post.dtype)
@@ -282,7 +268,7 @@ def grid_search_prior_precision(
   score = negative_log_likelihood if metric == "nll" else expected_calibration_error
 
   def evaluate(tau):
-    return score(predictor.probabilities(tau, link_approx), labels)
+    return score(predictor.probabilities(tau), labels)
 
   scores = jax.lax.map(evaluate, grid)
   return grid[jnp.argmin(jnp.where(jnp.isnan(scores), jnp.inf, scores))], scores
