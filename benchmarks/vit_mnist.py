@@ -30,7 +30,7 @@ step (linear interpolation between evaluations) and training second at which its
 target, as fractions of AdamW's steps and seconds; ``null`` unless every seed reaches it.
 
 ``--recipes compare`` runs the tuned AdamW, the tuned Muon and the neuron recipes (FOOF + Muon, the
-recommended one, and FOOF + Adam) and writes ``<output-dir>/vit_mnist_<tag>.json`` with a ``summary`` list,
+recommended one, and FOOF + AdamW) and writes ``<output-dir>/vit_mnist_<tag>.json`` with a ``summary`` list,
 one entry per recipe: ``recipe``, ``family``, ``recommended``, ``final_test_accuracy``,
 ``final_test_loss`` (means over seeds), ``steps_to_reference``, ``wallclock_to_reference``,
 ``step_time_ratio`` (plus details), and every run's curves.
@@ -194,7 +194,7 @@ COMPARE_RECIPES = ";".join(
 QUICK_COMPARE_RECIPES = (
   "none+adamw:lr=4e-3,name=AdamW;none+muon:lr=0.02,adam_lr=4e-3,name=Muon;"
   "foof+muon:lr=0.02,adam_lr=4e-3,damping=0.1,every=5,window=2,rec=1,name=FOOF + Muon;"
-  "foof+adam:lr=4e-3,damping=0.1,every=5,window=2,name=FOOF + Adam"
+  "foof+adamw:lr=4e-3,damping=0.1,every=5,window=2,name=FOOF + AdamW"
 )
 
 
