@@ -36,6 +36,9 @@ Recipes. Each run is a recipe string ``PRE+OPT[:key=value,...]``:
 * preconditioner: ``damping`` (a number, or ``A>B@F``: ``A`` until fraction ``F`` of
   the run, then ``B``), ``every`` (``inverse_every`` / ``refresh_every``), ``window``
   (``stats_window``, ``none`` = every step), ``ema`` (``ema_decay``), ``contraction``,
+  ``phase`` (FOOF/KFAC: ``auto``, or ``fixed``: one compiled step per amortisation phase,
+  picked on the host with ``nox.amortisation_phase``), ``rows`` (FOOF's ``statistics_rows``: ``A`` from
+  a random subset of that many token rows per layer and step),
   ``alpha`` (FNGD), ``layers`` (FOOF/KFAC/FNGD on ``all`` or ``+``-joined ``mlp``,
   ``attn``, ``qkv``, ``out``, ``head``; via ``optax.masked``), ``sides`` (``input`` /
   ``both``) and ``refresh`` (``eigh`` / ``power``) for ``eigen``.
@@ -205,6 +208,8 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
   window=10,
   ema=0.95,
   contraction="auto",
+  phase="auto",
+  rows=None,
   alpha=1.0,
   layers="all",
   sides="input",
@@ -413,16 +418,23 @@ def scale_by_step_sizes(labels) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, batch_size: int, kernel_input_ndim=None):
+def build_transform(
+  recipe: Recipe, params, steps: int, steps_per_epoch: int, batch_size: int, kernel_input_ndim=None, phase=None
+):
   """``chain(PRE, clip, OPT, step sizes)`` with the peak learning rates in the last state.
+
+  ``phase``: FOOF/KFAC's fixed step kind (``"plain"``, ``"statistics"``, ``"inversion"``; default: the
+  recipe's ``phase`` option unless that is ``"fixed"``, then ``"auto"``).
 
   ``PRE=eigen`` wraps ``clip, OPT`` instead: ``chain(clip, nox.eigenbasis(OPT), step sizes)``.
   ``kernel_input_ndim``: the captured layers' layouts, ``nox.kernel_layouts(stats)`` (the
   scanned model's kernels have a leading stack axis, one FOOF/KFAC state per block).
   """
   o = recipe.options
+  if phase is None:
+    phase = "auto" if o["phase"] == "fixed" else o["phase"]
   run_steps = max(1, int(round(float(o["horizon"]) * steps)))
-  window = None if str(o["window"]).lower() == "none" else int(o["window"])
+  window = stats_window_option(o)
   parts = []
   if recipe.pre in ("foof", "kfac", "fngd"):
     damping = damping_value(o["damping"], run_steps)
@@ -434,6 +446,8 @@ def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, ba
         ema_decay=float(o["ema"]),
         contraction=o["contraction"],
         kernel_input_ndim=kernel_input_ndim,
+        phase=phase,
+        statistics_rows=None if o["rows"] in (None, "none") else int(o["rows"]),
       )
     elif recipe.pre == "kfac":
       pre = nox.kfac(
@@ -443,6 +457,7 @@ def build_transform(recipe: Recipe, params, steps: int, steps_per_epoch: int, ba
         ema_decay=float(o["ema"]),
         contraction=o["contraction"],
         kernel_input_ndim=kernel_input_ndim,
+        phase=phase,
       )
     else:
       pre = nox.fngd(
@@ -542,6 +557,8 @@ def eval_params(recipe: Recipe, params, state):
 
 
 def make_step(loss_fn, tx, uses_stats: bool):
+  """The jitted ``step(params, opt_state, window) -> (params, opt_state, loss)``."""
+
   def step(params, opt_state, window):
     if uses_stats:
       loss, grads, stats = nox.value_grad_and_stats(loss_fn)(params, window)
@@ -552,6 +569,30 @@ def make_step(loss_fn, tx, uses_stats: bool):
     return optax.apply_updates(params, updates), opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1))
+
+
+class PhasedStep:
+  """FOOF/KFAC with ``phase=fixed``: one compiled step per amortisation phase, picked on the host.
+
+  ``nox.amortisation_phase(index, T, S)`` names the kind of step ``index``; the ``"plain"`` step
+  (most steps) compiles neither the statistics nor a factorisation, nor a ``lax.cond`` around them.
+  The states of the three transforms are interchangeable, so the trajectory is that of ``phase="auto"``.
+  """
+
+  def __init__(self, steps: dict, inverse_every: int, stats_window: int | None):
+    self.steps, self.inverse_every, self.stats_window = steps, inverse_every, stats_window
+
+  def __call__(self, params, opt_state, window, index: int):
+    phase = nox.amortisation_phase(index, self.inverse_every, self.stats_window)
+    return self.steps[phase](params, opt_state, window)
+
+
+def fixed_phase(recipe: Recipe) -> bool:
+  return recipe.pre in ("foof", "kfac") and recipe.options["phase"] == "fixed"
+
+
+def stats_window_option(options: dict) -> int | None:
+  return None if str(options["window"]).lower() == "none" else int(options["window"])
 
 
 # --------------------------------------------------------------------------- #
@@ -659,8 +700,8 @@ class Run:
     k = min(k, self.run_steps - self.done)
     pending = []
     start = time.perf_counter()
-    for _ in range(k):
-      self.params, self.state, loss = self.step(self.params, self.state, next(self.batches))
+    for i in range(self.done, self.done + k):
+      self.params, self.state, loss = self.step(self.params, self.state, next(self.batches), i)
       pending.append(loss)
     jax.block_until_ready((self.params, self.state))
     elapsed = time.perf_counter() - start
@@ -863,13 +904,27 @@ def main(argv=None):
 
   compiled: dict[str, tuple] = {}
   runs: list[Run] = []
+  aliases: dict[str, str] = {}  # a grid point met again (coordinate grids share their centre): trained once
+  trained: dict[tuple, str] = {}
   for recipe in recipes:
     key = recipe.structure()
+    point = (key, recipe.lr, recipe.options["adam_lr"])
+    if point in trained:
+      aliases[recipe.name] = trained[point]
+      continue
+    trained[point] = recipe.name
     if key not in compiled:
-      tx, run_steps = build_transform(
-        recipe, params0[seeds[0]], config["steps"], steps_per_epoch, batch_size, kernel_input_ndim=layouts
+      build = lambda phase=None: build_transform(
+        recipe, params0[seeds[0]], config["steps"], steps_per_epoch, batch_size, kernel_input_ndim=layouts, phase=phase
       )
-      compiled[key] = (tx, run_steps, make_step(loss_fn, tx, recipe.uses_stats))
+      tx, run_steps = build()
+      if fixed_phase(recipe):
+        phases = {phase: make_step(loss_fn, build(phase)[0], True) for phase in ("plain", "statistics", "inversion")}
+        step = PhasedStep(phases, int(recipe.options["every"]), stats_window_option(recipe.options))
+      else:
+        plain = make_step(loss_fn, tx, recipe.uses_stats)
+        step = PhasedStep({"plain": plain, "statistics": plain, "inversion": plain}, 1, None)
+      compiled[key] = (tx, run_steps, step)
     tx, run_steps, step = compiled[key]
     for seed in seeds:
       batches = (jnp.asarray(w) for w in text.batches(train_tokens, batch_size, seq_len, seed=seed, epochs=None))
@@ -877,8 +932,9 @@ def main(argv=None):
 
   compile_start = time.perf_counter()
   for tx, _, step in compiled.values():  # compile outside the timed chunks
-    p = jax.tree.map(jnp.copy, params0[seeds[0]])
-    jax.block_until_ready(step(p, init_state(tx, p, {"base": 0.0, "muon": 0.0}), example))
+    for one in dict.fromkeys(step.steps.values()):
+      p = jax.tree.map(jnp.copy, params0[seeds[0]])
+      jax.block_until_ready(one(p, init_state(tx, p, {"base": 0.0, "muon": 0.0}), example))
   compile_seconds = time.perf_counter() - compile_start
   for run in runs:
     run.evals.append((0, evaluate(run.eval_params), 0.0))
@@ -896,8 +952,8 @@ def main(argv=None):
   # ---- the reference and the targets ---------------------------------------------------------
   for run in runs:  # both held-out splits at the end, whichever one the curves were recorded on
     run.final = {split: evaluate(run.eval_params, split) for split in eval_sets} if not run.diverged else {}
-  names = list(dict.fromkeys(r.recipe.name for r in runs))
-  by_name = {name: [r for r in runs if r.recipe.name == name] for name in names}
+  names = list(dict.fromkeys([r.recipe.name for r in runs] + list(aliases)))
+  by_name = {name: [r for r in runs if r.recipe.name == aliases.get(name, name)] for name in names}
   plain = [n for n in names if by_name[n][0].recipe.pre == "none"]  # AdamW first, then Adam, then any first-order
   reference = args.reference or next(
     (n for opt in ("adamw", "adam", "sgd") for n in plain if by_name[n][0].recipe.opt == opt), None
@@ -1014,6 +1070,7 @@ def main(argv=None):
     reference_steps=ref_steps,
     reference_seconds=ref_seconds,
     grids=sorted({r.base for r in recipes}),
+    shared_grid_points=aliases,
     tuning=tuning,
     summary=rows,
     runs=[

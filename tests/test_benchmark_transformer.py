@@ -94,3 +94,21 @@ def test_quick_compare_writes_the_summary(tmp_path):
   assert summary[0]["steps_to_reference"] == 1.0 and summary[0]["step_time_ratio"] == 1.0
   assert result["reference"] == summary[0]["recipe"]
   assert (tmp_path / "transformer_lm_quick.csv").exists()
+
+
+def test_fixed_phase_picks_one_compiled_step_per_amortisation_phase():
+  (recipe,) = transformer_lm.parse_recipes("foof+muon:adam_lr=1e-2,every=4,window=2,phase=fixed,rows=16")
+  assert transformer_lm.fixed_phase(recipe) and recipe.options["rows"] == "16"
+  called = []
+  steps = {
+    phase: (lambda p, s, w, phase=phase: called.append(phase) or (p, s, 0.0))
+    for phase in ("plain", "statistics", "inversion")
+  }
+  phased = transformer_lm.PhasedStep(steps, 4, 2)
+  for index in range(6):
+    phased(None, None, None, index)
+  assert called == ["inversion", "plain", "plain", "statistics", "inversion", "plain"]
+  model = transformer_lm.TransformerLM(16, 2, 1, 8, scan=True)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  tx, _ = transformer_lm.build_transform(recipe, params, 10, 10, 2, phase="plain")
+  assert tx.init(params) is not None

@@ -79,6 +79,9 @@ class Preconditioner(NamedTuple):
       (``gradient`` is ``None`` for a rows order).
     damping_refactorises: whether the factors depend on the damping (a changed
       damping then re-factorises at once with ``phase="auto"``).
+    batch_values_at: ``batch_values_at(stats, dtype, count)``, used instead of
+      ``batch_values`` where the batch values depend on the step (a random
+      subsample of rows drawn afresh each step).
   """
 
   name: str
@@ -91,6 +94,7 @@ class Preconditioner(NamedTuple):
   order: Callable[[LayerStats], Order]
   apply: Callable[[Any, jax.Array | None, LayerStats, jax.Array, Order], jax.Array]
   damping_refactorises: bool = True
+  batch_values_at: Callable[[LayerStats, Any, jax.Array], dict[str, jax.Array]] | None = None
 
 
 class Settings(NamedTuple):
@@ -185,7 +189,11 @@ def update(method: Preconditioner, settings: Settings, updates, state, stats: St
     new = {}
     for key, name in names.items():
       current = method.averages(layers[name])
-      values = method.batch_values(stats[key], next(iter(current.values())).value.dtype)
+      dtype = next(iter(current.values())).value.dtype
+      if method.batch_values_at is None:
+        values = method.batch_values(stats[key], dtype)
+      else:
+        values = method.batch_values_at(stats[key], dtype, state.count)
       new[name] = {factor: average.update(values[factor], decay) for factor, average in current.items()}
     return new
 

@@ -56,6 +56,7 @@ def foof(
   kernel_input_ndim: param_layout.KernelInputNdim = None,
   distribute_factorisations: factorisation.Distribution | None = None,
   phase: amortisation.Phase = "auto",
+  statistics_rows: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""FOOF: precondition each captured layer's gradient with its inputs' second moment.
 
@@ -121,6 +122,13 @@ def foof(
       states are interchangeable and the trajectory is the same. On a GPU each
       conditional makes the host wait for its predicate, so a fixed-phase
       plain step keeps the device queue full.
+    statistics_rows: ``m``: estimate each batch's ``A_batch`` from ``m`` of its
+      ``R`` input rows drawn uniformly without replacement, afresh at every
+      step (``(1/m) Σ_{r∈S} ā_r ā_rᵀ``, an unbiased estimate of ``A_batch``),
+      which cuts the statistics' ``R·d_in²`` products by ``R/m``; for layers
+      shared over many tokens (Transformers, convolutions), whose rows are
+      strongly correlated. Embeddings (a diagonal ``A``) always use every row.
+      ``None`` (default): every row.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
@@ -157,6 +165,10 @@ def foof(
     "foof", damping, ema_decay, inverse_every, stats_window, phase, contraction, kernel_input_ndim
   )
   factorisation.validate_distribution("foof", distribute_factorisations)
+  if statistics_rows is not None and (
+    isinstance(statistics_rows, bool) or int(statistics_rows) != statistics_rows or statistics_rows < 1
+  ):
+    raise ValueError(f"foof: statistics_rows={statistics_rows!r}: expected a positive integer or None (every row).")
 
   def check_layer(layers, key, shape) -> None:
     factor = param_layout.input_factor_shape(shape)  # an embedding's diagonal A: a vector
@@ -171,6 +183,9 @@ def foof(
     check_layer=check_layer,
     averages=lambda layer: {"a": amortised.MovingAverage(layer.a_ema, layer.a_weight, layer.a_updates)},
     batch_values=lambda layer_stats, dtype: {"a": layer_stats.input_moment(dtype)},
+    batch_values_at=None
+    if statistics_rows is None
+    else lambda layer_stats, dtype, count: {"a": subsampled_input_moment(layer_stats, dtype, statistics_rows, count)},
     factors=lambda layer: layer.a_inverse,
     factorise=factorise,
     rebuild=lambda layer, averages, inverse: FoofLayerState(
@@ -189,3 +204,21 @@ def foof(
     return FoofLayerState(a_ema=a.value, a_updates=a.updates, a_inverse=inverse, a_weight=a.weight)
 
   return amortised.transformation(method, settings, make_layer, FoofState)
+
+
+def subsampled_input_moment(layer_stats, dtype, rows: int, count: jax.Array) -> jax.Array:
+  """``(1/m) Σ_{r∈S} ā_r ā_rᵀ`` over ``m = min(rows, R)`` of the ``R`` recorded rows, drawn without replacement.
+
+  The draw depends on the step ``count`` only (the same rows for every layer of a step), so a step is
+  reproducible. Over draws it is unbiased for ``input_moment``; embeddings (a diagonal) use every row.
+  """
+  if layer_stats.kind == "embed":
+    return layer_stats.input_moment(dtype)
+  x = layer_stats.augmented_inputs(dtype)
+  x = x.reshape(-1, x.shape[-1])
+  if rows >= x.shape[0]:
+    return (x.T @ x) / x.shape[0]
+  key = jax.random.fold_in(jax.random.key(0x0F00F), count)
+  chosen = jax.random.choice(key, x.shape[0], (rows,), replace=False)
+  x = x[chosen]
+  return (x.T @ x) / rows
