@@ -17,6 +17,7 @@ Public API:
   accumulate_micro_batches  gradient accumulation whose FOOF/KFAC statistics cover every micro-batch
   TrainState            flax TrainState whose apply_gradients(grads=..., stats=...) forwards stats
   PrecisionWarning      a damping below the float resolution of a layer's factor (warned once per layer)
+  DivergenceWarning     a FOOF/KFAC direction orders of magnitude longer than its gradient (warned once)
   state_sharding        shardings of FOOF/KFAC/FNGD states that follow the parameters' (FSDP, tensor parallel)
   kernel_layouts        the layouts (input and stack axes) of captured layers, for the transforms
   nnx.value_grad_and_stats  the same capture for flax.nnx models
@@ -51,7 +52,7 @@ from neuron_optax._src.linen import value_grad_and_stats
 from neuron_optax._src.natural_gradient import NaturalGradientState, natural_gradient
 from neuron_optax._src.param_layout import KernelLayout, kernel_layouts
 from neuron_optax._src.precision import PrecisionWarning
-from neuron_optax._src.safeguard import NormConstraintState, norm_constrained
+from neuron_optax._src.safeguard import DivergenceWarning, NormConstraintState, norm_constrained
 from neuron_optax._src.sharding import PaddedState, pad_for_sharding, state_bytes_per_device, state_sharding
 from neuron_optax._src.train_state import TrainState
 from neuron_optax._version import __version__ as __version__
@@ -112,4 +113,5 @@ __all__ = [
   # Diagnostics
   "kfac_foof_similarity",
   "PrecisionWarning",
+  "DivergenceWarning",
 ]

@@ -1,4 +1,8 @@
-"""nox.norm_constrained: the KL constraint (Ba, Grosse & Martens 2017) against a float64 NumPy reference."""
+"""nox.norm_constrained: the KL constraint (Ba, Grosse & Martens 2017) against a float64 NumPy reference; the
+divergence warning of unguarded FOOF and KFAC."""
+
+import re
+import warnings
 
 import flax.linen as nn
 import jax
@@ -16,8 +20,8 @@ class _Mlp(nn.Module):
     return nn.Dense(3)(nn.tanh(nn.Dense(4)(x)))
 
 
-def _problem():
-  x = jax.random.normal(jax.random.key(1), (8, 3), jnp.float64)
+def _problem(input_scales=(1.0, 1.0, 1.0)):
+  x = jax.random.normal(jax.random.key(1), (8, 3), jnp.float64) * jnp.asarray(input_scales)
   y = jnp.arange(8) % 3
   model = _Mlp()
   params = jax.tree.map(lambda p: p.astype(jnp.float64), model.init(jax.random.key(0), x)["params"])
@@ -122,8 +126,104 @@ def test_small_damping_with_momentum_sgd_trains_instead_of_diverging(make):
       losses.append(float(loss))
     return losses
 
-  bare = train(optax.chain(make(), optax.sgd(0.1, momentum=0.9)))
-  guarded = train(optax.chain(nox.norm_constrained(make(), learning_rate=0.1), optax.sgd(0.1, momentum=0.9)))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    bare = train(optax.chain(make(), optax.sgd(0.1, momentum=0.9)))
+    guarded = train(optax.chain(nox.norm_constrained(make(), learning_rate=0.1), optax.sgd(0.1, momentum=0.9)))
+    jax.effects_barrier()
   assert not np.isfinite(bare[-1]) or bare[-1] > 10 * bare[0]  # the failure the safeguard is for
+  # ... is announced once (the bare run; the guarded one is bounded), naming a layer and the rule
+  (warned,) = [w for w in caught if issubclass(w.category, nox.DivergenceWarning)]
+  assert re.search(r"layer '(Conv|Dense)_\d'.*damping 0\.001.*lr <= damping/10.*norm_constrained", str(warned.message))
   assert np.isfinite(guarded).all() and max(guarded) < 2 * guarded[0]  # bounded steps: no blow-up
   assert min(guarded[-4:]) < 0.8 * guarded[0]  # and it learns
+
+
+def _layer_ratios(directions, grads):
+  """‖d‖ / ‖∇W‖ of each layer (kernel and bias together), in float64 NumPy."""
+  squares = lambda tree: sum(float(np.sum(np.square(np.asarray(v)))) for v in jax.tree.leaves(tree))
+  return {name: np.sqrt(squares(directions[name]) / squares(grads[name])) for name in grads}
+
+
+def _divergence_warnings(caught):
+  return [str(w.message) for w in caught if issubclass(w.category, nox.DivergenceWarning)]
+
+
+def test_divergence_warning_fires_where_a_direction_is_100_times_its_gradient(x64):
+  """The criterion against ‖d‖/‖∇W‖ of each layer computed here: it fires iff some layer's ratio exceeds 100
+  and names that layer; a damping >= 1e-2 never fires (the ratio is at most 1/λ)."""
+  make = {
+    "foof": nox.foof,
+    "kfac": nox.kfac,
+    "kfac_standard": lambda damping: nox.kfac(damping, damping_mode="standard"),
+  }
+  # An input feature of scale 1e-3 gives the factors a small eigenvalue the gradient has a component along.
+  params, grads, stats = _problem((1.0, 1.0, 1e-3))
+  outcomes = []
+  for method, damping in [
+    ("foof", 1e-3),  # ratio about 21: silent
+    ("foof", 1e-4),  # about 184 (Dense_0)
+    ("kfac", 1e-4),  # about 56: silent
+    ("kfac", 1e-6),  # about 184 (Dense_1)
+    ("kfac_standard", 1e-3),  # about 141 (Dense_1)
+    ("kfac_standard", 1e-2),  # about 35: silent
+  ]:
+    tx = make[method](damping)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      directions, _ = jax.jit(lambda g, s, tx=tx: tx.update(g, s, params, stats=stats))(grads, tx.init(params))
+      jax.effects_barrier()
+    ratios = _layer_ratios(directions, grads)
+    worst = max(ratios, key=ratios.get)
+    messages = _divergence_warnings(caught)
+    outcomes.append(bool(ratios[worst] > 100))
+    if ratios[worst] > 100:
+      assert len(messages) == 1, (method, damping, ratios)
+      assert f"{method[:4]}: layer {worst!r}: at step 0" in messages[0]
+      assert f"{ratios[worst]:.3g} times longer" in messages[0] and f"damping {damping:.3g}" in messages[0]
+    else:
+      assert not messages, (method, damping, ratios, messages)
+  assert outcomes == [False, True, False, True, True, False]  # the cases are where they should be
+
+
+def test_divergence_warning_once_per_transform_under_jit_inject_hyperparams_and_multisteps(x64):
+  params, grads, stats = _problem((1.0, 1.0, 1e-3))
+  chains = {
+    "chain": lambda: optax.chain(nox.kfac(1e-6), optax.sgd(0.1, momentum=0.9)),
+    "inject_hyperparams": lambda: optax.inject_hyperparams(nox.foof)(damping=1e-6),
+    "multisteps": lambda: optax.MultiSteps(nox.foof(1e-6), 2),
+    "guarded": lambda: nox.norm_constrained(nox.foof(1e-6), learning_rate=0.1),
+  }
+  for name, make in chains.items():
+    tx = make()
+    step = jax.jit(lambda g, s, tx=tx: tx.update(g, s, params, stats=stats))
+    state = tx.init(params)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      for _ in range(4):
+        _, state = step(grads, state)
+      jax.effects_barrier()
+    messages = _divergence_warnings(caught)
+    if name == "guarded":
+      assert not messages, (name, messages)
+    else:
+      assert len(messages) == 1 and "layer 'Dense_" in messages[0], (name, messages)
+    if name == "chain":  # a new transform warns again
+      tx = make()
+      with pytest.warns(nox.DivergenceWarning, match="kfac: layer 'Dense_1'"):
+        tx.update(grads, tx.init(params), params, stats=stats)
+        jax.effects_barrier()
+
+
+def test_no_divergence_check_is_compiled_for_a_fixed_damping_of_at_least_one_hundredth():
+  """A fixed damping λ >= 1e-2 bounds ‖d‖/‖∇W‖ by 1/λ <= 100: the default step carries no callback or conditional."""
+  params, grads, stats = _problem((1.0, 1.0, 1e-3))
+
+  def callbacks(tx):  # host callbacks in the compiled update (the precision warning has its own)
+    text = jax.jit(lambda g, s: tx.update(g, s, params, stats=stats)).lower(grads, tx.init(params)).as_text()
+    return text.count("callback(")
+
+  for make in (nox.foof, nox.kfac):
+    without = callbacks(make(1e-2, inverse_every=1))
+    assert callbacks(make(1e-3, inverse_every=1)) == without + 1
+    assert callbacks(make(lambda count: 1.0, inverse_every=1)) == without + 1  # a schedule may go below 1e-2

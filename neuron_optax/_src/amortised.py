@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from neuron_optax._src import amortisation, factorisation, hyperparams, linalg, param_layout, precision
+from neuron_optax._src import amortisation, factorisation, hyperparams, linalg, param_layout, precision, safeguard
 from neuron_optax._src.contraction import Contraction, Order, incoming_matrices, one_decision, validate_contraction
 from neuron_optax._src.layer_stats import LayerKey, LayerStats, Stats, layer_name
 
@@ -160,12 +160,21 @@ def _label(name) -> str:
   return name
 
 
-def update(method: Preconditioner, settings: Settings, updates, state, stats: Stats | None):
+def update(
+  method: Preconditioner,
+  settings: Settings,
+  updates,
+  state,
+  stats: Stats | None,
+  monitor: safeguard.DivergenceMonitor | None = None,
+):
   """One step of an amortised preconditioner: ``(directions, new layers, damping the factors were built with)``.
 
   ``state`` has ``count``, ``layers`` and ``damping`` (the damping the stored
   factors were built with); the caller wraps the new layers and damping with
-  the incremented count into its state class.
+  the incremented count into its state class. ``monitor``: warn where a
+  direction is orders of magnitude longer than its gradient
+  (:func:`neuron_optax.safeguard.warn_if_diverging`).
   """
   shapes = param_layout.candidate_layers(updates, settings.kernel_input_ndim)
   stats = param_layout.check_stats(stats, shapes, method.name, tied_tables=False)
@@ -220,18 +229,36 @@ def update(method: Preconditioner, settings: Settings, updates, state, stats: St
   gradients = incoming_matrices(updates, shapes, dtypes)
   chosen = one_decision(gradients, stats, state.count, settings.contraction, from_rows, exact)
 
+  lengths = {}  # key: (‖d‖², ‖∇W‖²), for the divergence warning
+
   def direction(key, grad):
     if key in chosen:
       preconditioned = chosen[key]
     else:
       preconditioned = method.apply(factors[names[key]], grad, stats[key], damping, "gradient")
+    lengths[key] = (_squared_norm(preconditioned), _squared_norm(grad))
     return jnp.where(usable, preconditioned, jnp.nan)  # zeroed like a non-finite batch
 
   directions = param_layout.map_layers(updates, shapes, stats.keys(), direction)
+  if monitor is not None:
+    keys = list(lengths)
+    safeguard.warn_if_diverging(
+      monitor,
+      [names[key] for key in keys],
+      [jnp.where(usable, lengths[key][0], jnp.nan) for key in keys],
+      [lengths[key][1] for key in keys],
+      damping,
+      state.count,
+    )
   new_layers = dict(state.layers)
   for name, layer in layers.items():
     new_layers[name] = method.rebuild(layer, averages[name], factors[name])
   return directions, new_layers, built_with
+
+
+def _squared_norm(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return jnp.vdot(x, x).real
 
 
 def transformation(
@@ -243,13 +270,17 @@ def transformation(
   (zero averages, the factors of ``A = G = 0``).
   """
 
+  # A fixed damping of at least 1/DIVERGENCE_RATIO bounds every direction below the warning's threshold:
+  # no check is compiled (no conditional in the default step).
+  monitor = None if safeguard.cannot_diverge(settings.damping) else safeguard.DivergenceMonitor(method.name)
+
   def init_fn(params):
     layers, initial_damping = init_layers(params, settings, make_layer)
     return state_class(count=jnp.zeros([], jnp.int32), layers=layers, damping=initial_damping)
 
   def update_fn(updates, state, params=None, *, stats: Stats | None = None, **extra_args):
     del params, extra_args
-    directions, layers, built_with = update(method, settings, updates, state, stats)
+    directions, layers, built_with = update(method, settings, updates, state, stats, monitor)
     return directions, state_class(count=optax.safe_int32_increment(state.count), layers=layers, damping=built_with)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
