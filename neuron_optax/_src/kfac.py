@@ -237,19 +237,19 @@ def kfac(
 
     >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
     >>> import neuron_optax as nox
-    >>> model = nn.Dense(3)
-    >>> x, y = jnp.arange(20.0).reshape(4, 5) / 20, jnp.array([0, 1, 2, 0])
-    >>> params = model.init(jax.random.key(0), x)["params"]
-    >>> def loss_fn(params):
-    ...   logits = model.apply({"params": params}, x)
-    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    >>> capture = nox.value_grad_and_stats(loss_fn, fisher="mc", likelihood="categorical")
+    >>> model = nn.Sequential([nn.Dense(4), nn.tanh, nn.Dense(2)])
+    >>> inputs, labels = jnp.linspace(-1.0, 1.0, 18).reshape(6, 3), jnp.array([0, 1, 1, 0, 1, 0])
+    >>> params = model.init(jax.random.key(0), inputs)["params"]
+    >>> capture = nox.value_grad_and_stats(
+    ...   lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, inputs), labels).mean(),
+    ...   fisher="mc",
+    ...   likelihood="categorical",
+    ... )
     >>> loss, grads, stats = capture(params, rng=jax.random.key(1))
     >>> tx = optax.chain(nox.kfac(damping=1.0), optax.sgd(0.1, momentum=0.9))  # lr <= damping / 10
-    >>> opt_state = tx.init(params)
-    >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-    >>> jax.tree.map(jnp.shape, updates)
-    {'bias': (3,), 'kernel': (5, 3)}
+    >>> updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    >>> sorted(stats), updates["layers_2"]["kernel"].shape
+    ([('layers_0',), ('layers_2',)], (4, 2))
 
   References:
     - J. Martens and R. Grosse, `Optimizing Neural Networks with Kronecker-factored
