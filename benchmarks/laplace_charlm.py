@@ -133,6 +133,8 @@ def parse_args(argv=None):
   parser.add_argument("--test-windows", type=int, default=128)
   parser.add_argument("--samples", type=int, default=32, help="posterior samples per predictive")
   parser.add_argument("--predict-chunk", type=int, default=32, help="test windows per call of the predictive")
+  parser.add_argument("--eager-predict", action="store_true", help="the test predictive without jax.jit (see docs)")
+  parser.add_argument("--lora-only", action="store_true", help="skip the Laplace posteriors of the base model")
   parser.add_argument("--grid-points", type=int, default=13, help="validation τ grid, 1e-2 .. 1e10")
   parser.add_argument("--lora-rank", type=int, default=4)
   parser.add_argument("--lora-steps", type=int, default=200)
@@ -248,7 +250,8 @@ def main(argv=None) -> dict[str, Any]:
       # jitted predictive over all 128 windows at once (8,192 rows) returned uniform probabilities on XLA:CPU
       # while the same computation eagerly and in chunks of 32 windows is right (see docs/laplace.md).
       chunks = [test_x[i : i + args.predict_chunk] for i in range(0, len(test_x), args.predict_chunk)]
-      predict = jax.jit(predict).lower(params, stats, tau, jax.random.key(7), chunks[0]).compile()
+      if not args.eager_predict:
+        predict = jax.jit(predict).lower(params, stats, tau, jax.random.key(7), chunks[0]).compile()
       laplace_rows[method] = {"layers": layer_names, "validation_nll": [float(s) for s in scores]}
       for tau_from, value in (("evidence", tau), ("validation NLL", tau_val)):
         begin = time.perf_counter()
@@ -262,6 +265,7 @@ def main(argv=None) -> dict[str, Any]:
   last_block = lambda k: k == ("head",) or k[0] == f"block_{args.layers - 1}"
   everything = lambda k: True
   posteriors = [("last-layer KFAC", head), ("last-block KFAC", last_block), ("all-layer KFAC", everything)]
+  posteriors = [] if args.lora_only else posteriors
   evaluate(model, params, "MAP", map_seconds, posteriors)
 
   # LoRA: the MAP plus zero-initialised adapters (lora_b = 0, so the function is the MAP's), adapters fine-tuned.
@@ -287,6 +291,7 @@ def main(argv=None) -> dict[str, Any]:
 
   os.makedirs(args.output_dir, exist_ok=True)
   suffix = ("_quick" if args.quick else "") + (f"_train{args.train_chars}" if args.train_chars else "")
+  suffix += ("_lora" if args.lora_only else "") + ("_eager" if args.eager_predict else "")
   base = os.path.join(args.output_dir, "laplace_charlm" + suffix)
   cal.write_csv(base + ".csv", table.rows)
   info["load_average_end"] = common.load_average()
@@ -308,7 +313,8 @@ def main(argv=None) -> dict[str, Any]:
       "test_tokens": int(test_y.size),
       "samples": args.samples,
       "validation_tau_grid": [float(t) for t in jnp.logspace(-2, 10, args.grid_points)],
-      "predictive": "glm_predictive, probit link, moments of num_samples posterior samples through one JVP each",
+      "predictive": "glm_predictive, probit link, moments of num_samples posterior samples through one JVP each"
+      + (", eager (no jax.jit)" if args.eager_predict else ", jitted, in chunks of --predict-chunk windows"),
       "dtype": "float32",
       "ece_bins": cal.BINS,
       "seed": args.seed,
