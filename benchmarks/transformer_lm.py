@@ -658,15 +658,15 @@ COMPARE_RECIPES = {
     [
       "none+adamw:lr=1.2e-2,name=AdamW (tuned)",
       "none+muon:lr=0.04,adam_lr=1.2e-2,name=Muon (tuned)",
-      "foof+muon:lr=0.04,adam_lr=1.2e-2,damping=0.1,every=20,window=5,contraction=gradient,phase=fixed,rec=1,"
-      "name=FOOF(0.1 T=20 S=5) + Muon",
+      "foof+muon:lr=0.08,adam_lr=1.2e-2,damping=0.1,every=20,window=5,rows=512,contraction=gradient,phase=fixed,"
+      "rec=1,name=FOOF(0.1 T=20 S=5 512 rows) + Muon",
     ]
   ),
 }
 COMPARE_RECIPES["accelerator"] = COMPARE_RECIPES["cpu"]
 QUICK_COMPARE_RECIPES = (
   "none+adamw:lr=4e-3,name=AdamW;none+muon:lr=0.02,adam_lr=4e-3,name=Muon;"
-  "foof+muon:lr=0.02,adam_lr=4e-3,damping=0.1,every=10,window=3,contraction=gradient,phase=fixed,rec=1,"
+  "foof+muon:lr=0.02,adam_lr=4e-3,damping=0.1,every=10,window=3,rows=128,contraction=gradient,phase=fixed,rec=1,"
   "name=FOOF + Muon"
 )
 QUICK_RECIPES = (
