@@ -658,14 +658,16 @@ COMPARE_RECIPES = {
     [
       "none+adamw:lr=1.2e-2,name=AdamW (tuned)",
       "none+muon:lr=0.04,adam_lr=1.2e-2,name=Muon (tuned)",
-      "eigen+adamw:lr=2.4e-2,sides=both,refresh=power,every=10,window=2,rec=1,name=Eigenbasis(A+G) power + AdamW",
+      "foof+muon:lr=0.08,adam_lr=1.2e-2,damping=0.1,every=20,window=5,rows=512,contraction=gradient,phase=fixed,"
+      "rec=1,name=FOOF(0.1 T=20 S=5 512 rows) + Muon",
     ]
   ),
 }
 COMPARE_RECIPES["accelerator"] = COMPARE_RECIPES["cpu"]
 QUICK_COMPARE_RECIPES = (
   "none+adamw:lr=4e-3,name=AdamW;none+muon:lr=0.02,adam_lr=4e-3,name=Muon;"
-  "eigen+adamw:lr=8e-3,sides=both,refresh=power,every=10,window=2,rec=1,name=Eigenbasis + AdamW"
+  "foof+muon:lr=0.02,adam_lr=4e-3,damping=0.1,every=10,window=3,rows=128,contraction=gradient,phase=fixed,rec=1,"
+  "name=FOOF + Muon"
 )
 QUICK_RECIPES = (
   "none+adamw:lr=4e-3,name=AdamW;foof+adam:lr=4e-3,name=FOOF + Adam;foof+sgd:lr=0.1,sched=const,clip=0,name=FOOF + SGD"
@@ -700,8 +702,10 @@ class Run:
     k = min(k, self.run_steps - self.done)
     pending = []
     start = time.perf_counter()
+    phased = isinstance(self.step, PhasedStep)  # else a make_step step (three arguments)
     for i in range(self.done, self.done + k):
-      self.params, self.state, loss = self.step(self.params, self.state, next(self.batches), i)
+      extra = (i,) if phased else ()
+      self.params, self.state, loss = self.step(self.params, self.state, next(self.batches), *extra)
       pending.append(loss)
     jax.block_until_ready((self.params, self.state))
     elapsed = time.perf_counter() - start
@@ -922,8 +926,7 @@ def main(argv=None):
         phases = {phase: make_step(loss_fn, build(phase)[0], True) for phase in ("plain", "statistics", "inversion")}
         step = PhasedStep(phases, int(recipe.options["every"]), stats_window_option(recipe.options))
       else:
-        plain = make_step(loss_fn, tx, recipe.uses_stats)
-        step = PhasedStep({"plain": plain, "statistics": plain, "inversion": plain}, 1, None)
+        step = make_step(loss_fn, tx, recipe.uses_stats)
       compiled[key] = (tx, run_steps, step)
     tx, run_steps, step = compiled[key]
     for seed in seeds:
@@ -932,7 +935,7 @@ def main(argv=None):
 
   compile_start = time.perf_counter()
   for tx, _, step in compiled.values():  # compile outside the timed chunks
-    for one in dict.fromkeys(step.steps.values()):
+    for one in step.steps.values() if isinstance(step, PhasedStep) else (step,):
       p = jax.tree.map(jnp.copy, params0[seeds[0]])
       jax.block_until_ready(one(p, init_state(tx, p, {"base": 0.0, "muon": 0.0}), example))
   compile_seconds = time.perf_counter() - compile_start
