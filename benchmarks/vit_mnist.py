@@ -185,10 +185,10 @@ SETTINGS = {
 # Tuned on validation, seed 0 (benchmarks/results/vit_mnist_tune_*.json hold the grids).
 COMPARE_RECIPES = ";".join(
   [
-    "none+adamw:lr=4e-3,name=AdamW (tuned)",
-    "none+muon:lr=0.04,adam_lr=4e-3,name=Muon (tuned)",
-    "foof+muon:lr=0.04,adam_lr=4e-3,damping=0.1,every=20,window=5,rec=1,name=FOOF + Muon",
-    "foof+adam:lr=4e-3,damping=0.1,every=20,window=5,name=FOOF + Adam",
+    "none+adamw:lr=1.6e-2,wd=1.0,name=AdamW (tuned)",
+    "none+muon:lr=0.04,adam_lr=1.6e-2,wd=0.3,name=Muon (tuned)",
+    "foof+muon:lr=0.04,adam_lr=1.6e-2,wd=1.0,damping=1.0,every=20,window=5,rec=1,name=FOOF + Muon",
+    "foof+adamw:lr=1.6e-2,wd=1.0,damping=0.3,every=20,window=5,name=FOOF + AdamW",
   ]
 )
 QUICK_COMPARE_RECIPES = (
