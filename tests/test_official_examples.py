@@ -201,3 +201,76 @@ def test_nnx_example_trains_with_foof(mnist):
   assert int(rngs.default.count[...]) == 40  # two dropout draws per step, written back
   assert int(optimizer.opt_state[0].count[...]) == 20
   assert type(model.linear1) is nnx.Linear  # the model's own modules are never swapped
+
+
+# --------------------------------------------------------------------------- #
+# 3. A small damping before SGD+momentum: diverges bare, trains with nox.norm_constrained
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def mnist_split():
+  from neuron_optax.examples import data
+
+  train, held_out = data.load("mnist_subset", layout="nhwc").take(1600, seed=1).split(0.2, seed=0)
+  as_dict = lambda ds: {"image": ds.images, "label": ds.labels}
+  return as_dict(train), as_dict(held_out)
+
+
+def _train_linen(tx, train, held_out, epochs):
+  cnn = CNN()
+  params = cnn.init(jax.random.key(0), jnp.ones([1, 28, 28, 1]))["params"]
+  state = train_state.TrainState.create(apply_fn=cnn.apply, params=params, tx=tx)
+  losses = []
+  for _ in range(epochs):
+    for batch in _batches(train):
+      grads, stats, loss, _ = apply_model(state, batch["image"], batch["label"])
+      state = update_model(state, grads, stats)
+      losses.append(float(loss))
+  _, _, _, accuracy = apply_model(state, held_out["image"], held_out["label"])
+  return losses, float(accuracy)
+
+
+def _train_nnx(tx, train, held_out, epochs):
+  model = NnxCNN(rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
+  rngs, losses = nnx.Rngs(0), []
+  for _ in range(epochs):
+    model.train()
+    for batch in _batches(train):
+      metrics.reset()
+      train_step(model, optimizer, metrics, batch, rngs)
+      losses.append(float(metrics.compute()["loss"]))
+  model.eval()
+  metrics.reset()
+  eval_step(model, metrics, held_out)
+  return losses, float(metrics.compute()["accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_small_damping_diverges_and_warns_bare_and_stays_finite_with_norm_constrained(api, mnist_split):
+  """kfac(1e-3) and foof(1e-3) before sgd(0.1, momentum=0.9) (issue 27): bare, they diverge and warn; wrapped in
+  nox.norm_constrained they stay finite. Their held-out accuracy is printed, not asserted: in this short run
+  (120 steps) it did not reach SGD's (docs/hyperparameters.md has the numbers)."""
+  import warnings
+
+  train, held_out = mnist_split
+  run = {"linen": _train_linen, "nnx": _train_nnx}[api]
+  epochs = 3  # 120 steps of 32 images
+  sgd = lambda: optax.sgd(LEARNING_RATE, MOMENTUM)
+  _, sgd_accuracy = run(sgd(), train, held_out, epochs)
+  results = {}
+  for name, make in {"kfac": lambda: nox.kfac(1e-3), "foof": lambda: nox.foof(1e-3)}.items():
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      bare, _ = run(optax.chain(make(), sgd()), train, held_out, 1)
+      jax.effects_barrier()
+    assert not np.isfinite(bare).all() or max(bare) > 10 * bare[0], (name, bare)  # diverged
+    assert any(issubclass(w.category, nox.DivergenceWarning) for w in caught), name  # and said so
+    guarded = optax.chain(nox.norm_constrained(make(), max_kl=3e-4, learning_rate=LEARNING_RATE), sgd())
+    losses, accuracy = run(guarded, train, held_out, epochs)
+    results[name] = accuracy
+    assert np.isfinite(losses).all(), (name, losses)
+  print(f"{api}: held-out accuracy SGD {sgd_accuracy:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))

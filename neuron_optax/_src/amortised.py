@@ -240,7 +240,9 @@ def update(
     return jnp.where(usable, preconditioned, jnp.nan)  # zeroed like a non-finite batch
 
   directions = param_layout.map_layers(updates, shapes, stats.keys(), direction)
-  if monitor is not None:
+  # A fixed "plain" or "statistics" step compiles no conditional (on a GPU each makes the host wait for its
+  # predicate): the check runs in "auto" and "inversion" steps only.
+  if monitor is not None and settings.phase in ("auto", "inversion"):
     keys = list(lengths)
     safeguard.warn_if_diverging(
       monitor,

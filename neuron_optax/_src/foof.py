@@ -77,7 +77,10 @@ def foof(
   damping the direction approaches :math:`\nabla W / \lambda`, so ``lr / damping`` plays SGD's learning
   rate, and a smaller damping needs a smaller ratio (``foof(1.0)`` with ``sgd(0.1, momentum=0.9)`` trains
   on every benchmark; ``lr = damping`` diverged on all of them). Wrap the chain in
-  ``optax.apply_if_finite(tx, max_consecutive_errors=5)`` to skip a step that is not finite. Gradient
+  ``optax.apply_if_finite(tx, max_consecutive_errors=5)`` to skip a step that is not finite. The first step
+  whose direction is more than 100 times its gradient in some layer (possible only for ``damping < 1e-2``)
+  issues one :class:`~neuron_optax.DivergenceWarning` naming the layer; :func:`neuron_optax.norm_constrained`
+  bounds such steps. Gradient
   clipping and other changes to the raw gradient go *before* ``foof`` in the chain.
 
   Args:

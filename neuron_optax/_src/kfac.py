@@ -189,7 +189,10 @@ def kfac(
   **Damping and learning rate.** Chained with ``optax.sgd``, keep ``lr <= damping / 10``, as for
   :func:`neuron_optax.foof`: a small damping at an ordinary learning rate diverges within a few steps
   (``kfac(damping=1e-3)`` with ``sgd(0.1)``). Wrap the chain in
-  ``optax.apply_if_finite(tx, max_consecutive_errors=5)`` to skip a step that is not finite.
+  ``optax.apply_if_finite(tx, max_consecutive_errors=5)`` to skip a step that is not finite. The first step
+  whose direction is more than 100 times its gradient in some layer (possible only for ``damping < 1e-2``)
+  issues one :class:`~neuron_optax.DivergenceWarning` naming the layer; :func:`neuron_optax.norm_constrained`
+  bounds such steps.
 
   Args:
     damping: ``λ > 0``: a number or an optax schedule. Heuristic damping

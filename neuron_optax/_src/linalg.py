@@ -299,9 +299,13 @@ def kronecker_eigen_solve(
   The Kronecker product is never formed: cost ``2(d_a² d_g + d_a d_g²)``.
   Eigenvalues are clamped at 0 (round-off can make those of a PSD matrix
   slightly negative), so every divisor is at least ``λ``, and divisors are
-  raised to the float resolution ``τ = RESOLUTION·ε·max(a)·max(g)`` of
-  ``A⊗G`` (:func:`kronecker_floor`; as :func:`damped_solve` treats one matrix):
-  a no-op unless ``λ < τ``. With ``a_rotated=True``, ``matrix`` is ``U_Aᵀ V``
+  raised to the float resolution of their product (:func:`kronecker_floor`):
+  ``a_i`` is known to ``τ_A = RESOLUTION·ε·max(a)`` and ``g_j`` to ``τ_G``
+  (as :func:`damped_solve` treats one matrix), so a product of two resolved
+  eigenvalues is accurate however small and is not raised; one with an
+  unresolved factor is raised to ``RESOLUTION·ε·â_i·ĝ_j``, where ``â``
+  (``ĝ``) is the eigenvalue with an unresolved one replaced by ``max(a)``
+  (``max(g)``). A no-op unless ``λ`` is below that. With ``a_rotated=True``, ``matrix`` is ``U_Aᵀ V``
   already (callers that can form it in a cheaper order). ``U_A = None`` stands for the identity (a diagonal ``A``).
   """
   a_values, a_vectors = a_eigh
@@ -310,17 +314,29 @@ def kronecker_eigen_solve(
   rotated = matrix if a_rotated or a_vectors is None else a_vectors.T @ matrix
   rotated = rotated @ g_vectors
   scale = jnp.outer(jnp.maximum(a_values, 0), jnp.maximum(g_values, 0)) + damping
-  scale = jnp.maximum(scale, _kronecker_resolution(a_values, g_values))
+  scale = jnp.maximum(scale, _kronecker_resolutions(a_values, g_values))
   solved = (rotated / scale) @ g_vectors.T
   return solved if a_vectors is None else a_vectors @ solved
 
 
-def _kronecker_resolution(a_values: jax.Array, g_values: jax.Array) -> jax.Array:
-  return resolution(jnp.maximum(jnp.max(a_values), 0) * jnp.maximum(jnp.max(g_values), 0), a_values.dtype)
+def _kronecker_resolutions(a_values: jax.Array, g_values: jax.Array) -> jax.Array:
+  """``(d_a, d_g)``: the resolution of each eigenvalue ``a_i g_j`` of ``A⊗G`` (0 where both are resolved).
+
+  A single resolution ``RESOLUTION·ε·max(a)·max(g)`` would raise products of resolved eigenvalues too: with
+  non-centred inputs ``max(a)`` is the mean's direction, far above the data's other eigenvalues, and the
+  gradient's components along them were divided by that floor (float32 KFAC with standard damping was 0.86
+  from float64 at inputs of mean 2 and damping 1e-4 times the mean eigenvalue).
+  """
+  a, g = jnp.maximum(a_values, 0), jnp.maximum(g_values, 0)
+  a_max, g_max = jnp.max(a), jnp.max(g)
+  a_unresolved, g_unresolved = a < resolution(a_max, a.dtype), g < resolution(g_max, g.dtype)
+  a_hat, g_hat = jnp.where(a_unresolved, a_max, a), jnp.where(g_unresolved, g_max, g)
+  either = a_unresolved[:, None] | g_unresolved[None, :]
+  return jnp.where(either, resolution(jnp.outer(a_hat, g_hat), a.dtype), 0)
 
 
 def kronecker_floor(a_values: jax.Array, g_values: jax.Array, damping: jax.Array | float) -> jax.Array:
-  """The resolution ``τ`` of ``A⊗G`` if it raises a divisor of :func:`kronecker_eigen_solve` by more than 1 %, else 0."""
-  tau = _kronecker_resolution(a_values, g_values)
-  smallest = jnp.maximum(jnp.min(a_values), 0) * jnp.maximum(jnp.min(g_values), 0) + damping
-  return jnp.where(tau > 1.01 * smallest, tau, 0)
+  """The largest resolution that raises a divisor of :func:`kronecker_eigen_solve` by more than 1 %, else 0."""
+  floors = _kronecker_resolutions(a_values, g_values)
+  divisors = jnp.outer(jnp.maximum(a_values, 0), jnp.maximum(g_values, 0)) + damping
+  return jnp.max(jnp.where(floors > 1.01 * divisors, floors, 0))

@@ -163,7 +163,8 @@ def warn_if_diverging(
   the loss blows up within a few steps. It costs one sum of squares per layer of the direction and of the
   gradient and one ``lax.cond`` on their worst ratio; the host callback runs only when it fires, and once this
   transform has warned, later traces compile no check. A preconditioner wrapped in :func:`norm_constrained`
-  is not checked (its step is bounded).
+  is not checked (its step is bounded), nor is a step of a fixed ``phase="plain"`` or ``"statistics"``
+  (those compile no conditional; their ``"inversion"`` steps are checked).
 
   Args:
     monitor: the transform's :class:`DivergenceMonitor`.
