@@ -281,7 +281,9 @@ def test_scanned_layers_get_one_basis_per_copy(x64):
     _, u_grads, u_stats = nox.value_grad_and_stats(loss(Unrolled()))(_unroll(params))
     got, state = jax.jit(scanned.update)(grads, state, params, stats=stats)
     want, unrolled_state = jax.jit(unrolled.update)(u_grads, unrolled_state, _unroll(params), stats=u_stats)
-    np.testing.assert_allclose(_flat(_unroll(got)), _flat(want), rtol=1e-9, atol=1e-13, err_msg=f"step {t}")
+    # Adam divides every rotated component by its own size: components near its eps (the 2-class head's
+    # null direction) turn rounding-order differences of the two graphs into 1e-10 (XLA -O0 codegen).
+    np.testing.assert_allclose(_flat(_unroll(got)), _flat(want), rtol=1e-9, atol=1e-9, err_msg=f"step {t}")
     params = optax.apply_updates(params, got)
 
 

@@ -18,6 +18,7 @@ from conftest import assert_stats_match_grads, init_f64
 from flax import nnx
 
 import neuron_optax as nox
+from neuron_optax._src import nnx_recording
 
 LENGTH, WIDTH, N = 3, 4, 6
 
@@ -373,7 +374,7 @@ def test_nnx_stacked_modules_match_unrolled(x64, kind):
     return out
 
   (stats, *stacked), (unrolled_stats, *reference) = directions(model, unrolled)
-  assert not hasattr(model.blocks.linear, nox.nnx._KEY_ATTRIBUTE)  # nothing left on the user's model
+  assert not hasattr(model.blocks.linear, nnx_recording.KEY_ATTRIBUTE)  # nothing left on the user's model
   assert stats[("blocks", "linear")].stack_shape == (LENGTH,)
   for i in range(LENGTH):
     copy, expected = stats[("blocks", "linear")].copy((i,)), unrolled_stats[("blocks", i, "linear")]
