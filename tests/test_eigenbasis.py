@@ -264,6 +264,7 @@ def _unroll(tree):
   return {"head": tree["head"], **cells}
 
 
+@pytest.mark.slow  # CI's second step (issue 28: the default run within 10 minutes)
 def test_scanned_layers_get_one_basis_per_copy(x64):
   rng = np.random.default_rng(0)
   x, y = jnp.asarray(rng.normal(size=(6, WIDTH))), jnp.asarray(rng.integers(0, 2, size=6))

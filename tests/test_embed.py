@@ -214,6 +214,7 @@ class NnxTied(nnx.Module):
     return self.embed.attend(jnp.tanh(self.mid(self.embed(tokens))))
 
 
+@pytest.mark.slow  # CI's second step (issue 28: the default run within 10 minutes)
 def test_nnx_embed_and_tied_output_match_linen(x64):
   tokens, labels = _data()
   model = NnxTied(nnx.Rngs(0))

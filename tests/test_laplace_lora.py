@@ -107,6 +107,7 @@ def explicit_ggn(explicit, x):
   return np.einsum("ncd,nce,nef->df", jacobian, hessians, jacobian) / x.shape[0]
 
 
+@pytest.mark.slow  # CI's second step (issue 28: the default run within 10 minutes)
 def test_lora_laplace_equals_explicit_two_linear_model():
   rng = np.random.default_rng(0)
   x, y = jnp.asarray(rng.normal(size=(N, D_IN))), jnp.asarray(rng.integers(0, CLASSES, size=N))

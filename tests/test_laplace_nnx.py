@@ -73,6 +73,7 @@ def unroll(tree):
   return {"embed": {"kernel": tree["embed"]["embedding"]}, "blocks": blocks, "head": tree["head"]}
 
 
+@pytest.mark.slow  # CI's second step (issue 28: the default run within 10 minutes)
 def test_nnx_scanned_embed_model_equals_unrolled():
   rng = np.random.default_rng(0)
   tokens, labels = jnp.asarray(rng.integers(0, VOCAB, (N, T))), jnp.asarray(rng.integers(0, CLASSES, (N, T)))

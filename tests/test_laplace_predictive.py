@@ -123,7 +123,7 @@ def ravel_samples(samples):
   return jax.vmap(lambda t: ravel_pytree(t)[0])(samples)
 
 
-@pytest.mark.parametrize("structure", ["full", "diagonal"])
+@pytest.mark.parametrize("structure", [pytest.param("full", marks=pytest.mark.slow), "diagonal"])
 @pytest.mark.parametrize("link", ["probit", "bridge"])
 def test_exact_functional_covariance_links(structure, link):
   mean, jac, covariance = explicit()
@@ -174,7 +174,7 @@ def test_expected_calibration_error_and_nll():
   )
 
 
-@pytest.mark.parametrize("metric", ["nll", "ece"])
+@pytest.mark.parametrize("metric", ["nll", pytest.param("ece", marks=pytest.mark.slow)])
 def test_grid_search_prior_precision(metric):
   mean, jac, _ = explicit()
   params, (x, y), (_, y_val) = problem()

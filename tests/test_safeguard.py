@@ -99,7 +99,9 @@ class _DigitsCnn(nn.Module):
     return nn.Dense(10)(nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1))))
 
 
-@pytest.mark.parametrize("make", [lambda: nox.kfac(1e-3), lambda: nox.foof(1e-3)], ids=["kfac", "foof"])
+@pytest.mark.parametrize(
+  "make", [pytest.param(lambda: nox.kfac(1e-3), marks=pytest.mark.slow), lambda: nox.foof(1e-3)], ids=["kfac", "foof"]
+)
 def test_small_damping_with_momentum_sgd_trains_instead_of_diverging(make):
   """A damping of 1e-3 before sgd(0.1, momentum=0.9) blows up on a small CNN; the constraint keeps it training."""
   from sklearn.datasets import load_digits

@@ -127,6 +127,7 @@ def test_a_hyperparameter_invalid_at_one_step_keeps_the_whole_state_and_gives_no
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow  # CI's second step (issue 28: the default run within 10 minutes)
 def test_restored_state_with_another_damping_refactorises_at_the_next_step(x64):
   """phase="auto": the state records the damping its factors were built with; a transform with
   another damping re-factorises the restored moving averages at once, even between inversion steps."""

@@ -87,7 +87,10 @@ def _lm_directions(ids, targets, tx_factory):
   return directions
 
 
-@pytest.mark.parametrize("name", ["foof", "kfac", "natural_gradient", "natural_gradient_blocks", "fngd"])
+@pytest.mark.parametrize(
+  "name",
+  ["foof", "kfac", pytest.param("natural_gradient", marks=pytest.mark.slow), "natural_gradient_blocks", "fngd"],
+)
 def test_negative_token_ids_give_the_direction_of_the_row_flax_looked_up(name, x64):
   vocab = 5
   wrapped = jnp.array([[4, 1, 0], [2, 4, 3], [1, 1, 4], [0, 3, 2], [4, 4, 1], [3, 0, 2]])

@@ -373,7 +373,7 @@ def _train(method: str):
 
 @pytest.mark.parametrize(
   "method",
-  [m if m in ("adamw", "foof", "kfac_heuristic") else pytest.param(m, marks=pytest.mark.slow) for m in METHODS],
+  [m if m in ("adamw", "foof") else pytest.param(m, marks=pytest.mark.slow) for m in METHODS],
 )
 def test_transformer_lm_trains_and_preconditions_only_captured_layers(method):
   result = _train(method)
