@@ -133,7 +133,7 @@ def parse_args(argv=None):
   parser.add_argument("--test-windows", type=int, default=128)
   parser.add_argument("--samples", type=int, default=32, help="posterior samples per predictive")
   parser.add_argument("--predict-chunk", type=int, default=32, help="test windows per call of the predictive")
-  parser.add_argument("--eager-predict", action="store_true", help="the test predictive without jax.jit (see docs)")
+  parser.add_argument("--eager-predict", action="store_true", help="the test predictive without jax.jit (a cross-check of the jitted one)")
   parser.add_argument("--lora-only", action="store_true", help="skip the Laplace posteriors of the base model")
   parser.add_argument("--grid-points", type=int, default=13, help="validation τ grid, 1e-2 .. 1e10")
   parser.add_argument("--lora-rank", type=int, default=4)
@@ -246,9 +246,7 @@ def main(argv=None) -> dict[str, Any]:
         apply_test = lambda q: model.apply({"params": q}, test_x)
         return cal.probit_predictive(apply_test, params, stats, tau, key, **kw)
 
-      # The test windows in chunks, one compiled program, the same posterior samples (key) for every chunk: the
-      # jitted predictive over all 128 windows at once (8,192 rows) returned uniform probabilities on XLA:CPU
-      # while the same computation eagerly and in chunks of 32 windows is right (see docs/laplace.md).
+      # The test windows in chunks (memory), one compiled program, the same posterior samples (key) for every chunk.
       chunks = [test_x[i : i + args.predict_chunk] for i in range(0, len(test_x), args.predict_chunk)]
       if not args.eager_predict:
         predict = jax.jit(predict).lower(params, stats, tau, jax.random.key(7), chunks[0]).compile()

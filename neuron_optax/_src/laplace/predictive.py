@@ -58,26 +58,33 @@ class _Predictor:
       raise ValueError(f"{where}: link_approx='mc' averages over posterior samples; pass num_samples= and key=.")
     self.link_approx = link_approx
     self.post = posterior(where, structure, params, stats, dataset_size, **options)
-    self.mean, self.jvp = jax.linearize(apply_fn, params)
+    # Linearise in the posterior's layers only: the other parameters' tangents stay symbolic zeros, so no
+    # unbatched zero tree meets the batched deltas under vmap. That mix is also what miscompiled on XLA:CPU
+    # (jaxlib 0.10.2's YNN reduce fusion returned garbage once jitted at ~4k output rows; docs/laplace.md).
+    layers = _trees.matrices(where, params, self.post.shapes, self.post.keys, "params")
+    self.layer_dtypes = {k: v.dtype for k, v in layers.items()}
+
+    def apply_layers(matrices):
+      return apply_fn(_trees.write(params, self.post.shapes, matrices))
+
+    self.mean, self.jvp = jax.linearize(apply_layers, layers)
     if jnp.ndim(self.mean) < 1:
       raise ValueError(f"{where}: apply_fn must return logits with a trailing class axis, got a scalar.")
     self.classes = self.mean.shape[-1]
     self.num_samples = num_samples
-    self.zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     if num_samples is None:
       # Exact functional covariance: one VJP per output (rows of J), O(outputs) of them.
-      _, vjp = jax.vjp(apply_fn, params)
+      _, vjp = jax.vjp(apply_layers, layers)
       basis = jnp.eye(self.mean.size, dtype=self.mean.dtype).reshape((self.mean.size,) + self.mean.shape)
-      rows = jax.vmap(vjp)(basis)[0]
-      self.rows = jax.vmap(lambda t: _trees.matrices(where, t, self.post.shapes, self.post.keys, "params"))(rows)
-      self.rows = {k: v.astype(self.post.dtype) for k, v in self.rows.items()}
+      self.rows = {k: v.astype(self.post.dtype) for k, v in jax.vmap(vjp)(basis)[0].items()}
     else:
       if key is None:
         raise ValueError(f"{where}: num_samples={num_samples} draws posterior samples; pass key=.")
       self.noise = draw_noise(key, self.post, num_samples)
 
-  def _tangent(self, matrices):
-    return _trees.write(self.zeros, self.post.shapes, matrices)
+  def _outputs(self, matrices):
+    """``J m``: the change of the outputs along the posterior layers' matrices ``m``."""
+    return self.jvp({k: v.astype(self.layer_dtypes[k]) for k, v in matrices.items()})
 
   def moments(self, tau):
     """``(μ, diag Σ_f, Σ_f 1, 1ᵀ Σ_f 1)`` per output row, ``(R, C)``, ``(R, C)``, ``(R, C)``, ``(R,)``; or the
@@ -86,12 +93,12 @@ class _Predictor:
     rows = mean.shape[0]
     if self.num_samples is None:
       cov = jax.vmap(lambda m: self.post.covariance_product(m, tau))(self.rows)
-      f = jax.vmap(lambda m: self.jvp(self._tangent(m)))(cov).reshape(rows, self.classes, rows, self.classes)
+      f = jax.vmap(self._outputs)(cov).reshape(rows, self.classes, rows, self.classes)
       index = jnp.arange(rows)
       f_var = f[index, :, index, :]  # (R, C, C): the blocks of one output row
       return mean, f_var, None
     deltas = self.post.deltas(*self.noise, tau)
-    deviations = jax.vmap(lambda m: self.jvp(self._tangent(m)))(deltas)
+    deviations = jax.vmap(self._outputs)(deltas)
     return mean, None, deviations.reshape(self.num_samples, rows, self.classes).astype(self.post.dtype)
 
   def probabilities(self, tau):
