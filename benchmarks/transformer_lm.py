@@ -71,7 +71,10 @@ writes ``<output-dir>/transformer_lm_<tag>.json`` whose ``summary`` has one entr
 Settings: ``--setting cpu`` (default: d_model 64, 4 heads, 2 layers, context 64,
 batch 32, 500 steps; ``--d-model 128 --layers 4`` the larger CPU scale), ``--setting
 accelerator`` (d_model 256, 8 heads, 4 layers, context 128, batch 64, 2000 steps) and
-``--quick`` (seconds; used by the test). Writes
+``--quick`` (seconds; used by the test). ``--dtype bfloat16``: parameters and activations in bf16 (``dtype`` and
+``param_dtype`` of every layer, initialised as float32's initial values rounded; the loss in float32 from the
+bf16 logits; ``benchmarks/long_bf16.py`` compares the two). Every run records ``nonfinite_steps`` (steps whose
+loss or any update was not finite). Writes
 ``<output-dir>/transformer_lm_<tag>.{json,csv,png}`` with the machine, the versions, the
 grids and every run's curves.
 
@@ -123,14 +126,16 @@ class Block(nn.Module):
 
   d_model: int
   heads: int
+  dtype: Any = jnp.float32  # parameters and activations (LayerNorm reduces in float32 either way)
 
   @nn.compact
   def __call__(self, x, _=None):
+    dt = dict(dtype=self.dtype, param_dtype=self.dtype)
     mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
-    h = nn.LayerNorm(name="ln_attention")(x)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention")(h, mask=mask)
-    h = nn.gelu(nn.Dense(4 * self.d_model, name="mlp_in")(nn.LayerNorm(name="ln_mlp")(x)))
-    return x + nn.Dense(self.d_model, name="mlp_out")(h), None
+    h = nn.LayerNorm(name="ln_attention", **dt)(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention", **dt)(h, mask=mask)
+    h = nn.gelu(nn.Dense(4 * self.d_model, name="mlp_in", **dt)(nn.LayerNorm(name="ln_mlp", **dt)(x)))
+    return x + nn.Dense(self.d_model, name="mlp_out", **dt)(h), None
 
 
 class TransformerLM(nn.Module):
@@ -143,21 +148,24 @@ class TransformerLM(nn.Module):
   scan: bool = False
   remat: bool = True
   tied: bool = False
+  dtype: Any = jnp.float32  # parameters and activations (``--dtype``)
 
   @nn.compact
   def __call__(self, tokens):
-    embed = nn.Embed(text.VOCAB_SIZE, self.d_model, name="embed")
+    dt = dict(dtype=self.dtype, param_dtype=self.dtype)
+    embed = nn.Embed(text.VOCAB_SIZE, self.d_model, name="embed", **dt)
     x = embed(tokens)
-    x = x + self.param("position", nn.initializers.normal(0.02), (self.seq_len, self.d_model))[: tokens.shape[1]]
+    position = self.param("position", nn.initializers.normal(0.02), (self.seq_len, self.d_model), self.dtype)
+    x = x + position[: tokens.shape[1]]
     if self.scan:
       block = nn.remat(Block) if self.remat else Block
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)
-      x, _ = stack(self.d_model, self.heads, name="blocks")(x, None)
+      x, _ = stack(self.d_model, self.heads, self.dtype, name="blocks")(x, None)
     else:
       for i in range(self.layers):
-        x, _ = Block(self.d_model, self.heads, name=f"block_{i}")(x)
-    x = nn.LayerNorm(name="ln_final")(x)
-    return embed.attend(x) if self.tied else nn.Dense(text.VOCAB_SIZE, name="head")(x)
+        x, _ = Block(self.d_model, self.heads, self.dtype, name=f"block_{i}")(x)
+    x = nn.LayerNorm(name="ln_final", **dt)(x)
+    return embed.attend(x) if self.tied else nn.Dense(text.VOCAB_SIZE, name="head", **dt)(x)
 
 
 def unstack_blocks(params: dict, layers: int) -> dict:
@@ -176,7 +184,8 @@ def stack_blocks(params: dict, layers: int) -> dict:
 
 
 def lm_loss(model, params, window):
-  logits = model.apply({"params": params}, window[:, :-1])
+  # bf16 models: the softmax cross-entropy is computed in float32 from the bf16 logits (a no-op in float32).
+  logits = model.apply({"params": params}, window[:, :-1]).astype(jnp.float32)
   return optax.softmax_cross_entropy_with_integer_labels(logits, window[:, 1:]).mean()
 
 
@@ -557,7 +566,10 @@ def eval_params(recipe: Recipe, params, state):
 
 
 def make_step(loss_fn, tx, uses_stats: bool):
-  """The jitted ``step(params, opt_state, window) -> (params, opt_state, loss)``."""
+  """The jitted ``step(params, opt_state, window) -> (params, opt_state, loss, finite)``.
+
+  ``finite``: whether the loss and every update of the step were finite (counted as ``nonfinite_steps``).
+  """
 
   def step(params, opt_state, window):
     if uses_stats:
@@ -566,7 +578,8 @@ def make_step(loss_fn, tx, uses_stats: bool):
     else:
       loss, grads = jax.value_and_grad(loss_fn)(params, window)
       updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.isfinite(u).all() for u in jax.tree.leaves(updates)]))
+    return optax.apply_updates(params, updates), opt_state, loss, finite
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -685,6 +698,7 @@ class Run:
     self.state = init_state(tx, self.params, step_sizes(recipe))
     self.batches = batches
     self.done, self.diverged = 0, False
+    self.nonfinite = 0  # steps whose loss or updates were not finite
     self.losses: list[float] = []
     self.evals: list[tuple[int, float, float]] = []  # (step, held-out loss, training seconds)
     self.seconds = 0.0
@@ -700,19 +714,21 @@ class Run:
 
   def advance(self, k: int) -> None:
     k = min(k, self.run_steps - self.done)
-    pending = []
+    pending, finite = [], []
     start = time.perf_counter()
     phased = isinstance(self.step, PhasedStep)  # else a make_step step (three arguments)
     for i in range(self.done, self.done + k):
       extra = (i,) if phased else ()
-      self.params, self.state, loss = self.step(self.params, self.state, next(self.batches), *extra)
+      self.params, self.state, loss, ok = self.step(self.params, self.state, next(self.batches), *extra)
       pending.append(loss)
+      finite.append(ok)
     jax.block_until_ready((self.params, self.state))
     elapsed = time.perf_counter() - start
     self.seconds += elapsed
     self.chunk_seconds.append(elapsed / k)
     self.done += k
     self.losses.extend(float(x) for x in pending)
+    self.nonfinite += sum(not bool(x) for x in finite)
     tail = self.losses[-k:]
     if not all(math.isfinite(x) and x < DIVERGED for x in tail):
       self.diverged = True
@@ -822,6 +838,13 @@ def main(argv=None):
   parser.add_argument("--layout", choices=("auto", "scan", "unrolled"), default="auto")
   parser.add_argument("--no-remat", action="store_true", help="scan without nn.remat")
   parser.add_argument("--tied", action="store_true", help="tie the head to the embedding (embed.attend)")
+  parser.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    default="float32",
+    help="the model's parameters and activations (bfloat16: initialised as float32, then rounded; the loss in "
+    "float32 from the logits)",
+  )
   for key in (
     "d_model",
     "heads",
@@ -867,10 +890,15 @@ def main(argv=None):
   eval_sets = {name: eval_windows(splits[name], seq_len, config["eval_windows"]) for name in ("validation", "test")}
 
   dims = (config["d_model"], config["heads"], config["layers"], seq_len)
-  model_scan = TransformerLM(*dims, scan=True, remat=not args.no_remat, tied=args.tied)
-  model_unrolled = TransformerLM(*dims, scan=False, tied=args.tied)
+  dtype = jnp.dtype(args.dtype)
+  model_scan = TransformerLM(*dims, scan=True, remat=not args.no_remat, tied=args.tied, dtype=dtype)
+  model_unrolled = TransformerLM(*dims, scan=False, tied=args.tied, dtype=dtype)
   example = jnp.zeros((batch_size, seq_len + 1), jnp.int32)
-  init_scan = jax.jit(lambda key: model_scan.init(key, example[:, :-1])["params"])
+  # bf16 runs start from float32's initial values, rounded: the two dtypes differ only in their arithmetic.
+  model_init = dataclasses.replace(model_scan, dtype=jnp.float32)
+  init_scan = jax.jit(
+    lambda key: jax.tree.map(lambda x: x.astype(dtype), model_init.init(key, example[:, :-1])["params"])
+  )
 
   layout, layout_note = args.layout, ""
   if layout == "auto":
@@ -950,7 +978,8 @@ def main(argv=None):
         if not run.diverged:
           run.evals.append((run.done, evaluate(run.eval_params), run.seconds))
     done = min(run.done for run in runs if not run.finished) if not all(r.finished for r in runs) else config["steps"]
-    print(f"  step {done}/{config['steps']}  load {os.getloadavg()[0]:.2f}", flush=True)
+    latest = " ".join(f"{run.evals[-1][1]:.3f}" for run in runs)
+    print(f"  step {done}/{config['steps']}  load {os.getloadavg()[0]:.2f}  {curve_split} {latest}", flush=True)
 
   # ---- the reference and the targets ---------------------------------------------------------
   for run in runs:  # both held-out splits at the end, whichever one the curves were recorded on
@@ -1001,6 +1030,7 @@ def main(argv=None):
         learning_rate=recipe.lr,
         seeds=len(group),
         diverged=len(group) - len(ok),
+        nonfinite_steps=sum(r.nonfinite for r in group),
         run_steps=group[0].run_steps,
         final_test_sd=summarise([r.final["test"] for r in ok])[1],
         final_validation_loss=summarise([r.final["validation"] for r in ok])[0],
@@ -1056,6 +1086,7 @@ def main(argv=None):
       layout_note=layout_note,
       remat=not args.no_remat,
       tied=args.tied,
+      dtype=args.dtype,
       steps_per_epoch=steps_per_epoch,
       train_characters=int(len(train_tokens)),
       validation_characters=int(len(splits["validation"])),
@@ -1084,6 +1115,7 @@ def main(argv=None):
         learning_rate=r.recipe.lr,
         diverged=r.diverged,
         steps=r.done,
+        nonfinite_steps=r.nonfinite,
         seconds=r.seconds,
         chunk_seconds_per_step=r.chunk_seconds,
         final=getattr(r, "final", {}),

@@ -112,3 +112,23 @@ def test_fixed_phase_picks_one_compiled_step_per_amortisation_phase():
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   tx, _ = transformer_lm.build_transform(recipe, params, 10, 10, 2, phase="plain")
   assert tx.init(params) is not None
+
+
+@pytest.mark.slow  # two compiled runs of the quick model (about 15 s): CI's second step
+def test_long_bf16_driver_runs_both_dtypes(tmp_path):
+  """``benchmarks/long_bf16.py``: float32 and bf16 runs of one recipe, their records and bf16's relative gap."""
+  import long_bf16
+
+  out = long_bf16.main(["--quick", "--steps", "4", "--recipes", "adamw", "--output", str(tmp_path / "long")])
+  assert [(r["recipe"], r["dtype"], r["steps"], r["nonfinite_steps"]) for r in out["records"]] == [
+    ("adamw", "float32", 4, 0),
+    ("adamw", "bfloat16", 4, 0),
+  ]
+  (row,) = out["comparison"]
+  f32, bf16 = row["float32_test_loss"], row["bfloat16_test_loss"]
+  assert f32 != bf16 and np.isclose(row["relative_gap"], (bf16 - f32) / f32) and abs(row["relative_gap"]) < 0.05
+  assert json.loads((tmp_path / "long.json").read_text())["records"][1]["dtype"] == "bfloat16"
+  model = transformer_lm.TransformerLM(16, 2, 1, 8, scan=True, dtype=jnp.bfloat16)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  assert transformer_lm.lm_loss(model, params, jnp.zeros((1, 9), jnp.int32)).dtype == jnp.float32
