@@ -133,7 +133,9 @@ def parse_args(argv=None):
   parser.add_argument("--test-windows", type=int, default=128)
   parser.add_argument("--samples", type=int, default=32, help="posterior samples per predictive")
   parser.add_argument("--predict-chunk", type=int, default=32, help="test windows per call of the predictive")
-  parser.add_argument("--eager-predict", action="store_true", help="the test predictive without jax.jit (a cross-check of the jitted one)")
+  parser.add_argument(
+    "--eager-predict", action="store_true", help="the test predictive without jax.jit (a cross-check of the jitted one)"
+  )
   parser.add_argument("--lora-only", action="store_true", help="skip the Laplace posteriors of the base model")
   parser.add_argument("--grid-points", type=int, default=13, help="validation τ grid, 1e-2 .. 1e10")
   parser.add_argument("--lora-rank", type=int, default=4)

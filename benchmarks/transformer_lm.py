@@ -428,7 +428,14 @@ def scale_by_step_sizes(labels) -> optax.GradientTransformation:
 
 
 def build_transform(
-  recipe: Recipe, params, steps: int, steps_per_epoch: int, batch_size: int, kernel_input_ndim=None, phase=None
+  recipe: Recipe,
+  params,
+  steps: int,
+  steps_per_epoch: int,
+  batch_size: int,
+  kernel_input_ndim=None,
+  phase=None,
+  muon_split=None,
 ):
   """``chain(PRE, clip, OPT, step sizes)`` with the peak learning rates in the last state.
 
@@ -438,6 +445,8 @@ def build_transform(
   ``PRE=eigen`` wraps ``clip, OPT`` instead: ``chain(clip, nox.eigenbasis(OPT), step sizes)``.
   ``kernel_input_ndim``: the captured layers' layouts, ``nox.kernel_layouts(stats)`` (the
   scanned model's kernels have a leading stack axis, one FOOF/KFAC state per block).
+  ``muon_split``: ``params -> MuonDimensionNumbers or None`` per leaf for ``OPT=muon`` (default: this model's
+  :func:`muon_dimension_numbers`).
   """
   o = recipe.options
   if phase is None:
@@ -492,7 +501,7 @@ def build_transform(
   if recipe.opt == "sgd":
     opt = optax.sgd(unit, momentum=float(o["momentum"]))
   elif recipe.opt == "muon":
-    dims = muon_dimension_numbers(params)
+    dims = (muon_split or muon_dimension_numbers)(params)
     labels = jax.tree.map(
       lambda d: "base" if d is None else "muon",
       dims,
@@ -1107,36 +1116,42 @@ def main(argv=None):
     shared_grid_points=aliases,
     tuning=tuning,
     summary=rows,
-    runs=[
-      dict(
-        name=r.recipe.name,
-        recipe=r.recipe.spec,
-        seed=r.seed,
-        learning_rate=r.recipe.lr,
-        diverged=r.diverged,
-        steps=r.done,
-        nonfinite_steps=r.nonfinite,
-        seconds=r.seconds,
-        chunk_seconds_per_step=r.chunk_seconds,
-        final=getattr(r, "final", {}),
-        evals=r.evals,
-        train_losses=r.losses,
-      )
-      for r in runs
-    ],
+    runs=[run_record(r, evals=r.evals) for r in runs],
   )
-  os.makedirs(args.output_dir, exist_ok=True)
-  stem = os.path.join(args.output_dir, f"transformer_lm_{tag}")
+  write_outputs(result, os.path.join(args.output_dir, f"transformer_lm_{tag}"), None if args.no_plot else plot)
+  return result
+
+
+def run_record(run: Run, **curves) -> dict:
+  """One run of a benchmark's results file: its recipe, seed, fate, timing and ``curves``."""
+  return dict(
+    name=run.recipe.name,
+    recipe=run.recipe.spec,
+    seed=run.seed,
+    learning_rate=run.recipe.lr,
+    diverged=run.diverged,
+    steps=run.done,
+    nonfinite_steps=run.nonfinite,
+    seconds=run.seconds,
+    chunk_seconds_per_step=run.chunk_seconds,
+    final=getattr(run, "final", {}),
+    **curves,
+    train_losses=run.losses,
+  )
+
+
+def write_outputs(result: dict, stem: str, plot_fn=None) -> None:
+  """``stem.json`` (everything), ``stem.csv`` (the summary rows) and, with ``plot_fn``, ``stem.png``."""
+  os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
   with open(stem + ".json", "w") as f:
     json.dump(result, f, indent=1)
   with open(stem + ".csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(f, fieldnames=list(result["summary"][0]))
     writer.writeheader()
-    writer.writerows(rows)
-  if not args.no_plot:
-    plot(result, stem + ".png")
-  print(f"wrote {stem}.json/.csv{'' if args.no_plot else '/.png'} ({result['wall_seconds']:.0f} s)")
-  return result
+    writer.writerows(result["summary"])
+  if plot_fn is not None:
+    plot_fn(result, stem + ".png")
+  print(f"wrote {stem}.json/.csv{'' if plot_fn is None else '/.png'} ({result['wall_seconds']:.0f} s)")
 
 
 def plot(result: dict, path: str) -> None:

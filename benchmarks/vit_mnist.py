@@ -43,9 +43,6 @@ one entry per recipe: ``recipe``, ``family``, ``recommended``, ``final_test_accu
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import json
 import os
 import statistics
 import sys
@@ -69,7 +66,6 @@ import neuron_optax as nox  # noqa: E402
 from neuron_optax.examples import data  # noqa: E402
 
 NUM_CLASSES = 10
-_lm_muon_dimension_numbers = transformer_lm.muon_dimension_numbers
 
 # --------------------------------------------------------------------------- #
 # Data
@@ -153,25 +149,15 @@ def classification_loss(model, params, batch):
 def muon_dimension_numbers(params):
   """The char-LM's standard split (every hidden matrix of every block: attention query/key/value/out and MLP
   kernels) with the patch embedding, like the LM's token embedding, left to AdamW."""
-  dims = _lm_muon_dimension_numbers(params)
+  dims = transformer_lm.muon_dimension_numbers(params)
   return dict(dims, patch_embed=jax.tree.map(lambda _: None, params["patch_embed"]))
-
-
-@contextlib.contextmanager
-def _vit_muon_split():
-  # transformer_lm.build_transform looks its Muon split up by name when it builds the chain; the ViT's differs
-  # only by its patch embedding, so the builder is reused with this split swapped in for the call.
-  transformer_lm.muon_dimension_numbers = muon_dimension_numbers
-  try:
-    yield
-  finally:
-    transformer_lm.muon_dimension_numbers = _lm_muon_dimension_numbers
 
 
 def build_transform(recipe, params, steps: int, kernel_input_ndim=None):
   """``transformer_lm.build_transform`` with the ViT's Muon split (returns ``(tx, run_steps)``)."""
-  with _vit_muon_split():
-    return transformer_lm.build_transform(recipe, params, steps, 1, 1, kernel_input_ndim=kernel_input_ndim)
+  return transformer_lm.build_transform(
+    recipe, params, steps, 1, 1, kernel_input_ndim=kernel_input_ndim, muon_split=muon_dimension_numbers
+  )
 
 
 # --------------------------------------------------------------------------- #
@@ -432,34 +418,11 @@ def main(argv=None):
     grids=sorted({r.base for r in recipes}),
     tuning=tuning,
     summary=rows,
-    runs=[
-      dict(
-        name=r.recipe.name,
-        recipe=r.recipe.spec,
-        seed=r.seed,
-        learning_rate=r.recipe.lr,
-        diverged=r.diverged,
-        steps=r.done,
-        seconds=r.seconds,
-        chunk_seconds_per_step=r.chunk_seconds,
-        final=getattr(r, "final", {}),
-        curve=r.curve,
-        train_losses=r.losses,
-      )
-      for r in runs
-    ],
+    runs=[transformer_lm.run_record(r, curve=r.curve) for r in runs],
   )
-  os.makedirs(args.output_dir, exist_ok=True)
-  stem = os.path.join(args.output_dir, f"vit_mnist_{tag}")
-  with open(stem + ".json", "w") as f:
-    json.dump(result, f, indent=1)
-  with open(stem + ".csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  if not args.no_plot:
-    plot(result, stem + ".png")
-  print(f"wrote {stem}.json/.csv{'' if args.no_plot else '/.png'} ({result['wall_seconds']:.0f} s)")
+  transformer_lm.write_outputs(
+    result, os.path.join(args.output_dir, f"vit_mnist_{tag}"), None if args.no_plot else plot
+  )
   return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import flax.linen as nn
@@ -57,10 +58,13 @@ def test_muon_split_leaves_the_patch_embedding_to_adamw():
     for m in ("attention/query", "attention/key", "attention/value", "attention/out", "mlp_in", "mlp_out")
   }
   assert dims["blocks"]["attention"]["query"]["kernel"] == optax.contrib.MuonDimensionNumbers(1, (2, 3))
-  # The swap is scoped to building the ViT's chain: the char-LM's split is restored afterwards.
+  # The ViT's chain is built with this split: the patch embedding's moments live in the AdamW part only.
   recipe = vit_mnist.parse_recipes("none+muon:lr=0.02,adam_lr=1e-3")[0]
-  vit_mnist.build_transform(recipe, params, 10)
-  assert vit_mnist.transformer_lm.muon_dimension_numbers is vit_mnist._lm_muon_dimension_numbers
+  tx, _ = vit_mnist.build_transform(recipe, params, 10)
+  state = tx.init(jax.tree.map(jnp.zeros_like, params))
+  paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+  holders = {re.search(r"inner_states\['(\w+)'\]", p).group(1) for p in paths if "'patch_embed'" in p}
+  assert holders == {"adam"}, holders
 
 
 def _items(tree, prefix=()):
