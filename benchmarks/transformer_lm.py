@@ -1154,7 +1154,12 @@ def write_outputs(result: dict, stem: str, plot_fn=None) -> None:
   print(f"wrote {stem}.json/.csv{'' if plot_fn is None else '/.png'} ({result['wall_seconds']:.0f} s)")
 
 
-def plot(result: dict, path: str) -> None:
+def plot_curves(result: dict, *, curves: str, value: int, seconds: int, target, ylabel: str, title: str):
+  """Held-out curves of every run against steps (left) and training seconds (right), one colour per recipe.
+
+  ``curves``: the runs' key of ``(step, ...)`` rows; ``value``/``seconds``: their columns; ``target``: a dotted
+  line (or ``None``). Returns ``(figure, axes)`` for the caller's extra marks; the caller saves it.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
@@ -1166,34 +1171,47 @@ def plot(result: dict, path: str) -> None:
   for i, name in enumerate(names):
     group = [r for r in result["runs"] if r["name"] == name and not r["diverged"]]
     for j, r in enumerate(group):
-      e = np.asarray(r["evals"])
+      rows = np.asarray(r[curves])
       kwargs = dict(color=colours[i % len(colours)], alpha=0.85, lw=1.2, label=name if j == 0 else None)
-      axes[0].plot(e[:, 0], e[:, 1], **kwargs)
-      axes[1].plot(e[:, 2], e[:, 1], **kwargs)
-  target = result["target_loss"]
+      axes[0].plot(rows[:, 0], rows[:, value], **kwargs)
+      axes[1].plot(rows[:, seconds], rows[:, value], **kwargs)
   for ax in axes:
     if target is not None:
       ax.axhline(target, color="gray", ls=":", lw=1)
     ax.grid(alpha=0.3)
+  axes[0].set_xlabel("step")
+  axes[1].set_xlabel("training seconds (timed in lockstep chunks)")
+  axes[0].set_ylabel(ylabel)
+  fig.suptitle(title, fontsize=9)
+  return fig, axes
+
+
+def save_figure(fig, axes, path: str) -> None:
+  import matplotlib.pyplot as plt
+
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot(result: dict, path: str) -> None:
+  c = result["config"]
+  title = (
+    f"char GPT (d={c['d_model']}, {c['layers']} layers, {c['heads']} heads, ctx {c['seq_len']}, batch {c['batch_size']}, "
+    f"{c['layout']}) on pydoc topics, seeds {c['seeds']}, {result['machine']['device_kind']}; "
+    f"dotted: AdamW's final, dashed: 0.7x its steps"
+  )
+  ylabel = f"{result['curve_split']} loss (nats/char)"
+  fig, axes = plot_curves(
+    result, curves="evals", value=1, seconds=2, target=result["target_loss"], ylabel=ylabel, title=title
+  )
   if result["reference_steps"]:
     axes[0].axvline(0.7 * result["reference_steps"], color="gray", ls="--", lw=0.8)
   finals = [r["evals"][-1][1] for r in result["runs"] if not r["diverged"]]
   if finals:
     axes[0].set_ylim(min(finals) - 0.05, min(finals) + 0.8)
-  axes[0].set_xlabel("step")
-  axes[1].set_xlabel("training seconds (timed in lockstep chunks)")
-  axes[0].set_ylabel(f"{result['curve_split']} loss (nats/char)")
-  axes[0].legend(fontsize=7)
-  c = result["config"]
-  fig.suptitle(
-    f"char GPT (d={c['d_model']}, {c['layers']} layers, {c['heads']} heads, ctx {c['seq_len']}, batch {c['batch_size']}, "
-    f"{c['layout']}) on pydoc topics, seeds {c['seeds']}, {result['machine']['device_kind']}; "
-    f"dotted: AdamW's final, dashed: 0.7x its steps",
-    fontsize=9,
-  )
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(fig, axes, path)
 
 
 if __name__ == "__main__":

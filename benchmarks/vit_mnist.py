@@ -427,41 +427,19 @@ def main(argv=None):
 
 
 def plot(result: dict, path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-  names = list(dict.fromkeys(r["name"] for r in result["runs"]))
-  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  for i, name in enumerate(names):
-    group = [r for r in result["runs"] if r["name"] == name and not r["diverged"]]
-    for j, r in enumerate(group):
-      c = np.asarray(r["curve"])
-      kwargs = dict(color=colours[i % len(colours)], alpha=0.85, lw=1.2, label=name if j == 0 else None)
-      axes[0].plot(c[:, 0], c[:, 2], **kwargs)
-      axes[1].plot(c[:, 3], c[:, 2], **kwargs)
-  for ax in axes:
-    if result["target_accuracy"] is not None:
-      ax.axhline(result["target_accuracy"], color="gray", ls=":", lw=1)
-    ax.grid(alpha=0.3)
+  c = result["config"]
+  title = (
+    f"ViT (d={c['d_model']}, {c['layers']} layers, {c['heads']} heads, 7x7 patches, batch {c['batch_size']}) on the "
+    f"MNIST subset, seeds {c['seeds']}, {result['machine']['device_kind']}; dotted: AdamW's final"
+  )
+  ylabel = f"{result['curve_split']} accuracy"
+  fig, axes = transformer_lm.plot_curves(
+    result, curves="curve", value=2, seconds=3, target=result["target_accuracy"], ylabel=ylabel, title=title
+  )
   finals = [r["curve"][-1][2] for r in result["runs"] if not r["diverged"]]
   if finals:
     axes[0].set_ylim(min(finals) - 0.1, 1.0)
-  axes[0].set_xlabel("step")
-  axes[1].set_xlabel("training seconds (timed in lockstep chunks)")
-  axes[0].set_ylabel(f"{result['curve_split']} accuracy")
-  axes[0].legend(fontsize=7)
-  c = result["config"]
-  fig.suptitle(
-    f"ViT (d={c['d_model']}, {c['layers']} layers, {c['heads']} heads, 7x7 patches, batch {c['batch_size']}) on the "
-    f"MNIST subset, seeds {c['seeds']}, {result['machine']['device_kind']}; dotted: AdamW's final",
-    fontsize=9,
-  )
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  transformer_lm.save_figure(fig, axes, path)
 
 
 if __name__ == "__main__":
