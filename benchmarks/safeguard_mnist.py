@@ -71,7 +71,7 @@ def parse_args(argv=None):
   parser.add_argument("--methods", default="kfac,foof")
   parser.add_argument("--damping", type=float, default=1e-3)
   parser.add_argument("--inverse-every", type=int, default=None, help="the preconditioners' T (default: theirs)")
-  parser.add_argument("--kappas", default=None, help="comma-separated; default 1e-5 ... 1e-2 in steps of x√10")
+  parser.add_argument("--kappas", default=None, help="comma-separated; default 1e-6 ... 1e-3 in steps of x√10")
   parser.add_argument("--epochs", type=int, default=None, help="default 3 (quick: 1)")
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--split", default="3000,1000,1000", help="train,validation,test sizes")
@@ -89,7 +89,7 @@ def parse_args(argv=None):
   if args.kappas:
     args.kappas = [float(x) for x in args.kappas.split(",")]
   else:
-    args.kappas = [1e-3, 1e-2] if args.quick else [float(f"{x:.3g}") for x in np.logspace(-5, -2, 7)]
+    args.kappas = [1e-3, 1e-2] if args.quick else [float(f"{x:.3g}") for x in np.logspace(-6, -3, 7)]
   args.split = [int(x) for x in args.split.split(",")]
   args.test_seeds = [] if args.quick else [int(x) for x in args.test_seeds.split(",")]
   args.timing_steps = args.timing_steps if args.timing_steps is not None else (5 if args.quick else 20)
