@@ -17,7 +17,9 @@ Protocol, on ``data.load("mnist_subset")`` (5,000 images) split once into train 
    hyperparameter (``optax.inject_hyperparams``), so one compiled step serves the whole grid. Each run records the
    constraint's scale ``ν`` at every step (its median and the fraction of steps with ``ν < 1``).
 3. **test**: SGD+M and both guarded methods at their chosen ``κ`` on seeds nobody tuned on (1, 2, 3): held-out
-   test accuracy, mean ± std. A seed sets the initialisation, the shuffling and NNX's dropout.
+   test accuracy, mean ± std. A seed sets the initialisation, the shuffling and NNX's dropout. NNX runs also
+   report the accuracy with BatchNorm on the evaluated split's own statistics (``*_accuracy_batch_stats``), which
+   separates the preconditioner from the lag of BatchNorm's running averages in a short run.
 4. **timing** (linen, ``--timing-steps``): per-step time of the guarded vs the bare preconditioner, steps
    interleaved on the same batches (damping 1.0, where neither diverges, so both run the same arithmetic).
 
@@ -26,6 +28,8 @@ with the machine) and ``.csv`` (one row per run). Results are written after ever
 
     python benchmarks/safeguard_mnist.py --quick     # 1 epoch, kfac only, linen, 2 values of κ
     python benchmarks/safeguard_mnist.py             # the table of docs/hyperparameters.md
+    python benchmarks/safeguard_mnist.py --apis nnx --phases test --kappa-for kfac=1e-5,foof=3.16e-5 \
+        --timing-steps 0 --output safeguard_mnist_nnx_batch_stats      # its BatchNorm row
 """
 
 from __future__ import annotations
