@@ -221,7 +221,8 @@ def test_invalid_scheduled_damping_gives_no_step_and_keeps_the_state(setup, name
 
 
 @pytest.mark.parametrize(
-  "name", [pytest.param(n, marks=pytest.mark.slow) if n == "fngd_unshared" else n for n in TRANSFORMS]
+  "name",
+  [pytest.param(n, marks=pytest.mark.slow) if n in ("fngd_unshared", "kfac_standard") else n for n in TRANSFORMS],
 )
 def test_extra_args_dtypes_masked_multi_transform_apply_if_finite(setup, name):
   params, grads, stats = setup

@@ -123,7 +123,9 @@ def _all_finite(tree):
   return all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact))
 
 
-@pytest.mark.parametrize("name", TRANSFORMS)
+@pytest.mark.parametrize(
+  "name", [pytest.param(n, marks=pytest.mark.slow) if n == "kfac_standard" else n for n in TRANSFORMS]
+)
 def test_non_finite_batch_is_skipped_and_training_continues(name):
   # every parameter captured: the transform alone keeps everything finite
   params, state, step = _trainer(name, norm=False)

@@ -89,7 +89,13 @@ def _lm_directions(ids, targets, tx_factory):
 
 @pytest.mark.parametrize(
   "name",
-  ["foof", "kfac", pytest.param("natural_gradient", marks=pytest.mark.slow), "natural_gradient_blocks", "fngd"],
+  [
+    "foof",
+    pytest.param("kfac", marks=pytest.mark.slow),
+    pytest.param("natural_gradient", marks=pytest.mark.slow),
+    "natural_gradient_blocks",
+    "fngd",
+  ],
 )
 def test_negative_token_ids_give_the_direction_of_the_row_flax_looked_up(name, x64):
   vocab = 5
