@@ -60,7 +60,7 @@ class _Predictor:
     self.post = posterior(where, structure, params, stats, dataset_size, **options)
     # Linearise in the posterior's layers only: the other parameters' tangents stay symbolic zeros, so no
     # unbatched zero tree meets the batched deltas under vmap. That mix is also what miscompiled on XLA:CPU
-    # (jaxlib 0.10.2's YNN reduce fusion returned garbage once jitted at ~4k output rows; docs/laplace.md).
+    # (jaxlib 0.10.2's YNN reduce fusion returned garbage once jitted from ~2k output rows; docs/laplace.md).
     layers = _trees.matrices(where, params, self.post.shapes, self.post.keys, "params")
     self.layer_dtypes = {k: v.dtype for k, v in layers.items()}
 
