@@ -26,6 +26,7 @@ not advance.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -194,11 +195,33 @@ def after_backward(predicate: Any, stats: Mapping[Any, Any]) -> Any:
   return jax.lax.optimization_barrier((predicate, cotangents))[0]
 
 
-def maybe(predicate: jax.Array | bool, fn: Callable[[], Any], current: Any) -> Any:
-  """``fn()`` if ``predicate`` else ``current``, without running ``fn`` when false."""
+def branch(predicate: jax.Array, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *operands: Any) -> Any:
+  """``jax.lax.cond(predicate, true_fn, false_fn, *operands)``, the operands' arrays entering as matrices.
+
+  Arrays a branch reads should come as ``operands``, not through its closure,
+  and enter the conditional with their leading axes merged (a bitcast): XLA:CPU
+  gives a conditional's ``(n, P, d)`` operand a layout of its own and writes the
+  activation into it at every step, whichever branch runs; a matrix shares the
+  forward pass's buffer (``tests/test_step_structure.py``).
+  """
+  leaves, treedef = jax.tree.flatten(operands)
+  shapes = [jnp.shape(leaf) for leaf in leaves]
+  matrices = [
+    jnp.reshape(leaf, (math.prod(shape[:-1]), shape[-1])) if len(shape) > 2 else leaf
+    for leaf, shape in zip(leaves, shapes)
+  ]
+
+  def restored(fn):
+    return lambda matrices: fn(*jax.tree.unflatten(treedef, [jnp.reshape(m, s) for m, s in zip(matrices, shapes)]))
+
+  return jax.lax.cond(predicate, restored(true_fn), restored(false_fn), matrices)
+
+
+def maybe(predicate: jax.Array | bool, fn: Callable[..., Any], current: Any, *operands: Any) -> Any:
+  """``fn(*operands)`` if ``predicate`` else ``current``, without running ``fn`` when false (:func:`branch`)."""
   if isinstance(predicate, bool):  # a fixed phase: no conditional in the compiled step
-    return fn() if predicate else current
-  return jax.lax.cond(predicate, lambda _: fn(), lambda _: current, None)
+    return fn(*operands) if predicate else current
+  return branch(predicate, fn, lambda *_: current, *operands)
 
 
 def hyperparameters_ok(damping: jax.Array, decay: jax.Array) -> jax.Array:
@@ -212,11 +235,13 @@ def hyperparameters_ok(damping: jax.Array, decay: jax.Array) -> jax.Array:
   return hyperparams.valid(damping) & hyperparams.valid(decay, upper=1.0, include_lower=True)
 
 
-def maybe_valid(predicate: jax.Array | bool, ok: jax.Array, fn: Callable[[], Any], current: Any) -> Any:
+def maybe_valid(
+  predicate: jax.Array | bool, ok: jax.Array, fn: Callable[..., Any], current: Any, *operands: Any
+) -> Any:
   """:func:`maybe`, keeping ``current`` where ``ok`` is false (a traced check of this step's hyperparameters)."""
   if isinstance(predicate, bool):  # a fixed phase: the branch is compiled in, so select its result
-    return jax.tree.map(lambda new, old: jnp.where(ok, new, old), fn(), current) if predicate else current
-  return maybe(predicate & ok, fn, current)
+    return jax.tree.map(lambda new, old: jnp.where(ok, new, old), fn(*operands), current) if predicate else current
+  return maybe(predicate & ok, fn, current, *operands)
 
 
 def refactorised(

@@ -194,7 +194,7 @@ def update(
     damping_changed=(damping != state.damping) if method.damping_refactorises else False,
   )
 
-  def accumulate():
+  def accumulate(stats):
     new = {}
     for key, name in names.items():
       current = method.averages(layers[name])
@@ -207,7 +207,7 @@ def update(
     return new
 
   current = {name: method.averages(layer) for name, layer in layers.items()}
-  averages = amortisation.maybe_valid(update_statistics, usable, accumulate, current)
+  averages = amortisation.maybe_valid(update_statistics, usable, accumulate, current, stats)
 
   def refactor():
     debiased = {name: {factor: a.debiased() for factor, a in by_factor.items()} for name, by_factor in averages.items()}
@@ -220,10 +220,10 @@ def update(
   rows = [key for key in stats if orders[key] != "gradient"]
   dtypes = {key: jax.tree.leaves(factors[names[key]])[0].dtype for key in rows}
 
-  def from_rows():
+  def from_rows(stats):
     return {key: method.apply(factors[names[key]], None, stats[key], damping, orders[key]) for key in rows}
 
-  def exact():
+  def exact(stats):
     return {key: method.apply(factors[names[key]], gradients[key], stats[key], damping, "gradient") for key in rows}
 
   gradients = incoming_matrices(updates, shapes, dtypes)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neuron_optax._src import hyperparams, param_layout
+from neuron_optax._src import amortisation, hyperparams, param_layout
 from neuron_optax._src.layer_stats import LayerStats
 
 Contraction = Literal["auto", "gradient", "rows"]
@@ -249,24 +249,24 @@ def one_decision(
   stats: Mapping[Any, LayerStats],
   count: jax.Array,
   contraction: Contraction,
-  from_rows: Callable[[], dict],
-  exact: Callable[[], dict],
+  from_rows: Callable[[Mapping[Any, LayerStats]], dict],
+  exact: Callable[[Mapping[Any, LayerStats]], dict],
 ) -> dict:
-  """Directions from the recorded rows (``from_rows()``, times ``σ``) or ``exact()``, one choice per step.
+  """Directions from the recorded rows (``from_rows(stats)``, times ``σ``) or ``exact(stats)``, one choice per step.
 
-  ``from_rows()`` builds the directions of the layers in ``gradients`` from the
-  recorded rows; ``exact()`` from the incoming ``gradients`` (the optax
-  contract at any input). ``"rows"`` takes ``from_rows()`` without a check
+  ``from_rows(stats)`` builds the directions of the layers in ``gradients`` from the
+  recorded rows; ``exact(stats)`` from the incoming ``gradients`` (the optax
+  contract at any input). ``"rows"`` takes ``from_rows(stats)`` without a check
   (``gradients`` may be empty then); otherwise one :func:`recorded_scale`
   check of all layers and one ``lax.cond``: no per-layer conditional.
   """
   if contraction == "rows":
-    return from_rows()
+    return from_rows(stats)
   if not gradients:
     return {}
 
-  def scaled(scale):
-    return {key: (scale * d).astype(d.dtype) for key, d in from_rows().items()}
+  def scaled(scale, stats):
+    return {key: (scale * d).astype(d.dtype) for key, d in from_rows(stats).items()}
 
   matches, scale = recorded_scale(gradients, stats, count)
-  return jax.lax.cond(matches, scaled, lambda _: exact(), scale)
+  return amortisation.branch(matches, scaled, lambda _, stats: exact(stats), scale, stats)

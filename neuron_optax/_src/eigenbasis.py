@@ -225,7 +225,7 @@ def eigenbasis(
       state.count, refresh_every, stats_window, "auto", {k: stats[k] for k in names}
     )
 
-    def accumulate():
+    def accumulate(stats):
       new = {}
       for key, name in names.items():
         layer = layers[name]
@@ -241,7 +241,7 @@ def eigenbasis(
       name: ((layer.a_ema, layer.a_updates, layer.a_weight), (layer.g_ema, layer.g_updates, layer.g_weight))
       for name, layer in layers.items()
     }
-    averages = amortisation.maybe(update_statistics, accumulate, current)
+    averages = amortisation.maybe(update_statistics, accumulate, current, stats)
 
     def recompute(method):
       operands = {}

@@ -326,12 +326,12 @@ def fngd(
     alpha_now = hyperparams.value_at(alpha, state.count)
     alpha_ok = hyperparams.valid(alpha_now)
 
-    def solve(key, dtype):
+    def solve(stats, key, dtype):
       c = layer_coefficients(stats[key], alpha_now.astype(dtype), dtype)
       return jnp.where(alpha_ok, c, jnp.nan)  # an invalid α: no step (and no stored row)
 
     if not share_coefficients:
-      coeffs = {key: solve(key, dtypes[key]) for key in stats}
+      coeffs = {key: solve(stats, key, dtypes[key]) for key in stats}
       layers = state.layers
     else:
       tables = _tables(state, stats)
@@ -347,11 +347,11 @@ def fngd(
           reused[key] = jnp.where(jnp.all(c == 0), jnp.full_like(c, 1 / n), c)
         return reused, tables
 
-      def compute():
+      def compute(stats):
         fresh, new_tables = {}, {}
         for key, table in tables.items():
           n = stats[key].batch_size
-          c = solve(key, table.dtype)
+          c = solve(stats, key, table.dtype)
           fresh[key] = c
           kept = jnp.where(jnp.all(jnp.isfinite(c)), c, jnp.full_like(c, 1 / n))
           padded = jnp.zeros(table.shape[1:], table.dtype).at[:n].set(kept)
@@ -360,16 +360,16 @@ def fngd(
         return fresh, new_tables
 
       computing = amortisation.coefficient_schedule(state.count, steps_per_epoch, refresh_every_epochs, phase, stats)
-      coeffs, tables = amortisation.maybe(computing, compute, stored())
+      coeffs, tables = amortisation.maybe(computing, compute, stored(), stats)
       coeffs = {key: jnp.where(alpha_ok, c, jnp.nan) for key, c in coeffs.items()}  # an invalid α: no step
       layers = dict(state.layers)
       for key, table in tables.items():
         layers[layer_name(key)] = FngdLayerState(coefficients=table)
 
-    def rows_directions():
+    def rows_directions(stats):
       return {key: weighted_direction(stats[key], coeffs[key], dtypes[key]) for key in stats}
 
-    def exact_directions():
+    def exact_directions(stats):
       return {
         key: incoming_direction(gradients[key], weighted_direction(stats[key], coeffs[key], dtypes[key]), stats[key])
         for key in stats
@@ -377,7 +377,7 @@ def fngd(
 
     gradients = {} if contraction == "rows" else incoming_matrices(updates, shapes, dtypes)
     if contraction == "gradient":
-      chosen = exact_directions()
+      chosen = exact_directions(stats)
     else:
       chosen = one_decision(gradients, stats, state.count, contraction, rows_directions, exact_directions)
 
