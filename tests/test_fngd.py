@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jaxpr_equations import equations
 
 from neuron_optax import value_grad_and_stats
 from neuron_optax._src.fngd import FngdState, coefficients, fngd
@@ -433,17 +434,6 @@ def test_python_phase_switch_gives_the_auto_trajectory_without_a_cond():
   assert "cholesky" in jaxpr
 
 
-def _equations(jaxpr):
-  """Every equation of ``jaxpr`` and of the jaxprs nested in it (``cond`` branches, ``pjit``)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(sub, "jaxpr", sub)
-        if isinstance(inner, jax.extend.core.Jaxpr):
-          yield from _equations(inner)
-
-
 @pytest.mark.usefixtures("x64")
 def test_shared_conv_step_never_forms_im2col_rows():
   """The reusing step weights the cotangents and runs one backward-filter convolution per layer."""
@@ -456,7 +446,7 @@ def test_shared_conv_step_never_forms_im2col_rows():
     tx = fngd(0.1, steps_per_epoch=2, batch_size=4, phase=phase)
     jaxpr = jax.make_jaxpr(lambda g, s, st: tx.update(g, s, params, stats=st))(grads, tx.init(params), stats)
     return [
-      e.params["feature_group_count"] for e in _equations(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"
+      e.params["feature_group_count"] for e in equations(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"
     ]
 
   # Backward-filter convolutions only (the direction, the recorded gradient of the exact branch, the

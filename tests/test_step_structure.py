@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from jaxpr_equations import equations
 
 import neuron_optax as nox
 
@@ -57,21 +58,10 @@ def _step(name):
   return step, (params, tx.init(params), x, y)
 
 
-def _conds(jaxpr):
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "cond":
-      yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(sub, "jaxpr", sub)
-        if isinstance(inner, jax.extend.core.Jaxpr):
-          yield from _conds(inner)
-
-
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_conditionals_read_the_recorded_rows_as_matrices(name):
   step, args = _step(name)
-  conds = list(_conds(jax.make_jaxpr(step)(*args).jaxpr))
+  conds = [eqn for eqn in equations(jax.make_jaxpr(step)(*args).jaxpr) if eqn.primitive.name == "cond"]
   assert conds, "the auto step has a conditional"
   rows = [(cond.params["branches"][0].jaxpr.debug_info, v.aval.shape) for cond in conds for v in cond.invars]
   # every operand of shape (n, P, d) would be an activation in the layout the conditional picks
