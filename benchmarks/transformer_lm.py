@@ -219,6 +219,7 @@ RECIPE_DEFAULTS: dict[str, Any] = dict(
   contraction="auto",
   phase="auto",
   rows=None,
+  sharing="expand",
   alpha=1.0,
   layers="all",
   sides="input",
@@ -466,6 +467,7 @@ def build_transform(
         kernel_input_ndim=kernel_input_ndim,
         phase=phase,
         statistics_rows=None if o["rows"] in (None, "none") else int(o["rows"]),
+        weight_sharing=o["sharing"],
       )
     elif recipe.pre == "kfac":
       pre = nox.kfac(
@@ -476,6 +478,7 @@ def build_transform(
         contraction=o["contraction"],
         kernel_input_ndim=kernel_input_ndim,
         phase=phase,
+        weight_sharing=o["sharing"],
       )
     else:
       pre = nox.fngd(

@@ -185,9 +185,13 @@ def after_backward(predicate: Any, stats: Mapping[Any, Any]) -> Any:
 
   A conditional can start only when its predicate is known; a predicate that
   depends on the step counter alone lets XLA place it before the backward
-  pass, where (on CPU) it stalls the rest of the step (README, "Benchmarks and
-  step cost"). Tying the predicate to the cotangents
-  (``lax.optimization_barrier``, no computation) moves it after the backward pass.
+  pass. Tying the predicate to the cotangents (``lax.optimization_barrier``, no
+  computation) is meant to keep it after the backward pass. On jaxlib 0.10.2's
+  XLA:CPU it changes nothing measurable: the compiled step keeps no barrier and
+  still runs the statistics and contraction conditionals between the forward and
+  the backward pass, and removing it left the MLP step's ratio unchanged
+  (docs/benchmarks.md, "Where the ``phase="auto"`` overhead goes"). It is kept
+  for backends whose scheduler honours it.
   """
   if isinstance(predicate, bool):
     return predicate

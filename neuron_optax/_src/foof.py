@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax
 import optax
 
-from neuron_optax._src import amortisation, amortised, factorisation, hyperparams, param_layout
+from neuron_optax._src import amortisation, amortised, factorisation, hyperparams, kronecker, param_layout
 from neuron_optax._src.contraction import Contraction, left_order, left_precondition
 
 
@@ -57,6 +57,7 @@ def foof(
   distribute_factorisations: factorisation.Distribution | None = None,
   phase: amortisation.Phase = "auto",
   statistics_rows: int | None = None,
+  weight_sharing: kronecker.WeightSharing = "expand",
 ) -> optax.GradientTransformationExtraArgs:
   r"""FOOF: precondition each captured layer's gradient with its inputs' second moment.
 
@@ -131,7 +132,14 @@ def foof(
       which cuts the statistics' ``R·d_in²`` products by ``R/m``; for layers
       shared over many tokens (Transformers, convolutions), whose rows are
       strongly correlated. Embeddings (a diagonal ``A``) always use every row.
-      ``None`` (default): every row.
+      ``None`` (default): every row. With ``weight_sharing="reduce"`` the
+      ``m`` rows are drawn from the ``n`` pooled rows.
+    weight_sharing: ``A`` of layers shared over the ``P`` positions of an
+      example (tokens, patches), as in :func:`neuron_optax.kfac`:
+      ``"expand"`` (default) ``A = mean_{i,p} ā_ip ā_ipᵀ``; ``"reduce"``
+      ``A = mean_i ā_i ā_iᵀ`` of the per-example means ``ā_i = mean_p ā_ip``
+      (Eschenhagen et al. 2023), for one loss per example after pooling, at
+      ``1/P`` of the statistics' cost. Embeddings keep expand's diagonal ``A``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
@@ -172,6 +180,7 @@ def foof(
     isinstance(statistics_rows, bool) or int(statistics_rows) != statistics_rows or statistics_rows < 1
   ):
     raise ValueError(f"foof: statistics_rows={statistics_rows!r}: expected a positive integer or None (every row).")
+  hyperparams.check_choice("foof", "weight_sharing", weight_sharing, kronecker.WEIGHT_SHARING)
 
   def check_layer(layers, key, shape) -> None:
     factor = param_layout.input_factor_shape(shape)  # an embedding's diagonal A: a vector
@@ -185,10 +194,12 @@ def foof(
     name="foof",
     check_layer=check_layer,
     averages=lambda layer: {"a": amortised.MovingAverage(layer.a_ema, layer.a_weight, layer.a_updates)},
-    batch_values=lambda layer_stats, dtype: {"a": layer_stats.input_moment(dtype)},
+    batch_values=lambda layer_stats, dtype: {"a": kronecker.input_factor(layer_stats, dtype, weight_sharing, "foof")},
     batch_values_at=None
     if statistics_rows is None
-    else lambda layer_stats, dtype, count: {"a": subsampled_input_moment(layer_stats, dtype, statistics_rows, count)},
+    else lambda layer_stats, dtype, count: {
+      "a": subsampled_input_moment(layer_stats, dtype, statistics_rows, count, weight_sharing)
+    },
     factors=lambda layer: layer.a_inverse,
     factorise=factorise,
     rebuild=lambda layer, averages, inverse: FoofLayerState(
@@ -209,16 +220,19 @@ def foof(
   return amortised.transformation(method, settings, make_layer, FoofState)
 
 
-def subsampled_input_moment(layer_stats, dtype, rows: int, count: jax.Array) -> jax.Array:
-  """``(1/m) Σ_{r∈S} ā_r ā_rᵀ`` over ``m = min(rows, R)`` of the ``R`` recorded rows, drawn without replacement.
+def subsampled_input_moment(
+  layer_stats, dtype, rows: int, count: jax.Array, weight_sharing: kronecker.WeightSharing = "expand"
+) -> jax.Array:
+  """``(1/m) Σ_{r∈S} ā_r ā_rᵀ`` over ``m = min(rows, R)`` of the ``R`` rows, drawn without replacement.
 
-  The draw depends on the step ``count`` only (the same rows for every layer of a step), so a step is
-  reproducible. Over draws it is unbiased for ``input_moment``; embeddings (a diagonal) use every row.
+  The rows are the recorded ones (expand) or each example's mean over positions (reduce). The draw
+  depends on the step ``count`` only (the same rows for every layer of a step), so a step is
+  reproducible. Over draws it is unbiased for the batch's ``A``; embeddings (a diagonal) use every row.
   """
   if layer_stats.kind == "embed":
     return layer_stats.input_moment(dtype)
-  x = layer_stats.augmented_inputs(dtype)
-  x = x.reshape(-1, x.shape[-1])
+  kronecker.require_rows(layer_stats, "foof", "statistics_rows")
+  x = kronecker.input_rows(layer_stats, dtype, weight_sharing)
   if rows >= x.shape[0]:
     return (x.T @ x) / x.shape[0]
   key = jax.random.fold_in(jax.random.key(0x0F00F), count)

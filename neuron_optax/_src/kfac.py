@@ -46,6 +46,8 @@ Design decisions:
     (examples × positions), the convention of the whole library; the scale of
     ``G`` (and so the meaning of ``λ`` under standard damping) therefore
     differs from KFC's (Grosse & Martens 2016) sum over positions by ``P``.
+    ``weight_sharing="reduce"`` pools each example's positions first
+    (KFAC-reduce, Eschenhagen et al. 2023; :mod:`neuron_optax._src.kronecker`).
 
 Other leaves pass through unchanged. Chain with a first-order optimiser for the
 step size and momentum::
@@ -168,6 +170,7 @@ def kfac(
   kernel_input_ndim: param_layout.KernelInputNdim = None,
   distribute_factorisations: factorisation.Distribution | None = None,
   phase: amortisation.Phase = "auto",
+  weight_sharing: kronecker.WeightSharing = "expand",
 ) -> optax.GradientTransformationExtraArgs:
   r"""KFAC: precondition each captured layer's gradient with the Kronecker factors of its inputs and outputs.
 
@@ -228,6 +231,16 @@ def kfac(
     phase: ``"auto"`` (default), or a fixed ``"plain"``, ``"statistics"`` or
       ``"inversion"`` step compiled on its own and picked on the host with
       ``nox.amortisation_phase``, as in :func:`neuron_optax.foof`.
+    weight_sharing: the factors of layers shared over the ``P`` positions of
+      an example (tokens, convolution patches; Eschenhagen et al. 2023):
+      ``"expand"`` (default) treats every position as a row,
+      ``A = mean_{i,p} ā_ip ā_ipᵀ``, ``G = Σ_s mean_{i,p} g_sip g_sipᵀ``, the
+      choice for losses per position (language models); ``"reduce"`` pools
+      each example first, ``A = mean_i ā_i ā_iᵀ`` with ``ā_i = mean_p ā_ip`` and
+      ``G = Σ_s mean_i ĝ_si ĝ_siᵀ / P`` with ``ĝ_si = Σ_p g_sip``, the choice
+      for one loss per example after pooling (classification ViTs), at ``1/P``
+      of the statistics' cost. Both keep the library's scale (equal for
+      ``P = 1``); embeddings keep expand's diagonal ``A``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
@@ -257,6 +270,9 @@ def kfac(
   References:
     - J. Martens and R. Grosse, `Optimizing Neural Networks with Kronecker-factored
       Approximate Curvature <https://arxiv.org/abs/1503.05671>`__, ICML 2015.
+    - R. Eschenhagen, A. Immer, R. E. Turner, F. Schneider and P. Hennig, `Kronecker-Factored
+      Approximate Curvature for Modern Neural Network Architectures
+      <https://arxiv.org/abs/2311.00636>`__, NeurIPS 2023 (expand and reduce).
     - F. Benzing, `Gradient Descent on Neurons and its Link to Approximate Second-order
       Optimization <https://arxiv.org/abs/2201.12250>`__, ICML 2022.
   """
@@ -265,6 +281,7 @@ def kfac(
   )
   factorisation.validate_distribution("kfac", distribute_factorisations)
   hyperparams.check_choice("kfac", "damping_mode", damping_mode, _DAMPING_MODES)
+  hyperparams.check_choice("kfac", "weight_sharing", weight_sharing, kronecker.WEIGHT_SHARING)
   heuristic = damping_mode == "heuristic"
 
   def factorise(debiased, damping_now):
@@ -300,7 +317,9 @@ def kfac(
       "a": amortised.MovingAverage(layer.a_ema, layer.a_weight, layer.a_updates),
       "g": amortised.MovingAverage(layer.g_ema, layer.g_weight, layer.g_updates),
     },
-    batch_values=lambda layer_stats, dtype: dict(zip("ag", kronecker.batch_factors(layer_stats, dtype))),
+    batch_values=lambda layer_stats, dtype: dict(
+      zip("ag", kronecker.batch_factors(layer_stats, dtype, weight_sharing, "kfac"))
+    ),
     factors=lambda layer: layer.factors,
     factorise=factorise,
     rebuild=rebuild,

@@ -3,22 +3,89 @@
 ``A_batch = mean_r ā_r ā_rᵀ`` and ``G_batch = mean_r Σ_s g_sr g_srᵀ`` of the
 recorded rows, and Martens & Grosse's factored Tikhonov damping (2015,
 section 6.3): ``π = sqrt((tr A / dim A) / (tr G / dim G))``, ``A`` damped by
-``π√λ`` and ``G`` by ``√λ/π``. Shared by :func:`neuron_optax.kfac` and the
-diagnostics.
+``π√λ`` and ``G`` by ``√λ/π``. Shared by :func:`neuron_optax.kfac`,
+:func:`neuron_optax.foof` and the diagnostics.
+
+Layers shared over the ``P`` positions of an example (tokens, convolution
+patches) have two Kronecker approximations (Eschenhagen et al., NeurIPS 2023):
+
+* ``"expand"`` (the library's default): every position is a row of its own,
+  ``A = mean_{i,p} ā_ip ā_ipᵀ``, ``G = Σ_s mean_{i,p} g_sip g_sipᵀ``;
+* ``"reduce"``: positions are pooled first, ``ā_i = mean_p ā_ip`` and
+  ``ĝ_si = Σ_p g_sip``: ``A = mean_i ā_i ā_iᵀ``, ``G = Σ_s mean_i ĝ_si ĝ_siᵀ / P``.
+
+Both keep the library's scale (the Fisher divided by ``P``: expand's factors are
+Eschenhagen et al.'s ``A``, ``G / P``; reduce's are theirs with ``G / P``), so a
+damping means the same under either, and for ``P = 1`` they coincide. Reduce
+costs ``n`` rows instead of ``n·P``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from neuron_optax._src.layer_stats import LayerMoments, LayerStats
 
+WeightSharing = Literal["expand", "reduce"]
+WEIGHT_SHARING = ("expand", "reduce")
 
-def batch_factors(stats: LayerStats | LayerMoments, dtype) -> tuple[jax.Array, jax.Array]:
-  """``(A_batch, G_batch)`` of one layer's recorded rows (or accumulated moments); an embedding's ``A``
-  is diagonal and kept as its diagonal ``(vocab,)``."""
-  return stats.input_moment(dtype), stats.cotangent_moment(dtype)
+
+def require_rows(stats: LayerStats | LayerMoments, method: str, option: str = "weight_sharing='reduce'") -> None:
+  """Trace-time error where ``option`` needs the recorded rows but the statistics are moments only."""
+  if not stats.has_rows:
+    raise ValueError(
+      f"{method}: {option} needs each layer's recorded rows, but these statistics are second moments "
+      "without rows (nox.accumulate_micro_batches keeps the expand moments of all rows). Leave the "
+      "option at its default with accumulated micro-batches."
+    )
+
+
+def input_rows(stats: LayerStats, dtype, weight_sharing: WeightSharing = "expand") -> jax.Array:
+  """The rows whose mean outer product is ``A_batch``: ``(n·P, d_in)`` for expand, the per-example
+  means over positions ``(n, d_in)`` for reduce (bias column included)."""
+  x = stats.augmented_inputs(dtype)
+  if weight_sharing == "reduce":
+    x = jnp.mean(x, axis=1)
+  return x.reshape(-1, x.shape[-1])
+
+
+def input_factor(
+  stats: LayerStats | LayerMoments, dtype, weight_sharing: WeightSharing = "expand", method: str = "kfac"
+) -> jax.Array:
+  """``A_batch`` of one layer under ``weight_sharing``; an embedding's (diagonal) ``A`` is expand's, kept
+  as its diagonal ``(vocab,)``: pooling one-hot rows would make it dense."""
+  if weight_sharing == "expand" or stats.kind == "embed":
+    return stats.input_moment(dtype)
+  require_rows(stats, method)
+  x = input_rows(stats, dtype, "reduce")
+  return (x.T @ x) / x.shape[0]
+
+
+def cotangent_factor(
+  stats: LayerStats | LayerMoments, dtype, weight_sharing: WeightSharing = "expand", method: str = "kfac"
+) -> jax.Array:
+  """``G_batch`` of one layer under ``weight_sharing`` (embeddings: expand's, as :func:`input_factor`)."""
+  if weight_sharing == "expand" or stats.kind == "embed":
+    return stats.cotangent_moment(dtype)
+  require_rows(stats, method)
+  g = stats.per_example_cotangents(dtype)  # (S, n, P, d_out)
+  positions = g.shape[2]
+  pooled = jnp.sum(g, axis=2)
+  return jnp.einsum("sni,snj->ij", pooled, pooled) / (pooled.shape[1] * positions)
+
+
+def batch_factors(
+  stats: LayerStats | LayerMoments, dtype, weight_sharing: WeightSharing = "expand", method: str = "kfac"
+) -> tuple[jax.Array, jax.Array]:
+  """``(A_batch, G_batch)`` of one layer's recorded rows (or accumulated moments) under ``weight_sharing``;
+  an embedding's ``A`` is diagonal and kept as its diagonal ``(vocab,)``."""
+  return (
+    input_factor(stats, dtype, weight_sharing, method),
+    cotangent_factor(stats, dtype, weight_sharing, method),
+  )
 
 
 def heuristic_pi(a: jax.Array, g: jax.Array) -> jax.Array:
