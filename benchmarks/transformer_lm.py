@@ -479,6 +479,7 @@ def build_transform(
         kernel_input_ndim=kernel_input_ndim,
         phase=phase,
         weight_sharing=o["sharing"],
+        statistics_rows=None if o["rows"] in (None, "none") else int(o["rows"]),
       )
     else:
       pre = nox.fngd(

@@ -30,12 +30,12 @@ step (linear interpolation between evaluations) and training second at which its
 target, as fractions of AdamW's steps and seconds; ``null`` unless every seed reaches it.
 
 ``--recipes compare`` runs the tuned AdamW, the tuned Muon and the neuron recipes (FOOF + Muon, the
-recommended one, and FOOF + AdamW) and writes ``<output-dir>/vit_mnist_<tag>.json`` with a ``summary`` list,
+recommended one, KFAC + Muon and KFAC-reduce + Muon) and writes ``<output-dir>/vit_mnist_<tag>.json`` with a ``summary`` list,
 one entry per recipe: ``recipe``, ``family``, ``recommended``, ``final_test_accuracy``,
 ``final_test_loss`` (means over seeds), ``steps_to_reference``, ``wallclock_to_reference``,
 ``step_time_ratio`` (plus details), and every run's curves.
 
-    python benchmarks/vit_mnist.py --recipes compare --tag compare_d64 --no-plot
+    python benchmarks/vit_mnist.py --recipes compare --tag compare_kfacmuon
     python benchmarks/vit_mnist.py --tune --recipes "none+adamw:lr=2e-3/4e-3/8e-3,name=AdamW" --tag tune_adamw
     python benchmarks/vit_mnist.py --quick --recipes compare --output-dir /tmp/vit
 """
@@ -153,10 +153,10 @@ def muon_dimension_numbers(params):
   return dict(dims, patch_embed=jax.tree.map(lambda _: None, params["patch_embed"]))
 
 
-def build_transform(recipe, params, steps: int, kernel_input_ndim=None):
+def build_transform(recipe, params, steps: int, kernel_input_ndim=None, phase=None):
   """``transformer_lm.build_transform`` with the ViT's Muon split (returns ``(tx, run_steps)``)."""
   return transformer_lm.build_transform(
-    recipe, params, steps, 1, 1, kernel_input_ndim=kernel_input_ndim, muon_split=muon_dimension_numbers
+    recipe, params, steps, 1, 1, kernel_input_ndim=kernel_input_ndim, phase=phase, muon_split=muon_dimension_numbers
   )
 
 
@@ -173,8 +173,12 @@ COMPARE_RECIPES = ";".join(
   [
     "none+adamw:lr=1.6e-2,wd=1.0,name=AdamW (tuned)",
     "none+muon:lr=0.04,adam_lr=1.6e-2,wd=0.3,name=Muon (tuned)",
-    "foof+muon:lr=0.04,adam_lr=1.6e-2,wd=1.0,damping=1.0,every=20,window=5,rec=1,name=FOOF + Muon",
-    "foof+adamw:lr=1.6e-2,wd=1.0,damping=0.3,every=20,window=5,name=FOOF + AdamW",
+    "foof+muon:lr=0.04,adam_lr=1.6e-2,wd=0.3,damping=1.0,every=20,window=5,contraction=gradient,phase=fixed,rec=1,"
+    "name=FOOF + Muon",
+    "kfac+muon:lr=0.04,adam_lr=1.6e-2,wd=0.3,damping=1.0,every=20,window=5,contraction=gradient,phase=fixed,"
+    "name=KFAC + Muon",
+    "kfac+muon:lr=0.02,adam_lr=1.6e-2,wd=0.3,damping=1.0,every=20,window=5,contraction=gradient,phase=fixed,"
+    "sharing=reduce,name=KFAC-reduce + Muon",
   ]
 )
 QUICK_COMPARE_RECIPES = (
@@ -274,7 +278,19 @@ def main(argv=None):
     key = recipe.structure()
     if key not in compiled:
       tx, run_steps = build_transform(recipe, params0[seeds[0]], config["steps"], kernel_input_ndim=layouts)
-      compiled[key] = (tx, run_steps, transformer_lm.make_step(loss_fn, tx, recipe.uses_stats))
+      if transformer_lm.fixed_phase(recipe):  # one compiled step per amortisation phase, as the char-LM's
+        phases = {
+          phase: transformer_lm.make_step(
+            loss_fn, build_transform(recipe, params0[seeds[0]], config["steps"], layouts, phase)[0], True
+          )
+          for phase in ("plain", "statistics", "inversion")
+        }
+        step = transformer_lm.PhasedStep(
+          phases, int(recipe.options["every"]), transformer_lm.stats_window_option(recipe.options)
+        )
+      else:
+        step = transformer_lm.make_step(loss_fn, tx, recipe.uses_stats)
+      compiled[key] = (tx, run_steps, step)
     tx, run_steps, step = compiled[key]
     for seed in seeds:
       stream = (jax.tree.map(jnp.asarray, b) for b in data.batches(train, batch_size, seed=seed, epochs=None))
@@ -284,8 +300,9 @@ def main(argv=None):
 
   compile_start = time.perf_counter()
   for tx, _, step in compiled.values():  # compile outside the timed chunks
-    p = jax.tree.map(jnp.copy, params0[seeds[0]])
-    jax.block_until_ready(step(p, init_state(tx, p, {"base": 0.0, "muon": 0.0}), example))
+    for one in step.steps.values() if isinstance(step, transformer_lm.PhasedStep) else (step,):
+      p = jax.tree.map(jnp.copy, params0[seeds[0]])
+      jax.block_until_ready(one(p, init_state(tx, p, {"base": 0.0, "muon": 0.0}), example))
   compile_seconds = time.perf_counter() - compile_start
 
   def record(run):

@@ -176,10 +176,7 @@ def foof(
     "foof", damping, ema_decay, inverse_every, stats_window, phase, contraction, kernel_input_ndim
   )
   factorisation.validate_distribution("foof", distribute_factorisations)
-  if statistics_rows is not None and (
-    isinstance(statistics_rows, bool) or int(statistics_rows) != statistics_rows or statistics_rows < 1
-  ):
-    raise ValueError(f"foof: statistics_rows={statistics_rows!r}: expected a positive integer or None (every row).")
+  kronecker.check_statistics_rows("foof", statistics_rows)
   hyperparams.check_choice("foof", "weight_sharing", weight_sharing, kronecker.WEIGHT_SHARING)
 
   def check_layer(layers, key, shape) -> None:
@@ -198,7 +195,13 @@ def foof(
     batch_values_at=None
     if statistics_rows is None
     else lambda layer_stats, dtype, count: {
-      "a": subsampled_input_moment(layer_stats, dtype, statistics_rows, count, weight_sharing)
+      "a": kronecker.input_factor(
+        layer_stats,
+        dtype,
+        weight_sharing,
+        "foof",
+        kronecker.statistics_sample(layer_stats, count, statistics_rows, weight_sharing, "foof"),
+      )
     },
     factors=lambda layer: layer.a_inverse,
     factorise=factorise,
@@ -218,24 +221,3 @@ def foof(
     return FoofLayerState(a_ema=a.value, a_updates=a.updates, a_inverse=inverse, a_weight=a.weight)
 
   return amortised.transformation(method, settings, make_layer, FoofState)
-
-
-def subsampled_input_moment(
-  layer_stats, dtype, rows: int, count: jax.Array, weight_sharing: kronecker.WeightSharing = "expand"
-) -> jax.Array:
-  """``(1/m) Σ_{r∈S} ā_r ā_rᵀ`` over ``m = min(rows, R)`` of the ``R`` rows, drawn without replacement.
-
-  The rows are the recorded ones (expand) or each example's mean over positions (reduce). The draw
-  depends on the step ``count`` only (the same rows for every layer of a step), so a step is
-  reproducible. Over draws it is unbiased for the batch's ``A``; embeddings (a diagonal) use every row.
-  """
-  if layer_stats.kind == "embed":
-    return layer_stats.input_moment(dtype)
-  kronecker.require_rows(layer_stats, "foof", "statistics_rows")
-  x = kronecker.input_rows(layer_stats, dtype, weight_sharing)
-  if rows >= x.shape[0]:
-    return (x.T @ x) / x.shape[0]
-  key = jax.random.fold_in(jax.random.key(0x0F00F), count)
-  chosen = jax.random.choice(key, x.shape[0], (rows,), replace=False)
-  x = x[chosen]
-  return (x.T @ x) / rows

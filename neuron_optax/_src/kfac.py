@@ -171,6 +171,7 @@ def kfac(
   distribute_factorisations: factorisation.Distribution | None = None,
   phase: amortisation.Phase = "auto",
   weight_sharing: kronecker.WeightSharing = "expand",
+  statistics_rows: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""KFAC: precondition each captured layer's gradient with the Kronecker factors of its inputs and outputs.
 
@@ -241,6 +242,11 @@ def kfac(
       for one loss per example after pooling (classification ViTs), at ``1/P``
       of the statistics' cost. Both keep the library's scale (equal for
       ``P = 1``); embeddings keep expand's diagonal ``A``.
+    statistics_rows: ``m``: form each batch's ``A`` and ``G`` from the same
+      ``m`` of its rows, drawn uniformly without replacement afresh at every
+      step (unbiased for both), as :func:`neuron_optax.foof`'s option; it cuts
+      the statistics' ``R·(d_in² + d_out²)`` products by ``R/m``. Embeddings use
+      every row. ``None`` (default): every row.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call
@@ -282,6 +288,7 @@ def kfac(
   factorisation.validate_distribution("kfac", distribute_factorisations)
   hyperparams.check_choice("kfac", "damping_mode", damping_mode, _DAMPING_MODES)
   hyperparams.check_choice("kfac", "weight_sharing", weight_sharing, kronecker.WEIGHT_SHARING)
+  kronecker.check_statistics_rows("kfac", statistics_rows)
   heuristic = damping_mode == "heuristic"
 
   def factorise(debiased, damping_now):
@@ -319,6 +326,20 @@ def kfac(
     },
     batch_values=lambda layer_stats, dtype: dict(
       zip("ag", kronecker.batch_factors(layer_stats, dtype, weight_sharing, "kfac"))
+    ),
+    batch_values_at=None
+    if statistics_rows is None
+    else lambda layer_stats, dtype, count: dict(
+      zip(
+        "ag",
+        kronecker.batch_factors(
+          layer_stats,
+          dtype,
+          weight_sharing,
+          "kfac",
+          kronecker.statistics_sample(layer_stats, count, statistics_rows, weight_sharing, "kfac"),
+        ),
+      )
     ),
     factors=lambda layer: layer.factors,
     factorise=factorise,

@@ -22,15 +22,22 @@ costs ``n`` rows instead of ``n·P``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from neuron_optax._src.layer_stats import LayerMoments, LayerStats
 
 WeightSharing = Literal["expand", "reduce"]
 WEIGHT_SHARING = ("expand", "reduce")
+
+
+def check_statistics_rows(method: str, rows: Any) -> None:
+  """Construction-time check of ``statistics_rows``: a positive integer or ``None``."""
+  if rows is not None and (isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1):
+    raise ValueError(f"{method}: statistics_rows={rows!r}: expected a positive integer or None (every row).")
 
 
 def require_rows(stats: LayerStats | LayerMoments, method: str, option: str = "weight_sharing='reduce'") -> None:
@@ -43,6 +50,31 @@ def require_rows(stats: LayerStats | LayerMoments, method: str, option: str = "w
     )
 
 
+def row_count(stats: LayerStats, weight_sharing: WeightSharing = "expand") -> int:
+  """Rows of the factors' outer products: ``n·P`` for expand, ``n`` for reduce."""
+  return stats.batch_size if weight_sharing == "reduce" else stats.num_rows
+
+
+def row_sample(count: jax.Array, total: int, rows: int | None) -> jax.Array | None:
+  """``rows`` of ``total`` row indices drawn uniformly without replacement, fresh at every step ``count``
+  (the same key for every layer of a step, so a step is reproducible); ``None`` for every row."""
+  if rows is None or rows >= total:
+    return None
+  key = jax.random.fold_in(jax.random.key(0x0F00F), count)
+  return jax.random.choice(key, total, (rows,), replace=False)
+
+
+def statistics_sample(
+  stats: LayerStats | LayerMoments, count: jax.Array, rows: int | None, weight_sharing: WeightSharing, method: str
+) -> jax.Array | None:
+  """The rows a step's factors are formed from with ``statistics_rows=rows`` (:func:`row_sample`);
+  ``None`` (every row) without it and for embeddings (a diagonal ``A``: cheap with every row)."""
+  if rows is None or stats.kind == "embed":
+    return None
+  require_rows(stats, method, "statistics_rows")
+  return row_sample(count, row_count(stats, weight_sharing), rows)
+
+
 def input_rows(stats: LayerStats, dtype, weight_sharing: WeightSharing = "expand") -> jax.Array:
   """The rows whose mean outer product is ``A_batch``: ``(n·P, d_in)`` for expand, the per-example
   means over positions ``(n, d_in)`` for reduce (bias column included)."""
@@ -52,39 +84,72 @@ def input_rows(stats: LayerStats, dtype, weight_sharing: WeightSharing = "expand
   return x.reshape(-1, x.shape[-1])
 
 
+def cotangent_rows(stats: LayerStats, dtype, weight_sharing: WeightSharing = "expand") -> jax.Array:
+  """The rows whose mean outer product, summed over the label sets, is ``G_batch``: ``(S, n·P, d_out)``
+  for expand, ``Σ_p g_sip / √P`` ``(S, n, d_out)`` for reduce (the ``√P`` keeps the library's scale)."""
+  g = stats.per_example_cotangents(dtype)  # (S, n, P, d_out)
+  if weight_sharing == "reduce":
+    return jnp.sum(g, axis=2) / jnp.sqrt(jnp.asarray(g.shape[2], g.dtype))
+  return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def _sampled(stats, weight_sharing, sample, method, option) -> bool:
+  """Whether the factor is formed here from (pooled or sampled) rows rather than read from ``stats``."""
+  if stats.kind == "embed" or (weight_sharing == "expand" and sample is None):
+    return False
+  require_rows(stats, method, option)
+  return True
+
+
 def input_factor(
-  stats: LayerStats | LayerMoments, dtype, weight_sharing: WeightSharing = "expand", method: str = "kfac"
+  stats: LayerStats | LayerMoments,
+  dtype,
+  weight_sharing: WeightSharing = "expand",
+  method: str = "kfac",
+  sample: jax.Array | None = None,
 ) -> jax.Array:
-  """``A_batch`` of one layer under ``weight_sharing``; an embedding's (diagonal) ``A`` is expand's, kept
-  as its diagonal ``(vocab,)``: pooling one-hot rows would make it dense."""
-  if weight_sharing == "expand" or stats.kind == "embed":
+  """``A_batch`` of one layer under ``weight_sharing``, from the rows ``sample`` (:func:`row_sample`) or
+  all of them: ``(1/m) Σ_{r∈S} ā_r ā_rᵀ``, unbiased over draws. An embedding's (diagonal) ``A`` is
+  expand's over every row, kept as its diagonal ``(vocab,)``: pooling one-hot rows would make it dense."""
+  option = "weight_sharing='reduce'" if sample is None else "statistics_rows"
+  if not _sampled(stats, weight_sharing, sample, method, option):
     return stats.input_moment(dtype)
-  require_rows(stats, method)
-  x = input_rows(stats, dtype, "reduce")
+  x = input_rows(stats, dtype, weight_sharing)
+  if sample is not None:
+    x = x[sample]
   return (x.T @ x) / x.shape[0]
 
 
 def cotangent_factor(
-  stats: LayerStats | LayerMoments, dtype, weight_sharing: WeightSharing = "expand", method: str = "kfac"
+  stats: LayerStats | LayerMoments,
+  dtype,
+  weight_sharing: WeightSharing = "expand",
+  method: str = "kfac",
+  sample: jax.Array | None = None,
 ) -> jax.Array:
-  """``G_batch`` of one layer under ``weight_sharing`` (embeddings: expand's, as :func:`input_factor`)."""
-  if weight_sharing == "expand" or stats.kind == "embed":
+  """``G_batch`` of one layer under ``weight_sharing``, from the rows ``sample`` or all of them
+  (embeddings: every row, as :func:`input_factor`)."""
+  option = "weight_sharing='reduce'" if sample is None else "statistics_rows"
+  if not _sampled(stats, weight_sharing, sample, method, option):
     return stats.cotangent_moment(dtype)
-  require_rows(stats, method)
-  g = stats.per_example_cotangents(dtype)  # (S, n, P, d_out)
-  positions = g.shape[2]
-  pooled = jnp.sum(g, axis=2)
-  return jnp.einsum("sni,snj->ij", pooled, pooled) / (pooled.shape[1] * positions)
+  g = cotangent_rows(stats, dtype, weight_sharing)
+  if sample is not None:
+    g = g[:, sample]
+  return jnp.einsum("sri,srj->ij", g, g) / g.shape[1]
 
 
 def batch_factors(
-  stats: LayerStats | LayerMoments, dtype, weight_sharing: WeightSharing = "expand", method: str = "kfac"
+  stats: LayerStats | LayerMoments,
+  dtype,
+  weight_sharing: WeightSharing = "expand",
+  method: str = "kfac",
+  sample: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """``(A_batch, G_batch)`` of one layer's recorded rows (or accumulated moments) under ``weight_sharing``;
-  an embedding's ``A`` is diagonal and kept as its diagonal ``(vocab,)``."""
+  """``(A_batch, G_batch)`` of one layer's recorded rows (or accumulated moments) under ``weight_sharing``,
+  both from the same rows ``sample``; an embedding's ``A`` is diagonal and kept as its diagonal ``(vocab,)``."""
   return (
-    input_factor(stats, dtype, weight_sharing, method),
-    cotangent_factor(stats, dtype, weight_sharing, method),
+    input_factor(stats, dtype, weight_sharing, method, sample),
+    cotangent_factor(stats, dtype, weight_sharing, method, sample),
   )
 
 
