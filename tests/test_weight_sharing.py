@@ -85,11 +85,12 @@ def _matrix(tree, name):
   return np.concatenate([np.asarray(tree[name]["kernel"]), np.asarray(tree[name]["bias"])[None]])
 
 
-@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+@pytest.mark.parametrize("weight_sharing", ["reduce", pytest.param("expand", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", ["foof", "kfac_heuristic", "kfac_standard"])
 def test_directions_match_the_explicit_factors(x64, method, weight_sharing):
   """Two steps (statistics and re-factorisation every step): every layer's direction is the explicit
-  solve with the EMA of the batches' factors; for the head (``P = 1``) expand and reduce coincide."""
+  solve with the EMA of the batches' factors; for the head (``P = 1``) expand and reduce coincide.
+  (Expand against the same reference runs in the slow step; test_kfac.py and test_foof.py check it by default.)"""
   model, damping, decay = TokenClassifier(), 0.3, 0.9
   x0, y0 = _data(0)
   params = init_f64(model, x0)
@@ -100,10 +101,15 @@ def test_directions_match_the_explicit_factors(x64, method, weight_sharing):
     tx = nox.kfac(damping, ema_decay=decay, inverse_every=1, damping_mode=mode, weight_sharing=weight_sharing)
   state = tx.init(params)
   sums, weight = {}, 0.0
+
+  @jax.jit
+  def step(params, state, x, y):
+    _, grads, stats = nox.value_grad_and_stats(_xent(model, x, y))(params)
+    return grads, *tx.update(grads, state, params, stats=stats)
+
   for t in range(2):
     x, y = _data(t)
-    _, grads, stats = nox.value_grad_and_stats(_xent(model, x, y))(params)
-    direction, state = tx.update(grads, state, params, stats=stats)
+    grads, direction, state = step(params, state, x, y)
     reference = _np_rows_and_cotangents(params, x, y)
     weight = decay * weight + (1 - decay)
     for name, (rows, g, grad) in reference.items():
@@ -126,25 +132,27 @@ def test_reduce_differs_from_expand_for_shared_layers_and_equals_it_without_posi
   model = TokenClassifier()
   x, y = _data()
   params = init_f64(model, x)
-  _, grads, stats = nox.value_grad_and_stats(_xent(model, x, y))(params)
-  out = {}
-  for ws in ("expand", "reduce"):
-    tx = nox.kfac(0.3, weight_sharing=ws)
-    out[ws] = tx.update(grads, tx.init(params), params, stats=stats)[0]
-  assert np.abs(_matrix(out["expand"], "tokens") - _matrix(out["reduce"], "tokens")).max() > 1e-3
-  np.testing.assert_allclose(_matrix(out["expand"], "head"), _matrix(out["reduce"], "head"), rtol=1e-12)
+
+  def directions(model, params, x, make):
+    @jax.jit
+    def both(params):
+      _, grads, stats = nox.value_grad_and_stats(_xent(model, x, y))(params)
+      return [make(ws).update(grads, make(ws).init(params), params, stats=stats)[0] for ws in ("expand", "reduce")]
+
+    return both(params)
+
+  expand, reduce = directions(model, params, x, lambda ws: nox.kfac(0.3, weight_sharing=ws))
+  assert np.abs(_matrix(expand, "tokens") - _matrix(reduce, "tokens")).max() > 1e-3
+  np.testing.assert_allclose(_matrix(expand, "head"), _matrix(reduce, "head"), rtol=1e-12)
 
   mlp = nn.Sequential([nn.Dense(4), nn.tanh, nn.Dense(C)])
   flat = x.reshape(N, -1)
   mlp_params = init_f64(mlp, flat)
-  _, grads, stats = nox.value_grad_and_stats(_xent(mlp, flat, y))(mlp_params)
   for make in (
     lambda ws: nox.kfac(0.3, damping_mode="standard", weight_sharing=ws),
     lambda ws: nox.foof(0.3, weight_sharing=ws),
   ):
-    expand, reduce = (
-      make(ws).update(grads, make(ws).init(mlp_params), mlp_params, stats=stats)[0] for ws in ("expand", "reduce")
-    )
+    expand, reduce = directions(mlp, mlp_params, flat, make)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15), expand, reduce)
 
 
@@ -163,10 +171,14 @@ def test_convolution_reduce_pools_the_patches(x64):
   y = jnp.asarray(rng.integers(0, C, size=N))
   model = ConvClassifier()
   params = init_f64(model, x)
-  _, grads, stats = nox.value_grad_and_stats(_xent(model, x, y))(params)
   tx = nox.kfac(0.2, inverse_every=1, weight_sharing="reduce")
-  _, state = tx.update(grads, tx.init(params), params, stats=stats)
-  layer = state.layers["conv"]
+
+  @jax.jit
+  def new_state(params):
+    _, grads, stats = nox.value_grad_and_stats(_xent(model, x, y))(params)
+    return tx.update(grads, tx.init(params), params, stats=stats)[1]
+
+  layer = new_state(params).layers["conv"]
   patches = augment(im2col(np.asarray(x), (2, 2), (1, 1), [(0, 0), (0, 0)]).reshape(N, 9, -1))
   a_mean = patches.mean(axis=1)
   np.testing.assert_allclose(np.asarray(layer.a_ema / layer.a_weight), a_mean.T @ a_mean / N, rtol=1e-10)
@@ -217,7 +229,7 @@ class NnxTokens(nnx.Module):
     return self.head(x.mean(axis=1))
 
 
-@pytest.mark.parametrize("method", ["foof", "kfac"])
+@pytest.mark.parametrize("method", ["kfac", pytest.param("foof", marks=pytest.mark.slow)])
 def test_scanned_and_nnx_layouts_match_the_unrolled_linen_model(x64, method):
   """Reduce on a scanned (rematerialised) stack and on the NNX model gives the unrolled linen model's directions."""
   x, y = _data(1)
@@ -231,13 +243,18 @@ def test_scanned_and_nnx_layouts_match_the_unrolled_linen_model(x64, method):
     if method == "foof"
     else (lambda layout: nox.kfac(0.3, weight_sharing="reduce", kernel_input_ndim=layout))
   )
-  _, grads, stats = nox.value_grad_and_stats(_xent(UnrolledTokens(), x, y))(unrolled)
-  tx = make(None)
-  expected = tx.update(grads, tx.init(unrolled), unrolled, stats=stats)[0]
 
-  _, grads, stats = nox.value_grad_and_stats(_xent(ScannedTokens(), x, y))(scanned)
-  tx = make(nox.kernel_layouts(stats))
-  got = tx.update(grads, tx.init(scanned), scanned, stats=stats)[0]
+  def direction(model, params, layout):
+    @jax.jit
+    def run(params):
+      _, grads, stats = nox.value_grad_and_stats(_xent(model, x, y))(params)
+      tx = make(nox.kernel_layouts(stats) if layout else None)
+      return tx.update(grads, tx.init(params), params, stats=stats)[0]
+
+    return run(params)
+
+  expected = direction(UnrolledTokens(), unrolled, False)
+  got = direction(ScannedTokens(), scanned, True)
   for i in range(2):
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
@@ -273,5 +290,5 @@ def test_invalid_weight_sharing_and_moments_without_rows_raise():
   _, grads, stats = nox.value_grad_and_stats(_xent(model, x, y))(params)
   for inner in (nox.kfac(1.0, weight_sharing="reduce"), nox.foof(1.0, weight_sharing="reduce", statistics_rows=2)):
     tx = nox.accumulate_micro_batches(inner, every_k=1)
-    with pytest.raises(ValueError, match="recorded rows.*accumulate_micro_batches"):
-      tx.update(grads, tx.init(params), params, stats=stats)
+    with pytest.raises(ValueError, match="recorded rows.*accumulate_micro_batches"):  # while tracing
+      jax.eval_shape(lambda: tx.update(grads, tx.init(params), params, stats=stats))
